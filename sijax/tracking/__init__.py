@@ -1,0 +1,29 @@
+"""Exact piecewise-linear tracking of any JAX function along a line x(t) = a + b t.
+
+Imports nothing from `sijax.diffusion` or `sijax.detect`: it works on any JAX function.
+"""
+
+from sijax.tracking.affine import Affine, Piece
+from sijax.tracking.interpreter import DEFAULT_TIE_TOL, evaluate, track
+from sijax.tracking.search import (
+    COVERED,
+    MAX_PIECES,
+    MaxPiecesError,
+    Pieces,
+    check_pieces,
+    enumerate_pieces,
+)
+
+__all__ = [
+    "COVERED",
+    "DEFAULT_TIE_TOL",
+    "MAX_PIECES",
+    "Affine",
+    "MaxPiecesError",
+    "Piece",
+    "Pieces",
+    "check_pieces",
+    "enumerate_pieces",
+    "evaluate",
+    "track",
+]

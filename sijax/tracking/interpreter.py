@@ -1,0 +1,271 @@
+"""The jaxpr interpreter behind `track`: values at z, slopes, and the piece around z.
+
+`track(f)(a, b, z, direction)` traces f once to a jaxpr and walks its equations. The
+input is `Lin(a + b z, b)`; closed-over constants (network weights) stay plain arrays.
+Each equation with a line-dependent operand goes through the rule of its primitive
+(`rules.RULES`, `control.CONTROL_RULES`); an equation on constants only is evaluated
+with the primitive itself. The piece [lo, hi] starts as (-inf, inf) and every discrete
+decision shrinks it (spec section 4).
+
+Ties (direction). A decision is the sign of some affine u(t) = v + s (t - z). It is
+taken at t = z + direction * tau with tau = tie_tol * max(1, |z|), i.e. just to the
+chosen side of z, so:
+  * on a breakpoint (v == 0, s != 0) the piece returned is the one on the side of
+    `direction`: [z, hi] for +1, [lo, z] for -1;
+  * a crossing closer to z than tau counts as being at z. Walking right from a piece's
+    hi (or left from its lo) therefore always advances by at least tau, never stalls,
+    and never returns a sliver made of rounding error. The price: inside [z, z + tau]
+    the affine form may be off by tau * |s| (1e-10 relative by default), far below the
+    search's own resolution (sicore steps 1e-6 .. 1e-11 past a breakpoint).
+Affine forms are exact on the whole closed piece (max, abs are continuous); a boolean is
+constant on the open piece and at z.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from sijax.errors import NotPiecewiseLinearError
+from sijax.tracking.affine import Affine, Lin, Piece
+from sijax.tracking.control import CONTROL_RULES
+from sijax.tracking.rules import RULES, bind, is_lin
+
+ALL_RULES = {**RULES, **CONTROL_RULES}
+
+DEFAULT_TIE_TOL = 1e-10
+
+
+def _where(eqn) -> str:
+    """The user's source line of an equation, or '' if jax does not say."""
+    try:
+        from jax.extend import source_info_util
+
+        text = source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - best effort only; never hide the real error
+        return ""
+    return f" at {text}" if text else ""
+
+
+def _hash_weights(shape, salt: int, dtype) -> jax.Array:
+    """Deterministic pseudo-random weights in (0, 1) for the decision fingerprint."""
+    n = 1
+    for d in shape:
+        n *= d
+    i = jnp.arange(n, dtype=dtype).reshape(shape)
+    return jnp.abs(jnp.sin(i * 12.9898 + (salt + 1) * 78.233) * 43758.5453) % 1.0 + 0.1
+
+
+class Context:
+    """The piece being built: constants (z, direction, tau) and state (lo, hi, fp).
+
+    `fp` is an optional fingerprint of all decisions (a weighted sum of signs and winner
+    indices) that the tests use to check that a piece ends where some decision changes.
+    """
+
+    def __init__(self, z, direction, tau, state, fingerprint: bool, counter=None):
+        self.z, self.direction, self.tau = z, direction, tau
+        self.lo, self.hi, self.fp = state
+        self.fingerprint = fingerprint
+        self.counter = counter if counter is not None else [0]
+
+    # -- state ------------------------------------------------------------------
+    @property
+    def state(self) -> tuple:
+        return (self.lo, self.hi, self.fp)
+
+    def set_state(self, state) -> None:
+        self.lo, self.hi, self.fp = state
+
+    def child(self, state) -> "Context":
+        """A context for a loop body or branch, starting from `state`."""
+        return Context(
+            self.z, self.direction, self.tau, state, self.fingerprint, self.counter
+        )
+
+    def eval(self, jaxpr, args) -> list:
+        """Interprets a (closed or open) sub-jaxpr on interpreter values."""
+        if isinstance(jaxpr, jex_core.ClosedJaxpr):
+            return eval_jaxpr(self, jaxpr.jaxpr, jaxpr.consts, args)
+        return eval_jaxpr(self, jaxpr, [], args)
+
+    def fail(self, eqn, why: str):
+        raise NotPiecewiseLinearError(
+            f"primitive '{eqn.primitive.name}' is not piecewise linear along the line: "
+            f"{why}{_where(eqn)}. Replace it by a piecewise-linear approximation "
+            "(spec section 4) or make its operands independent of the line."
+        )
+
+    # -- decisions ---------------------------------------------------------------
+    def _record(self, x: jax.Array) -> None:
+        if not self.fingerprint:
+            return
+        self.counter[0] += 1
+        w = _hash_weights(x.shape, self.counter[0], self.fp.dtype)
+        self.fp = self.fp + jnp.sum(x.astype(self.fp.dtype) * w)
+
+    def keep_nonneg(self, v: jax.Array, s: jax.Array) -> None:
+        """Shrinks the piece to where every u = v + s (t - z) stays >= 0.
+
+        Callers guarantee u >= 0 at z + direction * tau; the crossing t* = z - v / s is
+        clamped to z so that lo <= z <= hi even for crossings within tau of z.
+        """
+        safe = jnp.where(s == 0, jnp.ones_like(s), s)
+        t_star = self.z - v / safe
+        hi = jnp.where(s < 0, jnp.maximum(t_star, self.z), jnp.inf)
+        lo = jnp.where(s > 0, jnp.minimum(t_star, self.z), -jnp.inf)
+        if hi.ndim:
+            hi, lo = jnp.min(hi), jnp.max(lo)
+        self.hi = jnp.minimum(self.hi, hi.astype(self.hi.dtype))
+        self.lo = jnp.maximum(self.lo, lo.astype(self.lo.dtype))
+
+    def decide(self, v: jax.Array, s: jax.Array) -> jax.Array:
+        """Sign (-1, 0 or +1, dtype of v) of u = v + s (t - z) on the piece.
+
+        The sign is taken at z + direction * tau; the piece is cut where u crosses 0.
+        """
+        sigma = jnp.sign(v + (self.direction * self.tau).astype(v.dtype) * s)
+        self.keep_nonneg(sigma * v, sigma * s)
+        self._record(sigma)
+        return sigma
+
+    def argmax_last(self, v: jax.Array, s: jax.Array):
+        """Winner along the last axis (first index on exact ties), fixed on the piece.
+
+        Returns:
+          (index (...) int32, winner value (...), winner slope (...)).
+        """
+        key = v + (self.direction * self.tau).astype(v.dtype) * s
+        win = jnp.argmax(key, axis=-1).astype(jnp.int32)
+        wv = jnp.take_along_axis(v, win[..., None], axis=-1)
+        ws = jnp.take_along_axis(s, win[..., None], axis=-1)
+        # The winner minus every other entry must stay >= 0; -inf padding has slope 0.
+        dv = jnp.where(jnp.isneginf(v), jnp.inf, wv - v)
+        self.keep_nonneg(dv, ws - s)
+        self._record(win)
+        return win, wv[..., 0], ws[..., 0]
+
+
+def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
+    """Interprets `jaxpr` on interpreter values (constants and `Lin`)."""
+    env: dict = {}
+
+    def read(var):
+        if isinstance(var, jex_core.Literal):
+            return var.val
+        return env[var]
+
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if not any(map(is_lin, invals)):
+            outvals = bind(eqn, invals)
+        else:
+            rule = ALL_RULES.get(eqn.primitive.name)
+            if rule is None:
+                ctx.fail(eqn, "it has a line-dependent operand and no tracking rule")
+            outvals = rule(ctx, eqn, invals)
+        for var, val in zip(eqn.outvars, outvals, strict=True):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _validate(a, b, z, direction):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape; got {a.shape=} {b.shape=}")
+    if jnp.ndim(z) != 0:
+        raise ValueError(f"z must be a scalar; got shape {jnp.shape(z)}")
+    if not isinstance(direction, jax.core.Tracer):
+        d = np.asarray(direction)
+        if d.ndim != 0 or d not in (-1, 1):
+            raise ValueError(f"direction must be +1 or -1; got {direction!r}")
+    dtype = jnp.result_type(a, b, jnp.float32)
+    if not jnp.issubdtype(dtype, jnp.floating):  # pragma: no cover
+        raise ValueError(f"a and b must be floating; got {dtype=}")
+    return a.astype(dtype), b.astype(dtype)
+
+
+def make_line_jaxpr(f: Callable, shape, dtype):
+    """Traces f on an abstract x of the line's shape; returns (jaxpr, out treedef)."""
+    closed, out_shape = jax.make_jaxpr(f, return_shape=True)(
+        jax.ShapeDtypeStruct(shape, dtype)
+    )
+    return closed, jax.tree.structure(out_shape)
+
+
+def track_jaxpr(
+    closed, treedef, a, b, z, direction=1, *, tie_tol=DEFAULT_TIE_TOL, fingerprint=False
+):
+    """`track` on an already traced jaxpr. Returns (Piece, fingerprint scalar)."""
+    dtype = a.dtype
+    z = jnp.asarray(z, dtype)
+    direction = jnp.asarray(direction, dtype)
+    tau = jnp.asarray(tie_tol, dtype) * jnp.maximum(1.0, jnp.abs(z))
+    inf = jnp.asarray(jnp.inf, dtype)
+    state = (-inf, inf, jnp.zeros((), dtype))
+    ctx = Context(z, direction, tau, state, fingerprint)
+    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [Lin(a + b * z, b)])
+    leaves = []
+    for x, aval in zip(outs, closed.out_avals, strict=True):
+        if is_lin(x):
+            leaves.append(Affine(x.value - x.slope * z, x.slope))
+        else:
+            x = jnp.broadcast_to(jnp.asarray(x, aval.dtype), aval.shape)
+            if jnp.issubdtype(aval.dtype, jnp.floating):
+                leaves.append(Affine(x, jnp.zeros_like(x)))
+            else:
+                leaves.append(x)
+    out = jax.tree.unflatten(treedef, leaves)
+    return Piece(out, ctx.lo, ctx.hi), ctx.fp
+
+
+def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Piece]:
+    """Exact piecewise-linear tracking of f along the line x(t) = a + b t.
+
+    `track(f)(a, b, z, direction=1)` returns the `Piece` of f containing z: the affine
+    form of every floating output and the largest interval [lo, hi] around z on which
+    every discrete choice of f (ReLU and abs signs, max winners, comparisons) is fixed.
+    On a breakpoint the piece on the side of `direction` is returned, so a search walks
+    right with `track(f)(a, b, piece.hi, +1)` and left with `(a, b, piece.lo, -1)`.
+
+    Works under `jit` and `vmap` (over a, b, z, direction) and traces f once per call
+    trace. Closed-over constants of f (network weights) are fine.
+
+    Args:
+      f: function of one array x of the shape of `a`; any pytree output. Must be
+        piecewise linear in x (spec section 4).
+      tie_tol: relative tie tolerance tau / max(1, |z|) (see module docstring).
+
+    Returns:
+      A function `(a, b, z, direction=1) -> Piece` with a, b: (...) floating arrays of
+      one shape, z: () scalar, direction: () +1 or -1.
+
+    Raises:
+      NotPiecewiseLinearError: a primitive that is not piecewise linear (exp, logistic,
+        a product of two line-dependent operands, ...) sees a line-dependent operand;
+        the message names the primitive and the user's source line.
+    """
+
+    def tracked(a, b, z, direction=1) -> Piece:
+        a, b = _validate(a, b, z, direction)
+        closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
+        piece, _ = track_jaxpr(closed, treedef, a, b, z, direction, tie_tol=tie_tol)
+        return piece
+
+    return tracked
+
+
+def evaluate(piece: Piece, t) -> Any:
+    """The outputs of a piece at t: alpha + beta t for Affine leaves, others as is."""
+    return jax.tree.map(
+        lambda x: x.at(t) if isinstance(x, Affine) else x,
+        piece.out,
+        is_leaf=lambda x: isinstance(x, Affine),
+    )
