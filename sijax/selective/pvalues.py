@@ -27,11 +27,10 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.special import erf
-from jax.scipy.special import log_ndtr as _jax_log_ndtr
+from jax.scipy.special import erfc
 
 from sijax.errors import InputError
-from sijax.selective.intervals import Intervals
+from sijax.selective.intervals import Intervals, complement
 
 __all__ = [
     "ALTERNATIVES",
@@ -85,13 +84,13 @@ def log_ndtr(x: jax.Array) -> jax.Array:
     """log Phi(x), with full relative accuracy in the far lower tail.
 
     ``jax.scipy.special.log_ndtr`` uses an asymptotic series below x = -20 that is only
-    accurate to ~1e-11 near x = -21. Below x = -10 this uses instead
+    accurate to ~1e-11 near x = -21. Here:
 
-        Phi(x) = phi(x) R(-x),   R(t) = 1/(t + 1/(t + 2/(t + 3/(t + ...)))),
-
-    the Mills-ratio continued fraction, evaluated backwards at a fixed depth of 24
-    (converged to < 1e-24 relative for t >= 10). Meant for x <= 0; accurate for x > 0
-    only where log Phi(x) is not tiny (use ``log_ndtr(-x)`` for upper tails).
+    * x < -10: Phi(x) = phi(x) R(-x) with the Mills-ratio continued fraction
+      R(t) = 1/(t + 1/(t + 2/(t + 3/(t + ...)))), evaluated backwards at a fixed depth
+      of 24 (converged to < 1e-24 relative for t >= 10, checked with mpmath);
+    * -10 <= x < 0: log(erfc(-x / sqrt 2) / 2);
+    * x >= 0: log1p(-erfc(x / sqrt 2) / 2).
 
     Args:
       x: any shape, float64.
@@ -101,11 +100,16 @@ def log_ndtr(x: jax.Array) -> jax.Array:
     """
     x = jnp.asarray(x, jnp.float64)
     t = jnp.maximum(-x, -_CF_SWITCH)  # t >= 10 on the branch that uses it
-    f = t
-    for k in range(_CF_DEPTH, 0, -1):
-        f = t + k / f
+
+    def cf_step(j, f):
+        return t + (_CF_DEPTH - j) / f
+
+    f = lax.fori_loop(0, _CF_DEPTH, cf_step, t)
     log_cf = -0.5 * t * t - _LOG_SQRT_2PI - jnp.log(f)
-    return jnp.where(x < _CF_SWITCH, log_cf, _jax_log_ndtr(jnp.maximum(x, _CF_SWITCH)))
+    xc = jnp.maximum(x, _CF_SWITCH)
+    half_erfc = 0.5 * erfc(jnp.abs(xc) / math.sqrt(2.0))
+    mid = jnp.where(xc < 0.0, jnp.log(half_erfc), jnp.log1p(-half_erfc))
+    return jnp.where(x < _CF_SWITCH, log_cf, mid)
 
 
 def log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -116,7 +120,8 @@ def log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
     * ``lo >= 0``: log sf(lo) + log1mexp(log sf(hi) - log sf(lo)), where
       log sf(t) = log Phi(-t);
     * ``hi <= 0``: the mirror image with log Phi;
-    * ``lo < 0 < hi``: log((erf(hi/sqrt2) + erf(-lo/sqrt2)) / 2), a sum of positives;
+    * ``lo < 0 < hi``: log1mexp(logaddexp(log Phi(lo), log Phi(-hi))), both terms
+      below 1/2 (the cancellation near w = 0 is left to the narrow case);
     * narrow intervals, ``w (1 + |m|) < 1e-3`` with w = hi - lo and m the midpoint:
       log(phi(m) w (1 + (m^2 - 1) w^2 / 24)), whose next term is below 1e-15 relative.
 
@@ -133,14 +138,18 @@ def log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
     # Fold to the upper side: for hi <= 0, [lo, hi] mirrors to [-hi, -lo].
     upper = lo >= 0.0
     lower = hi <= 0.0
+    side = upper | lower
     u_lo = jnp.where(upper, lo, jnp.where(lower, -hi, 0.0))
     u_hi = jnp.where(upper, hi, jnp.where(lower, -lo, 1.0))
-    ls_lo = log_ndtr(-u_lo)
-    ls_hi = log_ndtr(-u_hi)
-    tail = ls_lo + log1mexp(jnp.minimum(ls_hi - ls_lo, 0.0))
-    s_lo = jnp.where(upper | lower, 0.0, lo)
-    s_hi = jnp.where(upper | lower, 1.0, hi)
-    straddle = jnp.log(0.5 * (erf(s_hi / math.sqrt(2.0)) + erf(-s_lo / math.sqrt(2.0))))
+    s_lo = jnp.where(side, 0.0, lo)
+    s_hi = jnp.where(side, 1.0, hi)
+    # One log_ndtr on stacked arguments keeps the graph small; the barrier materialises
+    # it once (otherwise XLA fuses, i.e. duplicates, it into every consumer).
+    ls = lax.optimization_barrier(log_ndtr(jnp.stack([-u_lo, -u_hi, s_lo, -s_hi])))
+    tail = ls[0] + log1mexp(jnp.minimum(ls[1] - ls[0], 0.0))
+    # Straddling 0: 1 - Phi(lo) - Phi(-hi) with both terms below 1/2; the only
+    # cancellation (both near 1/2) is for narrow intervals, which use the series.
+    straddle = log1mexp(jnp.minimum(jnp.logaddexp(ls[2], ls[3]), 0.0))
     w = hi - lo
     mid = 0.5 * (hi + lo)
     narrow = (w * (1.0 + jnp.abs(mid)) < _NARROW) & jnp.isfinite(w)
@@ -152,7 +161,7 @@ def log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
         + jnp.log(w_n)
         + jnp.log1p((m_n * m_n - 1.0) * w_n * w_n / 24.0)
     )
-    out = jnp.where(upper | lower, tail, straddle)
+    out = jnp.where(side, tail, straddle)
     out = jnp.where(narrow, series, out)
     return jnp.where(empty, -jnp.inf, out)
 
@@ -189,30 +198,38 @@ def split_log_masses(
 
     Args:
       z: () the observed statistic.
-      lo, hi: (K,) disjoint intervals.
-      valid: (K,) bool, the rows that belong to the union.
+      lo, hi: (..., K) disjoint intervals; leading axes are separate unions (one mass
+        evaluation serves them all, which keeps compiled graphs small).
+      valid: (..., K) bool, the rows that belong to the union.
       alternative: one of :data:`ALTERNATIVES`.
 
     Returns:
-      (log m(union & A), log m(union & not A)), each () float64.
+      (log m(union & A), log m(union & not A)), each (...) float64.
     """
     check_alternative(alternative)
     z = jnp.asarray(z, jnp.float64)
-
-    def part(a, b):
-        lm = log_normal_mass(jnp.maximum(lo, a), jnp.minimum(hi, b))
-        return jnp.where(valid, lm, -jnp.inf)
-
     inf = jnp.inf
     if alternative == "abs":
         r = jnp.abs(z)
-        in_a = jnp.concatenate([part(-inf, -r), part(r, inf)])
-        out_a = part(-r, r)
+        cuts = ((-inf, -r), (r, inf), (-r, r))
+        n_in = 2
     elif alternative == "greater":
-        in_a, out_a = part(z, inf), part(-inf, z)
+        cuts = ((z, inf), (-inf, z))
+        n_in = 1
     else:  # "less", "two-sided"
-        in_a, out_a = part(-inf, z), part(z, inf)
-    return _logsumexp(in_a), _logsumexp(out_a)
+        cuts = ((-inf, z), (z, inf))
+        n_in = 1
+    # All clipped copies in one mass evaluation: one log_ndtr in the graph.
+    c_lo = jnp.stack([jnp.maximum(lo, a) for a, _ in cuts])  # (cuts, ..., K)
+    c_hi = jnp.stack([jnp.minimum(hi, b) for _, b in cuts])
+    ok = jnp.broadcast_to(valid, c_lo.shape)
+    lm = lax.optimization_barrier(jnp.where(ok, log_normal_mass(c_lo, c_hi), -inf))
+    is_in = (jnp.arange(len(cuts)) < n_in).reshape((len(cuts),) + (1,) * (lm.ndim - 1))
+    axes = (0, lm.ndim - 1)
+    return (
+        _logsumexp(jnp.where(is_in, lm, -inf), axis=axes),
+        _logsumexp(jnp.where(is_in, -inf, lm), axis=axes),
+    )
 
 
 def _log_p_from_split(l_in: jax.Array, l_out: jax.Array, alternative: str) -> jax.Array:
@@ -365,8 +382,6 @@ def log_p_value_bounds(
       :class:`PValueBounds` with ``inf_p <= p_value <= sup_p`` (see
       :func:`bounds_from_log_masses` for the formulas).
     """
-    from sijax.selective.intervals import complement
-
     unsearched = complement(searched)
     t_in, t_out = split_log_masses(
         z_obs, truncation.lo, truncation.hi, truncation.valid, alternative

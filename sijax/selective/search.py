@@ -1,0 +1,372 @@
+"""Search policies for the truncation set Zset along the line (spec section 5).
+
+The search never looks at a network: it talks to a *piece oracle*
+
+    piece_fn(params, z, direction) -> (lo, hi, accept)
+
+a jit-traceable function of a () float64 ``z`` and a () int32 ``direction`` (+1 or -1)
+that returns the piece [lo, hi] of the line on which the whole pipeline is affine and
+contains ``z`` (when ``z`` is exactly a breakpoint, the piece on the side of
+``direction``: +1 right, -1 left), and ``accept``: whether the region mask on that piece
+equals the observed one (the piece belongs to Zset). ``lo`` may be -inf and ``hi`` +inf.
+``params`` is any pytree the oracle needs (the line, network weights, ...): pass arrays
+through it rather than closing over them, so that one compiled search serves every
+image (STYLE habit 5).
+
+Policies:
+
+* ``"parametric"`` (default): start with the piece at z_obs, then grow the searched
+  component [L, R] one piece at a time, on the side whose end has the larger N(0, 1)
+  density (sicore's "pi3": its candidates are the points just outside [L, R]; the
+  oracle's ``direction`` makes the step size unnecessary here: the next piece is asked
+  for at the breakpoint itself). Termination ``"precision"`` stops once
+  sup_p - inf_p < precision (default 1e-3); ``"decision"`` stops once p is known to lie
+  on one side of alpha (sup_p < alpha: reject; inf_p >= alpha: do not reject).
+* ``"exhaustive"``: the same growth until [L, R] covers
+  [-margin - |z_obs|, margin + |z_obs|] (margin 10).
+* ``"over_conditioning"``: only the piece at z_obs; Zset is defined to be that piece, so
+  the p-value is exact for that (valid, low-power) conditioning and inf_p = sup_p = p.
+
+Which p-value is reported for a search that stopped early: ``p_value`` is computed on
+the searched part only, i.e. with every unsearched z counted *out of* Zset (as sicore
+does);
+``inf_p`` and ``sup_p`` bound the p-value of every Zset consistent with what was
+searched (all unsearched mass counted in or out of Zset in the worse direction for each
+bound, :func:`sijax.selective.pvalues.bounds_from_log_masses`). Hence
+inf_p <= p_value <= sup_p, and the p-value of any longer search (the exhaustive one, or
+the exact one) lies in [inf_p, sup_p].
+
+Everything runs in one capped ``lax.while_loop`` with a single call site of
+``piece_fn`` (the oracle is compiled once), so the search is jit- and vmap-compatible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sijax.errors import InputError, SijaxError
+from sijax.selective.intervals import Intervals, merge_pieces
+from sijax.selective.pvalues import (
+    bounds_from_log_masses,
+    check_alternative,
+    split_log_masses,
+)
+
+__all__ = [
+    "POLICIES",
+    "TERMINATIONS",
+    "PieceFn",
+    "SearchError",
+    "SearchResult",
+    "SearchStatus",
+    "raise_for_status",
+    "search",
+]
+
+POLICIES: tuple[str, ...] = ("parametric", "exhaustive", "over_conditioning")
+TERMINATIONS: tuple[str, ...] = ("precision", "decision")
+
+PieceFn = Callable[
+    [object, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]
+]
+
+
+class SearchStatus:
+    """Status codes of :class:`SearchResult` (int32 in ``status``)."""
+
+    OK = 0
+    MAX_PIECES = 1  # cap reached; p_value, inf_p, sup_p are those found so far
+    ORACLE_STALLED = 2  # a piece did not contain / extend past the query point
+    OBSERVED_NOT_ACCEPTED = 3  # the piece at z_obs does not reproduce the mask
+    NONFINITE = 4  # z_obs or a piece end point is NaN
+
+    MESSAGES = {
+        0: "ok",
+        1: "max_pieces reached before the search finished; the p-value and its bounds"
+        " are those of the part searched so far (raise max_pieces, or use the bounds)",
+        2: "the piece oracle returned a piece that does not contain the query point or"
+        " does not extend past it (a bug in piece_fn, or breakpoints lost to rounding)",
+        3: "the piece at z_obs does not reproduce the observed region (accept=False):"
+        " detection and search disagree",
+        4: "z_obs or a piece end point is NaN",
+    }
+
+
+class SearchError(SijaxError, RuntimeError):
+    """A search ended with a non-OK status and ``throw=True`` was asked for."""
+
+
+class SearchResult(NamedTuple):
+    """Result of :func:`search` (one line; add a leading axis under vmap).
+
+    Attributes:
+      z_obs: () float64, the observed statistic.
+      truncated: Zset found, in z units: a normalised padded union with capacity
+        ``max_pieces`` (accepted pieces that touch are merged, so no overflow).
+      searched: the searched component [L, R] as a union with capacity 1.
+      search_count: () int32, number of pieces evaluated (oracle calls).
+      p_value: () float64, the selective p-value on the searched part.
+      inf_p: () float64, lower bound over the unsearched part.
+      sup_p: () float64, upper bound over the unsearched part.
+      log_p_value, log_inf_p, log_sup_p: () float64 logs (no underflow at large |z|).
+      status: () int32 :class:`SearchStatus` code.
+    """
+
+    z_obs: jax.Array  # ()
+    truncated: Intervals  # (max_pieces, 2)
+    searched: Intervals  # (1, 2)
+    search_count: jax.Array  # () int32
+    p_value: jax.Array  # ()
+    inf_p: jax.Array  # ()
+    sup_p: jax.Array  # ()
+    log_p_value: jax.Array  # ()
+    log_inf_p: jax.Array  # ()
+    log_sup_p: jax.Array  # ()
+    status: jax.Array  # () int32
+
+
+class _State(NamedTuple):
+    i: jax.Array  # () int32, pieces evaluated
+    lo_s: jax.Array  # () L, left end of the searched component
+    hi_s: jax.Array  # () R, right end
+    buf_lo: jax.Array  # (P,) evaluated pieces (clipped to the new part)
+    buf_hi: jax.Array  # (P,)
+    keep: jax.Array  # (P,) bool, accepted
+    t_in: jax.Array  # () log mass of accepted pieces inside the extreme set A
+    t_out: jax.Array  # () ... outside A
+    u_in: jax.Array  # () log mass of the unsearched set inside A
+    u_out: jax.Array  # () ... outside A
+    status: jax.Array  # () int32
+    done: jax.Array  # () bool
+
+
+def _check_options(policy, termination, alternative, max_pieces):
+    if policy not in POLICIES:
+        raise InputError(f"{policy=} must be one of {POLICIES}")
+    if termination not in TERMINATIONS:
+        raise InputError(f"{termination=} must be one of {TERMINATIONS}")
+    check_alternative(alternative)
+    if int(max_pieces) < 1:
+        raise InputError(f"{max_pieces=} must be >= 1")
+
+
+def search(
+    piece_fn: PieceFn,
+    params,
+    z_obs: jax.Array,
+    *,
+    policy: str = "parametric",
+    termination: str = "precision",
+    alternative: str = "abs",
+    precision: float = 1e-3,
+    alpha: float = 0.05,
+    max_pieces: int = 2048,
+    margin: float = 10.0,
+    throw: bool = False,
+) -> SearchResult:
+    """Search the line for Zset and compute the selective p-value (spec section 5).
+
+    Jit it with ``piece_fn`` and the string / int options static, e.g.
+    ``jax.jit(search, static_argnums=0, static_argnames=("policy", "termination",
+    "alternative", "max_pieces", "throw"))``; ``params``, ``z_obs``, ``precision``,
+    ``alpha`` and ``margin`` may be traced. Under ``jax.vmap`` over ``params`` and
+    ``z_obs`` the oracle is batched too and the loop runs until every line is done.
+
+    Args:
+      piece_fn: the piece oracle ``piece_fn(params, z, direction) -> (lo, hi, accept)``
+        (see the module docstring).
+      params: pytree passed to ``piece_fn`` unchanged.
+      z_obs: () the observed standardised statistic.
+      policy: "parametric" (default), "exhaustive" or "over_conditioning".
+      termination: for "parametric": "precision" (default) or "decision".
+      alternative: "abs" (default), "two-sided", "less" or "greater"
+        (:mod:`sijax.selective.pvalues`).
+      precision: "precision" stops once sup_p - inf_p < precision.
+      alpha: "decision" stops once sup_p < alpha or inf_p >= alpha.
+      max_pieces: cap on oracle calls (static); also the capacity of ``truncated``.
+      margin: "exhaustive" covers [-margin - |z_obs|, margin + |z_obs|].
+      throw: raise :class:`SearchError` when the status is not OK (on concrete results
+        at once; inside jit through a host callback at run time).
+
+    Returns:
+      :class:`SearchResult`.
+    """
+    _check_options(policy, termination, alternative, max_pieces)
+    p_max = int(max_pieces)
+    z_obs = jnp.asarray(z_obs, jnp.float64)
+    inf = jnp.inf
+    if policy == "exhaustive":
+        r_lo = -margin - jnp.abs(z_obs)
+        r_hi = margin + jnp.abs(z_obs)
+    else:
+        r_lo, r_hi = -inf, inf
+
+    def new_and_unsearched_masses(lo, hi, take, lo_s, hi_s):
+        # Row 0: the new piece (if accepted); row 1: (-inf, L) and (R, inf). One call
+        # keeps a single mass evaluation in the loop body.
+        rows_lo = jnp.stack([jnp.stack([lo, inf]), jnp.stack([-inf, hi_s])])
+        rows_hi = jnp.stack([jnp.stack([hi, inf]), jnp.stack([lo_s, inf])])
+        valid = jnp.stack([jnp.stack([take, False]), jnp.stack([True, True])])
+        m_in, m_out = split_log_masses(z_obs, rows_lo, rows_hi, valid, alternative)
+        return m_in[0], m_out[0], m_in[1], m_out[1]
+
+    def finished(s: _State, bounds) -> jax.Array:
+        covered = (s.lo_s <= r_lo) & (s.hi_s >= r_hi)
+        if policy == "over_conditioning":
+            return s.i >= 1
+        if policy == "exhaustive":
+            return covered
+        if termination == "precision":
+            return covered | (bounds.sup_p - bounds.inf_p < precision)
+        return covered | (bounds.sup_p < alpha) | (bounds.inf_p >= alpha)
+
+    def body(s: _State) -> _State:
+        first = s.i == 0
+        need_right = s.hi_s < r_hi
+        need_left = s.lo_s > r_lo
+        # pi3: the side whose end has the larger N(0, 1) density, i.e. smaller |end|.
+        go_right = need_right & (~need_left | (jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)))
+        zq = jnp.where(first, z_obs, jnp.where(go_right, s.hi_s, s.lo_s))
+        direction = jnp.where(first | go_right, 1, -1).astype(jnp.int32)
+        lo, hi, accept = piece_fn(params, zq, direction)
+        lo = jnp.asarray(lo, jnp.float64)
+        hi = jnp.asarray(hi, jnp.float64)
+        accept = jnp.asarray(accept, bool)
+        finite = ~(jnp.isnan(lo) | jnp.isnan(hi))
+        # The piece must contain the query and move the searched end strictly.
+        ok_first = (lo <= zq) & (zq <= hi) & (lo < hi)
+        ok_right = (lo <= zq) & (hi > zq)
+        ok_left = (hi >= zq) & (lo < zq)
+        sane = jnp.where(first, ok_first, jnp.where(go_right, ok_right, ok_left))
+        # Keep only the new part (no mass counted twice if the oracle overlaps).
+        new_lo = jnp.where(first | ~go_right, lo, jnp.maximum(lo, s.hi_s))
+        new_hi = jnp.where(first | go_right, hi, jnp.minimum(hi, s.lo_s))
+        lo_s = jnp.where(first, new_lo, jnp.minimum(s.lo_s, new_lo))
+        hi_s = jnp.where(first, new_hi, jnp.maximum(s.hi_s, new_hi))
+        good = finite & sane
+        take = good & accept
+        lo_new = jnp.where(good, lo_s, s.lo_s)
+        hi_new = jnp.where(good, hi_s, s.hi_s)
+        p_in, p_out, u_in, u_out = new_and_unsearched_masses(
+            new_lo, new_hi, take, lo_new, hi_new
+        )
+        status = jnp.where(
+            ~finite,
+            SearchStatus.NONFINITE,
+            jnp.where(
+                ~sane,
+                SearchStatus.ORACLE_STALLED,
+                jnp.where(
+                    first & ~accept, SearchStatus.OBSERVED_NOT_ACCEPTED, SearchStatus.OK
+                ),
+            ),
+        ).astype(jnp.int32)
+        new = _State(
+            i=s.i + 1,
+            lo_s=lo_new,
+            hi_s=hi_new,
+            buf_lo=s.buf_lo.at[s.i].set(new_lo),
+            buf_hi=s.buf_hi.at[s.i].set(new_hi),
+            keep=s.keep.at[s.i].set(take),
+            t_in=jnp.logaddexp(s.t_in, p_in),
+            t_out=jnp.logaddexp(s.t_out, p_out),
+            u_in=u_in,
+            u_out=u_out,
+            status=status,
+            done=status != SearchStatus.OK,
+        )
+        bounds = bounds_from_log_masses(new.t_in, new.t_out, u_in, u_out, alternative)
+        done = new.done | finished(new, bounds)
+        capped = ~done & (new.i >= p_max)
+        return new._replace(
+            done=done | capped,
+            status=jnp.where(capped, SearchStatus.MAX_PIECES, new.status).astype(
+                jnp.int32
+            ),
+        )
+
+    nan_z = jnp.isnan(z_obs)
+    init = _State(
+        i=jnp.zeros((), jnp.int32),
+        lo_s=z_obs,
+        hi_s=z_obs,
+        buf_lo=jnp.full((p_max,), inf),
+        buf_hi=jnp.full((p_max,), inf),
+        keep=jnp.zeros((p_max,), bool),
+        t_in=jnp.asarray(-inf),
+        t_out=jnp.asarray(-inf),
+        u_in=jnp.asarray(0.0),
+        u_out=jnp.asarray(0.0),
+        status=jnp.where(nan_z, SearchStatus.NONFINITE, SearchStatus.OK).astype(
+            jnp.int32
+        ),
+        done=nan_z,
+    )
+    s = lax.while_loop(lambda s: ~s.done, body, init)
+
+    truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max)
+    searched = Intervals(
+        bounds=jnp.stack([s.lo_s, s.hi_s])[None, :],
+        count=(s.i > 0).astype(jnp.int32),
+        overflow=jnp.zeros((), bool),
+    )
+    # The running log masses (sums of positive terms, so accurate to a few ulps) give
+    # the p-value; no second mass evaluation is compiled after the loop.
+    if policy == "over_conditioning":
+        # Zset *is* the piece at z_obs: nothing is unknown.
+        bounds = bounds_from_log_masses(s.t_in, s.t_out, -inf, -inf, alternative)
+        bounds = bounds._replace(
+            inf_p=bounds.p_value,
+            sup_p=bounds.p_value,
+            log_inf_p=bounds.log_p_value,
+            log_sup_p=bounds.log_p_value,
+        )
+    else:
+        bounds = bounds_from_log_masses(s.t_in, s.t_out, s.u_in, s.u_out, alternative)
+    result = SearchResult(
+        z_obs=z_obs,
+        truncated=truncated,
+        searched=searched,
+        search_count=s.i,
+        p_value=bounds.p_value,
+        inf_p=bounds.inf_p,
+        sup_p=bounds.sup_p,
+        log_p_value=bounds.log_p_value,
+        log_inf_p=bounds.log_inf_p,
+        log_sup_p=bounds.log_sup_p,
+        status=s.status,
+    )
+    if throw:
+        if isinstance(result.status, jax.core.Tracer):
+            jax.debug.callback(_raise_status_callback, result.status)
+        else:
+            raise_for_status(result)
+    return result
+
+
+def _message(code: int) -> str:
+    return SearchStatus.MESSAGES.get(code, f"unknown status {code}")
+
+
+def _raise_status_callback(status) -> None:
+    codes = np.atleast_1d(np.asarray(status))
+    bad = codes[codes != SearchStatus.OK]
+    if bad.size:
+        raise SearchError(
+            f"search failed ({bad.size} of {codes.size}): {_message(int(bad[0]))}"
+        )
+
+
+def raise_for_status(result: SearchResult) -> SearchResult:
+    """Raise :class:`SearchError` with a readable message unless every status is OK.
+
+    Works on concrete (possibly batched) results; returns ``result`` otherwise.
+    """
+    _raise_status_callback(result.status)
+    return result
