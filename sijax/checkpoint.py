@@ -1,0 +1,211 @@
+"""Saving and loading diffusion models (Orbax), and the loaded model type.
+
+A model directory (what ``sijax train`` exports to ``WORKDIR/model`` and what is
+committed under ``sijax/checkpoints/NAME``) holds
+
+    config.json   the TrainConfig (architecture, schedule, recipe) and a summary
+    state/        Orbax checkpoint of the eval-mode network state: parameters and
+                  batch-norm running statistics, stored float32
+
+``load_model`` also accepts a training workdir (it then reads ``WORKDIR/model``).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from sijax.config import TrainConfig
+from sijax.diffusion.schedule import Schedule
+from sijax.diffusion.unet import UNet, UNetConfig
+from sijax.errors import CheckpointError, InputError
+
+CHECKPOINTS_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
+
+
+def _ocp():
+    # Orbax is imported lazily: it is slow to import and only needed for files.
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def init_unet(cfg: UNetConfig, key: jax.Array, param_dtype=jnp.float32):
+    """A freshly initialised U-Net split into (graphdef, state) (STYLE habit 3)."""
+    model = UNet(cfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
+    return nnx.split(model)
+
+
+def apply_unet(graphdef, state, x: jax.Array, t: jax.Array) -> jax.Array:
+    """Pure eval-mode U-Net: (B, H, W, C), (B,) -> (B, H, W, C) (running BN stats)."""
+    return nnx.merge(graphdef, state)(x, t, train=False)
+
+
+@struct.dataclass
+class DiffusionModel:
+    """A trained noise predictor in eval mode: a pytree (state) with static config.
+
+    Attributes:
+        config: the TrainConfig it was trained with (static).
+        graphdef: the Flax NNX graph definition (static).
+        state: parameters and batch-norm running statistics (pytree of arrays,
+            float64 after :func:`load_model`).
+    """
+
+    config: TrainConfig = struct.field(pytree_node=False)
+    graphdef: Any = struct.field(pytree_node=False)
+    state: Any
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.config.unet_config()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images the model was trained on."""
+        return self.config.image_shape
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.config.schedule()
+
+    def apply(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        """Batched eps_hat: x (B, H, W, C), t (B,) -> (B, H, W, C)."""
+        return apply_unet(self.graphdef, self.state, x, t)
+
+    def denoiser(self):
+        """The one-image noise predictor ``eps_fn(x_t, t) -> eps_hat``.
+
+        ``x_t`` is (H, W, C) and ``t`` a scalar (int or float); the result has the
+        shape and dtype of ``x_t``. A pure closure over this model's state:
+        jit/vmap friendly and piecewise linear in ``x_t`` (eval-mode network).
+        """
+        graphdef, state = self.graphdef, self.state
+
+        def eps_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+            t = jnp.reshape(jnp.asarray(t), (1,))
+            return apply_unet(graphdef, state, x_t[None], t)[0]
+
+        return eps_fn
+
+    def astype(self, dtype) -> "DiffusionModel":
+        return self.replace(state=cast_state(self.state, dtype))
+
+
+def cast_state(state, dtype):
+    """Casts every floating leaf of a state pytree to ``dtype``."""
+    return jax.tree.map(
+        lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+        else a, state)
+
+
+def _to_numpy_tree(state, dtype=np.float32):
+    pure = nnx.to_pure_dict(state)
+    return jax.tree.map(lambda a: np.asarray(a, dtype=dtype), pure)
+
+
+def save_model(directory: str | os.PathLike, config: TrainConfig, state, *,
+               summary: dict | None = None) -> str:
+    """Writes a model directory (config.json + float32 Orbax state).
+
+    Orbax writes into a temporary directory and renames it when complete, so an
+    interrupted save leaves no half-written ``state``.
+
+    Args:
+        directory: target directory (created; must not already hold a state).
+        config: the model's TrainConfig.
+        state: nnx.State of the U-Net (params and batch stats).
+        summary: extra JSON-serialisable facts (final loss, steps, ...).
+
+    Returns:
+        The absolute directory.
+    """
+    ocp = _ocp()
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    meta = {"config": dataclasses.asdict(config), "summary": summary or {},
+            "format": "sijax-model-1"}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(directory, "state"), _to_numpy_tree(state), force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    tmp = os.path.join(directory, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, "config.json"))
+    return directory
+
+
+def _resolve(directory: str) -> str:
+    if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(
+            os.path.join(directory, "state")):
+        return directory
+    sub = os.path.join(directory, "model")
+    if os.path.isdir(sub):
+        return sub
+    named = os.path.join(CHECKPOINTS_DIR, os.fspath(directory))
+    if not os.path.isabs(directory) and os.path.isdir(named) and not os.path.exists(
+            directory):
+        return named
+    return directory
+
+
+def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionModel:
+    """Loads a model directory as an eval-mode :class:`DiffusionModel`.
+
+    Args:
+        directory: a model directory, a training workdir (uses ``WORKDIR/model``),
+            or the name of a committed checkpoint (``"dal_v5_8"``, ``"dal_v5_16"``,
+            ``"tiny_8"``).
+        dtype: float dtype of the loaded state; float64 (the default, the test
+            path) needs ``jax_enable_x64``.
+
+    Raises:
+        CheckpointError: missing directory, missing/corrupt config.json or state.
+        InputError: float64 requested while x64 is off.
+    """
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise InputError("load_model(dtype=float64) needs x64: call "
+                         "jax.config.update('jax_enable_x64', True) first")
+    directory = _resolve(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    cfg_path = os.path.join(directory, "config.json")
+    state_path = os.path.join(directory, "state")
+    if not os.path.isfile(cfg_path) or not os.path.isdir(state_path):
+        raise CheckpointError(
+            f"{directory} is not a sijax model directory: expected config.json and "
+            "state/ (or a training workdir with model/)")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        config = TrainConfig.from_dict(meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupt config.json in {directory}: {e}") from None
+    graphdef, state = init_unet(config.unet_config(), jax.random.key(0))
+    template = _to_numpy_tree(state)
+    try:
+        ocp = _ocp()
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(state_path, template)
+        nnx.replace_by_pure_dict(state, restored)
+    except Exception as e:  # noqa: BLE001  (Orbax raises many types on bad files)
+        raise CheckpointError(
+            f"corrupt or incompatible model state in {state_path}: "
+            f"{type(e).__name__}: {str(e)[:300]}") from None
+    for leaf in jax.tree.leaves(state):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise CheckpointError(f"model state in {state_path} has NaN/Inf values")
+    return DiffusionModel(config=config, graphdef=graphdef,
+                          state=cast_state(state, dtype))
+
+
+def read_summary(directory: str | os.PathLike) -> dict:
+    """The ``summary`` recorded in a model directory's config.json."""
+    with open(os.path.join(_resolve(os.fspath(directory)), "config.json")) as f:
+        return json.load(f).get("summary", {})

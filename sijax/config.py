@@ -1,0 +1,143 @@
+"""Configuration dataclasses (STYLE habit 12): frozen, flat, overridable by name.
+
+``TrainConfig`` describes one diffusion model and how it is trained (spec section 6).
+Presets live in ``sijax/configs/``; the CLI applies ``--set key=value`` overrides with
+:func:`apply_overrides`.
+"""
+
+import dataclasses
+import json
+import typing
+from collections.abc import Sequence
+
+from sijax.diffusion.schedule import Schedule, linear_schedule
+from sijax.diffusion.unet import UNetConfig
+from sijax.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A diffusion model and its training recipe (defaults: the paper's, spec 6).
+
+    Attributes:
+        name: preset name, recorded in the checkpoint.
+        size: image side d (images are d x d x in_channels).
+        in_channels: image channels C.
+        channels: U-Net widths; the last is the bottleneck.
+        temb_dim: time-embedding size.
+        T, beta_start, beta_end: the linear noise schedule.
+        n_train: number of iid N(0, 1) training images.
+        batch_size: images per step (the last partial batch of an epoch is dropped).
+        epochs: passes over the training set.
+        lr: Adam learning rate.
+        seed: derives the data, the initialisation, and every step's t and noise.
+        steps_per_dispatch: optimiser steps per compiled call (a ``lax.scan``).
+        save_every: checkpoint period in steps (rounded up to a multiple of
+            ``steps_per_dispatch``); the last step is always saved.
+    """
+
+    name: str = "dal_v5"
+    size: int = 8
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    temb_dim: int = 100
+    T: int = 1000  # noqa: N815  (the paper's name)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    n_train: int = 1000
+    batch_size: int = 32
+    epochs: int = 1000
+    lr: float = 3e-4
+    seed: int = 0
+    steps_per_dispatch: int = 10
+    save_every: int = 500
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        unet = self.unet_config()  # validates the widths
+        if self.size < 1 or self.size % unet.size_multiple:
+            raise InputError(
+                f"size={self.size} must be a positive multiple of "
+                f"{unet.size_multiple} (2 ** (len(channels) - 1))")
+        for key in ("n_train", "batch_size", "epochs", "steps_per_dispatch",
+                    "save_every", "T"):
+            if getattr(self, key) < 1:
+                raise InputError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.batch_size > self.n_train:
+            raise InputError(f"{self.batch_size=} exceeds {self.n_train=}")
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(channels=self.channels, in_channels=self.in_channels,
+                          temb_dim=self.temb_dim)
+
+    def schedule(self) -> Schedule:
+        return linear_schedule(self.T, self.beta_start, self.beta_end)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, self.in_channels)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown config keys {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def _parse_value(key: str, raw: str, typ):
+    """Parses ``raw`` as the type annotation ``typ`` of a config field."""
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(raw)
+        if typing.get_origin(typ) is tuple:
+            inner = typing.get_args(typ)[0]
+            parts = [p for p in raw.strip("()[] ").replace(" ", "").split(",") if p]
+            return tuple(inner(p) for p in parts)
+        if typ is int:
+            return int(raw)
+        return typ(raw)
+    except ValueError:
+        raise InputError(f"cannot parse --set {key}={raw!r} as {typ}") from None
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Returns ``cfg`` with ``key=value`` overrides applied (``--set`` in the CLI).
+
+    Args:
+        cfg: a frozen config dataclass.
+        overrides: strings ``"key=value"``; tuples as ``"4,8,16"``.
+
+    Raises:
+        InputError: malformed item, unknown key (the message lists the valid keys),
+            unparsable or invalid value.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise InputError(
+                f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        changes[key] = _parse_value(key, raw.strip(), hints[key])
+    return dataclasses.replace(cfg, **changes)
