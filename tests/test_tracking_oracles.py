@@ -1,0 +1,123 @@
+"""Independent oracles for the tracker tests (direct evaluation, dense grids).
+
+Shared by tests/test_tracking*.py. The checks compare the tracker with f itself:
+  * `check_piece`: alpha + beta t against f(a + b t) at random t inside the piece, and
+    just past each finite end some decision of f really changes (the decision
+    fingerprint of the neighbouring piece differs), so pieces are not cut short;
+  * `check_tiling_and_grid`: enumerate_pieces tiles [z_min, z_max] exactly and its
+    per-piece summary equals direct evaluation on a dense grid.
+Each check is one jit compilation, to keep the property tests fast.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sijax.tracking import COVERED, Affine, enumerate_pieces
+from sijax.tracking.interpreter import make_line_jaxpr, track_jaxpr
+
+RTOL = 1e-9
+REACH = 3.0  # sample within z +- REACH where the piece is unbounded
+N_GRID = 10_000  # every direct evaluation runs on this many points (one compilation)
+
+
+def _is_affine(x):
+    return isinstance(x, Affine)
+
+
+@partial(jax.jit, static_argnums=0)
+def _direct(f, a, b, ts):
+    return jax.vmap(lambda t: f(a + b * t))(ts)
+
+
+def direct(f, a, b, ts):
+    """f(a + b t) for each t in ts (at most N_GRID points; padded to N_GRID)."""
+    ts = np.asarray(ts, dtype=np.float64)
+    padded = np.concatenate([ts, np.full(N_GRID - len(ts), ts[-1])])
+    out = _direct(f, a, b, jnp.asarray(padded, a.dtype))
+    return jax.tree.map(lambda x: np.asarray(x)[: len(ts)], out)
+
+
+@partial(jax.jit, static_argnums=0)
+def _fingerprinted(f, a, b, z, direction):
+    closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
+    return track_jaxpr(closed, treedef, a, b, z, direction, fingerprint=True)
+
+
+def check_piece(f, a, b, z, direction, rng, n=20):
+    """Affine forms match f at n random points of the piece at z (bool and integer
+    leaves are constant there), and each finite end is a real decision change.
+
+    Returns the Piece.
+    """
+    dtype = a.dtype
+    piece, fp = _fingerprinted(
+        f, a, b, jnp.asarray(z, dtype), jnp.asarray(direction, dtype)
+    )
+    lo, hi = float(piece.lo), float(piece.hi)
+    assert lo <= z <= hi
+    ts = rng.uniform(max(lo, z - REACH), min(hi, z + REACH), size=n)
+    want = direct(f, a, b, ts)
+    got_leaves = jax.tree.leaves(piece.out, is_leaf=_is_affine)
+    want_leaves = jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for got, w in zip(got_leaves, want_leaves, strict=True):
+        w = np.asarray(w)
+        if isinstance(got, Affine):
+            t = ts.reshape((-1,) + (1,) * np.ndim(got.alpha))
+            pred = np.asarray(got.alpha)[None] + np.asarray(got.beta)[None] * t
+            scale = max(1.0, float(np.max(np.abs(w))))
+            err = float(np.max(np.abs(pred - w))) / scale
+            assert err <= RTOL, f"affine form off by {err:.3g} (relative) in the piece"
+        else:
+            np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), w.shape), w)
+    for end, side in ((hi, 1), (lo, -1)):
+        if np.isfinite(end):
+            other, fp_other = _fingerprinted(
+                f, a, b, jnp.asarray(end, dtype), jnp.asarray(side, dtype)
+            )
+            start_of_next = other.lo if side == 1 else other.hi
+            assert abs(float(fp_other) - float(fp)) > 1e-6, (
+                f"piece cut at {end} but no decision changes there"
+            )
+            # The neighbour starts where this piece ends (up to the tie tolerance).
+            assert abs(float(start_of_next) - end) <= 1e-9 * max(1.0, abs(end))
+    return piece
+
+
+@partial(jax.jit, static_argnums=(0, 1, 4))
+def _enumerate(f, summary, a, b, max_pieces, z_min, z_max):
+    return enumerate_pieces(
+        f, a, b, z_min, z_max, max_pieces=max_pieces, summary=summary
+    )
+
+
+def check_tiling_and_grid(f, a, b, z_min, z_max, summary, reference, *, max_pieces=512):
+    """enumerate_pieces tiles [z_min, z_max] and `summary` agrees with `reference`
+    (the same summary computed from f's direct output) on a dense grid.
+
+    Returns the Pieces.
+    """
+    pieces = _enumerate(f, summary, a, b, max_pieces, z_min, z_max)
+    ts = np.linspace(z_min, z_max, N_GRID)
+    want = reference(direct(f, a, b, ts))  # reference works on a batch of outputs
+    n_grid = N_GRID
+    count = int(pieces.count)
+    assert int(pieces.status) == COVERED, f"not covered with {count} pieces"
+    lo, hi = np.asarray(pieces.lo[:count]), np.asarray(pieces.hi[:count])
+    assert lo[0] == z_min and hi[-1] == z_max
+    np.testing.assert_array_equal(lo[1:], hi[:-1])  # no gap, no overlap
+    assert np.all(hi > lo)
+    assert np.all(np.isnan(np.asarray(pieces.lo[count:])))
+
+    k = np.clip(np.searchsorted(hi, ts, side="right"), 0, count - 1)
+    # Points within rounding of a breakpoint can sit on either side: skip them.
+    near = np.minimum(np.abs(ts - lo[k]), np.abs(ts - hi[k])) < 1e-9
+    got = jax.tree.leaves(pieces.summary)
+    for g, w in zip(got, jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g)[k], np.asarray(w)
+        bad = np.any((g != w).reshape(n_grid, -1), axis=1) & ~near
+        assert not bad.any(), f"summary differs from the grid at t={ts[bad][:5]}"
+    return pieces
