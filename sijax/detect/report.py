@@ -1,0 +1,126 @@
+"""Files a DAL test leaves behind: report.json, the arrays, and report.png."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+
+import numpy as np
+
+
+def _versions() -> dict:
+    import flax
+    import jax
+
+    import sijax
+
+    return {
+        "sijax": sijax.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": str(jax.devices()[0]),
+    }
+
+
+def _clean(v):
+    """JSON-safe: NaN/inf become None/strings, tuples lists."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_clean(u) for u in v]
+    if isinstance(v, dict):
+        return {k: _clean(u) for k, u in v.items()}
+    if isinstance(v, (np.floating, np.integer)):
+        return _clean(v.item())
+    return v
+
+
+def write_report(out_dir, result, x, x_ref, *, config, checkpoint: str | None,
+                 extra: dict | None = None) -> dict:
+    """Writes report.json, mask.npy, score_map.npy, reconstruction.npy, report.png.
+
+    Args:
+      out_dir: directory (created).
+      result: a :class:`sijax.detect.dal.TestResult`.
+      x, x_ref: (H, W, C) test and reference images (x_ref may be None).
+      config: the DALConfig used.
+      checkpoint: path of the model's checkpoint.
+      extra: more fields for report.json (sigma, seed, image paths, ...).
+
+    Returns:
+      The report as a dict.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    report = {
+        "result": result.to_json(),
+        "config": dataclasses.asdict(config),
+        "checkpoint": checkpoint,
+        "versions": _versions(),
+        **(extra or {}),
+    }
+    report = _clean(report)
+    with open(os.path.join(out_dir, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    np.save(os.path.join(out_dir, "mask.npy"), result.mask)
+    np.save(os.path.join(out_dir, "score_map.npy"), result.score_map)
+    np.save(os.path.join(out_dir, "reconstruction.npy"), result.reconstruction)
+    plot_report(os.path.join(out_dir, "report.png"), result, x, x_ref,
+                threshold=config.threshold)
+    return report
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
+
+
+def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
+    """Input, reference, reconstruction and score map with the region outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(img):
+        img = np.asarray(img)
+        return img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+
+    panels = [("input X", show(x))]
+    if x_ref is not None:
+        panels.append(("reference", show(x_ref)))
+    panels += [("reconstruction D(X)", show(result.reconstruction)),
+               (f"score (region: > {threshold})", result.score_map)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    lim = max(float(np.max(np.abs(p[1]))) for p in panels[:-1]) or 1.0
+    for ax, (title, img) in zip(axes, panels, strict=True):
+        last = ax is axes[-1]
+        im = ax.imshow(img, cmap="magma" if last else "gray",
+                       vmin=None if last else -lim, vmax=None if last else lim,
+                       interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if np.any(result.mask):
+            ax.contour(result.mask.astype(float), levels=[0.5], colors="cyan",
+                       linewidths=1.2)
+        if last:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(
+        f"selective p = {_fmt_p(result.p_value)} [{_fmt_p(result.inf_p)}, "
+        f"{_fmt_p(result.sup_p)}]   naive p = {_fmt_p(result.naive_p_value)}   "
+        f"z = {result.stat:.3f}   |M| = {int(result.mask.sum())}   ({result.status})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
