@@ -38,6 +38,8 @@ __all__ = [
     "PValueBounds",
     "bonferroni_p_value",
     "bonferroni_threshold",
+    "bounds_from_log_masses",
+    "check_alternative",
     "log1mexp",
     "log_bonferroni_p_value",
     "log_naive_p_value",
