@@ -323,8 +323,10 @@ class OperatorCovariance(Covariance):
         rng = np.random.default_rng(0)
         u = jnp.asarray(rng.standard_normal(n))
         w = jnp.asarray(rng.standard_normal(n))
-        su = np.asarray(self.matvec(u), np.float64)
-        sw = np.asarray(self.matvec(w), np.float64)
+        su, sw = self.matvec(u), self.matvec(w)
+        if not _concrete(su, sw):  # called inside a trace: no value checks
+            return
+        su, sw = np.asarray(su, np.float64), np.asarray(sw, np.float64)
         if su.shape != (n,):
             raise InputError(f"covariance matvec must map (n,) to (n,), got {su.shape}")
         if not (np.all(np.isfinite(su)) and np.all(np.isfinite(sw))):
