@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
+from jax.extend import source_info_util
 
 from sijax.errors import NotPiecewiseLinearError
 from sijax.tracking.affine import Affine, Lin, Piece
@@ -39,15 +40,20 @@ ALL_RULES = {**RULES, **CONTROL_RULES}
 DEFAULT_TIE_TOL = 1e-10
 
 
-def _where(eqn) -> str:
-    """The user's source line of an equation, or '' if jax does not say."""
-    try:
-        from jax.extend import source_info_util
+def _where(eqns) -> str:
+    """The user's source line of the innermost equation that has one, or ''.
 
-        text = source_info_util.summarize(eqn.source_info)
-    except Exception:  # noqa: BLE001 - best effort only; never hide the real error
-        return ""
-    return f" at {text}" if text else ""
+    Equations inside a nested jit (jax.nn.silu, jnp functions) carry no user frame;
+    the call equation that contains them does.
+    """
+    for eqn in eqns:
+        try:
+            text = source_info_util.summarize(eqn.source_info)
+        except Exception:  # noqa: BLE001 - best effort only; never hide the real error
+            continue
+        if text:
+            return f" at {text}"
+    return ""
 
 
 def _hash_weights(shape, salt: int, dtype) -> jax.Array:
@@ -66,11 +72,12 @@ class Context:
     indices) that the tests use to check that a piece ends where some decision changes.
     """
 
-    def __init__(self, z, direction, tau, state, fingerprint: bool, counter=None):
+    def __init__(self, z, direction, tau, state, fingerprint: bool, shared=None):
         self.z, self.direction, self.tau = z, direction, tau
         self.lo, self.hi, self.fp = state
         self.fingerprint = fingerprint
-        self.counter = counter if counter is not None else [0]
+        # Shared by all children: a decision counter and the stack of open equations.
+        self.shared = shared if shared is not None else {"count": 0, "stack": []}
 
     # -- state ------------------------------------------------------------------
     @property
@@ -83,7 +90,7 @@ class Context:
     def child(self, state) -> "Context":
         """A context for a loop body or branch, starting from `state`."""
         return Context(
-            self.z, self.direction, self.tau, state, self.fingerprint, self.counter
+            self.z, self.direction, self.tau, state, self.fingerprint, self.shared
         )
 
     def eval(self, jaxpr, args) -> list:
@@ -93,9 +100,10 @@ class Context:
         return eval_jaxpr(self, jaxpr, [], args)
 
     def fail(self, eqn, why: str):
+        where = _where([eqn, *reversed(self.shared["stack"])])
         raise NotPiecewiseLinearError(
             f"primitive '{eqn.primitive.name}' is not piecewise linear along the line: "
-            f"{why}{_where(eqn)}. Replace it by a piecewise-linear approximation "
+            f"{why}{where}. Replace it by a piecewise-linear approximation "
             "(spec section 4) or make its operands independent of the line."
         )
 
@@ -103,8 +111,8 @@ class Context:
     def _record(self, x: jax.Array) -> None:
         if not self.fingerprint:
             return
-        self.counter[0] += 1
-        w = _hash_weights(x.shape, self.counter[0], self.fp.dtype)
+        self.shared["count"] += 1
+        w = _hash_weights(x.shape, self.shared["count"], self.fp.dtype)
         self.fp = self.fp + jnp.sum(x.astype(self.fp.dtype) * w)
 
     def keep_nonneg(self, v: jax.Array, s: jax.Array) -> None:
@@ -170,7 +178,11 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
             rule = ALL_RULES.get(eqn.primitive.name)
             if rule is None:
                 ctx.fail(eqn, "it has a line-dependent operand and no tracking rule")
-            outvals = rule(ctx, eqn, invals)
+            ctx.shared["stack"].append(eqn)
+            try:
+                outvals = rule(ctx, eqn, invals)
+            finally:
+                ctx.shared["stack"].pop()
         for var, val in zip(eqn.outvars, outvals, strict=True):
             env[var] = val
     return [read(v) for v in jaxpr.outvars]
