@@ -133,7 +133,8 @@ def test_linear_primitives_are_exact_everywhere():
         z = z.at[idx, 1].add(x[0, 0]) + jnp.where(mask, x, -x)  # scatter-add, select
         w = jnp.squeeze(jnp.expand_dims(x, 0), 0).reshape(3, 4) / 4.0
         w = lax.stop_gradient(w) @ jnp.arange(4.0) - jnp.mean(x)
-        return y, z, w, x.astype(jnp.float64)
+        s = jnp.stack(jnp.split(x, 3, axis=1), axis=0)  # split, stack
+        return y, z, w, x.astype(jnp.float64), s
 
     p = track(f)(a, b, 0.4)
     assert (float(p.lo), float(p.hi)) == (-INF, INF)
@@ -149,7 +150,11 @@ def test_pooling_and_resize_primitives():
         avg = nn.avg_pool(x[None], (2, 2), (2, 2))[0]
         up = jax.image.resize(avg, (6, 6, 2), "bilinear")
         near = jax.image.resize(n, (6, 6, 2), "nearest")
-        return m + up - near
+        # Non-literal initial values give the generic reduce_window primitive.
+        zero, low = jnp.zeros((), x.dtype), jnp.full((), -1.0, x.dtype)
+        s = lax.reduce_window(x, zero, lax.add, (3, 3, 1), (1, 1, 1), "SAME")
+        g = lax.reduce_window(x, low, lax.max, (2, 2, 1), (1, 1, 1), "SAME")
+        return m + up - near + s / 9.0 - g
 
     for z in (-1.0, 0.3):
         check_piece(f, a, b, z, 1, np.random.default_rng(2))

@@ -255,6 +255,30 @@ def reduce_window_max_rule(ctx, eqn, invals) -> list:
     return [Lin(wv, ws)]
 
 
+def reduce_window_rule(ctx, eqn, invals) -> list:
+    """Generic reduce_window (an init value that is not a literal, e.g. jnp.zeros):
+    supported when the reduction is a single add, max or min."""
+    body = eqn.params["jaxpr"]
+    body = getattr(body, "jaxpr", body)
+    ops = [e.primitive.name for e in body.eqns]
+    if len(invals) != 2 or ops not in (["add"], ["max"], ["min"]):
+        ctx.fail(eqn, f"a window reduction by {ops} is not supported")
+    x, init = invals
+    if is_lin(init):
+        ctx.fail(eqn, "its initial value depends on the line")
+    init = jnp.asarray(init, x.value.dtype)
+    v = _windows(x.value, init, eqn.params)
+    s = _windows(x.slope, 0.0, eqn.params)
+    if ops == ["add"]:
+        return [Lin(jnp.sum(v, axis=-1) + init, jnp.sum(s, axis=-1))]
+    # The initial value takes part in the max/min like one more (constant) entry.
+    v = jnp.concatenate([v, jnp.broadcast_to(init, v.shape[:-1] + (1,))], axis=-1)
+    s = jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (1,), s.dtype)], axis=-1)
+    sign = -1 if ops == ["min"] else 1
+    _, wv, ws = ctx.argmax_last(sign * v, sign * s)
+    return [Lin(sign * wv, sign * ws)]
+
+
 # --------------------------------------------------------------------------- table
 
 LINEAR = (
@@ -262,7 +286,8 @@ LINEAR = (
     "concatenate", "pad", "slice", "squeeze", "expand_dims", "rev", "gather",
     "dynamic_slice", "dynamic_update_slice", "scatter-add", "scatter_add", "scatter",
     "reduce_sum", "reduce_window_sum", "cumsum", "select_n", "copy", "copy_p",
-    "reduce_precision", "real", "split", "device_put",
+    "reduce_precision", "real", "split", "stack", "device_put", "sharding_constraint",
+    "mesh_cast", "reshard", "pvary", "name",
 )  # fmt: skip
 
 RULES: dict[str, Rule] = {name: linear_rule for name in LINEAR}
@@ -288,6 +313,7 @@ RULES.update(
         "argmin": argmax_rule,
         "reduce_window_max": reduce_window_max_rule,
         "reduce_window_min": reduce_window_max_rule,
+        "reduce_window": reduce_window_rule,
         **{name: compare_rule for name in _COMPARE},
     }
 )
