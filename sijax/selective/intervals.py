@@ -93,12 +93,17 @@ def empty_intervals(max_intervals: int, dtype=jnp.float64) -> Intervals:
 
 
 def merge_pieces(
-    lo: jax.Array, hi: jax.Array, keep: jax.Array | None = None, max_intervals=None
+    lo: jax.Array,
+    hi: jax.Array,
+    keep: jax.Array | None = None,
+    max_intervals=None,
+    order: jax.Array | None = None,
 ) -> Intervals:
     """Normalised union of the pieces ``[lo_i, hi_i]`` with ``keep_i`` (jit-compatible).
 
     Sorts by left end point and merges overlapping or touching pieces: a new group
-    starts at row i when ``lo_i > max_{j<i} hi_j``. Cost O(P log P).
+    starts at a kept row when its ``lo`` exceeds the largest ``hi`` of the kept rows
+    before it. Cost O(P log P), or O(P) when ``order`` is given.
 
     Args:
       lo: (P,) left end points.
@@ -106,6 +111,9 @@ def merge_pieces(
       keep: (P,) bool, which pieces belong to the union (default: all).
       max_intervals: static K of the result (default P). More than K groups set
         ``overflow`` and keep the K left-most groups.
+      order: optional (P,) int permutation that already sorts the kept rows by ``lo``
+        (rows not kept may sit anywhere); skips the sort (a search that grows outwards
+        knows it, and a sort is costly to compile).
 
     Returns:
       The union as :class:`Intervals` with capacity K.
@@ -124,12 +132,15 @@ def merge_pieces(
     ok = jnp.asarray(keep, bool) & (lo <= hi)
     lo_s = jnp.where(ok, lo, PAD)
     hi_s = jnp.where(ok, hi, PAD)
-    order = jnp.argsort(lo_s, stable=True)
+    if order is None:
+        order = jnp.argsort(lo_s, stable=True)
     lo_s, hi_s, ok_s = lo_s[order], hi_s[order], ok[order]
-    reach = lax.cummax(hi_s)  # running max of right end points, invalid rows last
+    # Running max of the right end points of kept rows only (others may sit anywhere).
+    reach = lax.cummax(jnp.where(ok_s, hi_s, -jnp.inf))
     prev_reach = jnp.concatenate([jnp.full((1,), -jnp.inf, hi_s.dtype), reach[:-1]])
-    # Row 0 always starts a group (its lo may be -inf, which is not > -inf).
-    start = ok_s & ((lo_s > prev_reach) | (jnp.arange(p) == 0))
+    # The first kept row always starts a group (its lo may be -inf, not > -inf).
+    first = ok_s & (jnp.cumsum(ok_s.astype(jnp.int32)) == 1)
+    start = ok_s & ((lo_s > prev_reach) | first)
     gid = jnp.cumsum(start.astype(jnp.int32)) - 1
     gid = jnp.where(ok_s, gid, k)  # invalid rows go nowhere (mode="drop")
     n_groups = jnp.sum(start.astype(jnp.int32))

@@ -225,12 +225,26 @@ def split_log_masses(
     c_lo = jnp.stack([jnp.maximum(lo, a) for a, _ in cuts])  # (cuts, ..., K)
     c_hi = jnp.stack([jnp.minimum(hi, b) for _, b in cuts])
     ok = jnp.broadcast_to(valid, c_lo.shape)
-    lm = lax.optimization_barrier(jnp.where(ok, log_normal_mass(c_lo, c_hi), -inf))
+    lm = jnp.where(ok, log_normal_mass(c_lo, c_hi), -inf)
     is_in = (jnp.arange(len(cuts)) < n_in).reshape((len(cuts),) + (1,) * (lm.ndim - 1))
-    axes = (0, lm.ndim - 1)
-    return (
-        _logsumexp(jnp.where(is_in, lm, -inf), axis=axes),
-        _logsumexp(jnp.where(is_in, -inf, lm), axis=axes),
+    # One variadic reduction with a logaddexp monoid: a single consumer of lm, so XLA
+    # does not duplicate the mass computation into separate max and sum reductions.
+    return lax.reduce(
+        (jnp.where(is_in, lm, -inf), jnp.where(is_in, -inf, lm)),
+        (jnp.asarray(-inf, lm.dtype), jnp.asarray(-inf, lm.dtype)),
+        lambda a, b: (_logaddexp2(a[0], b[0]), _logaddexp2(a[1], b[1])),
+        (0, lm.ndim - 1),
+    )
+
+
+def _logaddexp2(a, b):
+    """log(e^a + e^b) from primitives (usable inside a lax.reduce computation)."""
+    m = jnp.maximum(a, b)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    return jnp.where(
+        m == -jnp.inf,
+        -jnp.inf,
+        m_safe + jnp.log1p(jnp.exp(jnp.minimum(a, b) - m_safe)),
     )
 
 

@@ -138,6 +138,9 @@ class _State(NamedTuple):
     buf_lo: jax.Array  # (P,) evaluated pieces (clipped to the new part)
     buf_hi: jax.Array  # (P,)
     keep: jax.Array  # (P,) bool, accepted
+    side: jax.Array  # (P,) int32, -1 / 0 / +1: left of, at, right of z_obs
+    n_left: jax.Array  # () int32, pieces added on the left
+    n_right: jax.Array  # () int32, pieces added on the right
     t_in: jax.Array  # () log mass of accepted pieces inside the extreme set A
     t_out: jax.Array  # () ... outside A
     u_in: jax.Array  # () log mass of the unsearched set inside A
@@ -274,6 +277,9 @@ def search(
             buf_lo=s.buf_lo.at[s.i].set(new_lo),
             buf_hi=s.buf_hi.at[s.i].set(new_hi),
             keep=s.keep.at[s.i].set(take),
+            side=s.side.at[s.i].set(jnp.where(first, 0, direction)),
+            n_left=s.n_left + (~first & ~go_right).astype(jnp.int32),
+            n_right=s.n_right + (~first & go_right).astype(jnp.int32),
             t_in=jnp.logaddexp(s.t_in, p_in),
             t_out=jnp.logaddexp(s.t_out, p_out),
             u_in=u_in,
@@ -299,6 +305,9 @@ def search(
         buf_lo=jnp.full((p_max,), inf),
         buf_hi=jnp.full((p_max,), inf),
         keep=jnp.zeros((p_max,), bool),
+        side=jnp.zeros((p_max,), jnp.int32),
+        n_left=jnp.zeros((), jnp.int32),
+        n_right=jnp.zeros((), jnp.int32),
         t_in=jnp.asarray(-inf),
         t_out=jnp.asarray(-inf),
         u_in=jnp.asarray(0.0),
@@ -310,7 +319,22 @@ def search(
     )
     s = lax.while_loop(lambda s: ~s.done, body, init)
 
-    truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max)
+    # Pieces were added outwards, so their order along the line is known: the k-th
+    # left piece (k = 1, 2, ...) has rank n_left - k, the first n_left, the k-th right
+    # n_left + k. Unused slots keep their index. No sort is needed.
+    slot = jnp.arange(p_max, dtype=jnp.int32)
+    ordinal = jnp.cumsum(
+        jnp.stack([s.side < 0, s.side > 0]).astype(jnp.int32), axis=1
+    )  # (2, P): k for left / right pieces
+    used = slot < s.i
+    rank = jnp.where(
+        s.side < 0,
+        s.n_left - ordinal[0],
+        jnp.where(s.side > 0, s.n_left + ordinal[1], s.n_left),
+    )
+    rank = jnp.where(used, rank, slot)
+    order = jnp.zeros((p_max,), jnp.int32).at[rank].set(slot)
+    truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max, order=order)
     searched = Intervals(
         bounds=jnp.stack([s.lo_s, s.hi_s])[None, :],
         count=(s.i > 0).astype(jnp.int32),
