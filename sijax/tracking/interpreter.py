@@ -19,6 +19,12 @@ chosen side of z, so:
     search's own resolution (sicore steps 1e-6 .. 1e-11 past a breakpoint).
 Affine forms are exact on the whole closed piece (max, abs are continuous); a boolean is
 constant on the open piece and at z.
+
+Batching. Every rule is a pure function of jnp arrays, and the value and the slope of a
+`Lin` always have the same shape, so the whole pass vmaps over lines, start points and
+directions (one trace). Linear rules go through `jax.jvp`, which evaluates the value and
+the slope of a dot or a convolution as two products with the same constant operand; a
+later optimisation can stack them (or many lines) along one lane axis.
 """
 
 from collections.abc import Callable

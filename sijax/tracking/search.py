@@ -44,24 +44,27 @@ class Pieces(NamedTuple):
     status: jax.Array  # () int32: COVERED or MAX_PIECES
 
 
-def _raise_if_overflow(status, count, z_reached, z_max) -> None:
+def _raise_if_overflow(status, count, reached=None, z_max=None) -> None:
     status = jnp.asarray(status)
-    if bool(jnp.any(status == MAX_PIECES)):
-        raise MaxPiecesError(
-            f"enumerate_pieces stopped after {int(jnp.max(count))} pieces at "
-            f"z={float(jnp.min(z_reached))} before reaching z_max="
-            f"{float(jnp.max(jnp.asarray(z_max)))}: increase max_pieces or shorten "
-            "the stretch (or pass throw=False and read `status`)."
+    if not bool(jnp.any(status == MAX_PIECES)):
+        return
+    where = ""
+    if reached is not None:
+        where = (
+            f" at z={float(jnp.min(reached))} before reaching "
+            f"z_max={float(jnp.max(jnp.asarray(z_max)))}"
         )
+    raise MaxPiecesError(
+        f"enumerate_pieces stopped after {int(jnp.max(count))} pieces{where}: "
+        "increase max_pieces or shorten the stretch (or pass throw=False and read "
+        "`status`)."
+    )
 
 
 def check_pieces(pieces: Pieces) -> Pieces:
     """Raises MaxPiecesError if `pieces` (concrete, outside jit) did not cover its
-    stretch.
-
-    Works on batched (vmapped) `Pieces` too.
-    """
-    _raise_if_overflow(pieces.status, pieces.count, pieces.hi[..., -1], jnp.nan)
+    stretch. Works on batched (vmapped) `Pieces` too; returns `pieces` unchanged."""
+    _raise_if_overflow(pieces.status, pieces.count)
     return pieces
 
 
