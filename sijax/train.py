@@ -11,6 +11,7 @@ parameters.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -85,13 +86,17 @@ def training_data(cfg: TrainConfig) -> jax.Array:
     return normal_images(_keys(cfg.seed)["data"], cfg.n_train, cfg.image_shape, DTYPE)
 
 
-def make_train_chunk(cfg: TrainConfig, graphdef, opt) -> Callable:
-    """Builds ``chunk(state, data, steps) -> (state, losses)``, jitted once per length.
+@functools.lru_cache(maxsize=8)
+def make_train_chunk(cfg: TrainConfig) -> Callable:
+    """Builds ``chunk(state, data, steps) -> (state, losses)``, jitted once.
+
+    Cached per config, so repeated or resumed runs in one process compile once.
 
     ``steps`` is the (D,) vector of absolute step numbers to run (those >= the total
     are no-ops with NaN loss); batch, t and noise
     of each step are functions of (seed, step) only.
     """
+    graphdef, _, opt = init_state(cfg)
     keys = _keys(cfg.seed)
     schedule = cfg.schedule()
     n, bs, spe = cfg.n_train, cfg.batch_size, cfg.steps_per_epoch
@@ -223,7 +228,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
             f.write(cfg.to_json())
         os.replace(cfg_path + ".tmp", cfg_path)
 
-    graphdef, state, opt = init_state(cfg)
+    graphdef, state, _ = init_state(cfg)
     ckpts = _Checkpoints(workdir)
     start = 0
     if resume and ckpts.latest_step() is not None:
@@ -235,7 +240,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
         f.writelines(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses)
 
     data = training_data(cfg)
-    chunk = make_train_chunk(cfg, graphdef, opt)
+    chunk = make_train_chunk(cfg)
     d, total = cfg.steps_per_dispatch, cfg.total_steps
     save_every = -(-cfg.save_every // d) * d
     bar = None

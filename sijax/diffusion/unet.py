@@ -68,7 +68,7 @@ def time_embedding(t: jax.Array, dim: int = 100) -> jax.Array:
     i = jnp.arange(dim)
     freq = 1.0 / jnp.power(10000.0, i / dim)
     arg = t[:, None] * freq[None, :]
-    return jnp.where(i % 2 == 0, jnp.sin(arg), jnp.cos(arg))
+    return jnp.where((i % 2 == 0)[None, :], jnp.sin(arg), jnp.cos(arg))
 
 
 def upsample_bilinear2x(x: jax.Array) -> jax.Array:
@@ -130,7 +130,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     cols = jnp.concatenate(
         [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
     k = kernel.reshape(9 * cin, kernel.shape[-1])
-    return jnp.einsum("bhwk,kc->bhwc", cols, k) + bias
+    return jnp.einsum("bhwk,kc->bhwc", cols, k) + bias[None, None, None, :]
 
 
 class Conv3x3(nnx.Module):
