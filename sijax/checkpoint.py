@@ -187,12 +187,16 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
         config = TrainConfig.from_dict(meta["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"corrupt config.json in {directory}: {e}") from None
-    graphdef, state = init_unet(config.unet_config(), jax.random.key(0))
-    template = _to_numpy_tree(state)
+    # Abstract template: shapes and dtypes only, no random initialisation.
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0))))
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32),
+                            nnx.to_pure_dict(state))
     try:
         ocp = _ocp()
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(state_path, template)
+        restored = jax.tree.map(np.asarray, restored)
         nnx.replace_by_pure_dict(state, restored)
     except Exception as e:  # noqa: BLE001  (Orbax raises many types on bad files)
         raise CheckpointError(

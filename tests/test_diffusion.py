@@ -1,13 +1,14 @@
 """U-Net, schedule and sampler of spec section 6 against independent oracles."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffusion_helpers import TINY, random_model
 from flax import nnx
 
-from sijax.checkpoint import DiffusionModel, apply_unet, cast_state, init_unet
-from sijax.config import TrainConfig
+from sijax.checkpoint import load_model
 from sijax.diffusion.schedule import alpha_bar, linear_schedule
 from sijax.diffusion.unet import (
     UNet,
@@ -18,32 +19,6 @@ from sijax.diffusion.unet import (
     time_embedding,
     upsample_bilinear2x,
 )
-
-TINY = (4, 8, 16)
-
-
-def random_model(channels=TINY, size=8, in_channels=1, seed=0) -> DiffusionModel:
-    """A float64 eval-mode model with random weights and non-trivial BN statistics."""
-    cfg = TrainConfig(name="test", size=size, channels=channels,
-                      in_channels=in_channels)
-    graphdef, state = init_unet(cfg.unet_config(), jax.random.key(seed))
-    state = cast_state(state, jnp.float64)
-    rng = np.random.default_rng(seed)
-
-    def randomise(path, leaf):
-        name = str(path[-1])
-        if "mean" in name:
-            return jnp.asarray(rng.normal(0.0, 0.3, leaf.shape))
-        if "var" in name:
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape))
-        if "scale" in name or "bias" in name:
-            return leaf + jnp.asarray(rng.normal(0.0, 0.1, leaf.shape))
-        return leaf
-
-    pure = jax.tree_util.tree_map_with_path(randomise, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    return DiffusionModel(config=cfg, graphdef=graphdef, state=state)
-
 
 # --- building blocks -----------------------------------------------------------------
 
@@ -80,8 +55,9 @@ def test_conv3x3_equals_lax_conv():
     rng = np.random.default_rng(2)
     x, k, b = rng.normal(size=(3, 6, 5, 4)), rng.normal(size=(3, 3, 4, 7)), \
         rng.normal(size=(7,))
-    ref = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b[None, None, None]
+    ref = jax.lax.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = ref + b[None, None, None]
     np.testing.assert_allclose(conv3x3(jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)),
                                ref, rtol=1e-12, atol=1e-12)
 
@@ -136,25 +112,28 @@ def test_float32_weights_compute_in_float32():
     assert out.dtype == jnp.float32 and out.shape == (1, 8, 8, 1)
 
 
-def test_dal_v5_forward_shape():
-    cfg = TrainConfig(size=8)
-    graphdef, state = init_unet(cfg.unet_config(), jax.random.key(0))
-    out = jax.jit(apply_unet, static_argnums=0)(graphdef, cast_state(
-        state, jnp.float64), jnp.zeros((2, 8, 8, 1)), jnp.array([3, 4]))
-    assert out.shape == (2, 8, 8, 1) and out.dtype == jnp.float64
+def test_committed_dal_v5_models_forward():
+    for name, size in (("dal_v5_8", 8), ("dal_v5_16", 16)):
+        model = load_model(name)
+        assert model.image_shape == (size, size, 1)
+        assert model.config.channels == (32, 64, 128, 256)
+        out = jax.jit(model.apply)(jnp.zeros((2, size, size, 1)), jnp.array([3, 4]))
+        assert out.shape == (2, size, size, 1) and out.dtype == jnp.float64
 
 
 def test_batchnorm_train_vs_eval():
     model = random_model()
-    net = nnx.merge(model.graphdef, model.state)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 1)))
     t = jnp.array([1, 2, 3, 4])
-    ev = net(x, t, train=False)
+    def run(x, t, train):  # a fresh copy: training mode updates the running stats
+        return nnx.merge(model.graphdef, model.state, copy=True)(x, t, train=train)
+
+    ev = run(x, t, False)
     # Eval mode: each image is processed on its own.
-    np.testing.assert_allclose(net(x[:2], t[:2], train=False), ev[:2], atol=1e-13)
-    tr = net(x, t, train=True)
+    np.testing.assert_allclose(run(x[:2], t[:2], False), ev[:2], atol=1e-13)
+    tr = run(x, t, True)
     assert not np.allclose(tr, ev)
-    assert not np.allclose(net(x[:2], t[:2], train=True), tr[:2])
+    assert not np.allclose(run(x[:2], t[:2], True), tr[:2])
 
 
 def test_eval_network_is_piecewise_linear_along_a_line():
@@ -183,7 +162,7 @@ def test_denoiser_jaxpr_has_only_piecewise_linear_ops():
     def walk(jp):
         for eqn in jp.eqns:
             names.add(eqn.primitive.name)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jaxpr.jaxpr)
