@@ -1,0 +1,77 @@
+"""Training (spec section 6): the loss falls, and kill + --resume is exact."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sijax.checkpoint import load_model
+from sijax.config import TrainConfig
+from sijax.errors import InputError
+from sijax.train import train
+
+# 64 images, batch 16: 4 steps per epoch, 40 steps, dispatched 4 at a time; the
+# last chunk is padded (42 would not divide), checkpoints every 8 steps.
+CFG = TrainConfig(name="test", size=8, channels=(4, 8), n_train=64, batch_size=16,
+                  epochs=10, lr=3e-3, steps_per_dispatch=3, save_every=8)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    return workdir, train(CFG, workdir, progress=False)
+
+
+def test_loss_decreases_and_model_is_exported(full_run):
+    workdir, res = full_run
+    assert int(res.state.step) == CFG.total_steps == 40
+    losses = res.losses[:, 1]
+    assert np.all(np.isfinite(losses))
+    assert losses[-3:].mean() < 0.75 * losses[:2].mean(), losses
+    model = load_model(workdir)
+    assert model.config == CFG
+    loaded = jax.tree.leaves(nnx.to_pure_dict(model.state))
+    trained = jax.tree.leaves(nnx.to_pure_dict(res.model.state))
+    for a, b in zip(loaded, trained, strict=True):
+        assert a.dtype == np.float64  # stored float32, cast at load: exact
+        np.testing.assert_array_equal(a, np.asarray(b, np.float64))
+    with open(workdir / "model" / "config.json") as f:
+        assert json.load(f)["summary"]["steps"] == 40
+
+
+def test_kill_after_checkpoint_then_resume_is_bit_identical(full_run, tmp_path):
+    _, ref = full_run
+    saved = []
+
+    def kill(step):
+        saved.append(step)
+        if step == 18:  # dies right after the 2nd checkpoint is on disk
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(CFG, tmp_path, progress=False, on_checkpoint=kill)
+    assert saved == [9, 18]  # save_every 8 rounded up to a multiple of 3
+    res = train(CFG, tmp_path, resume=True, progress=False)
+    assert int(res.state.step) == 40
+    for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(ref.state),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(res.losses, ref.losses)
+
+
+def test_existing_run_and_changed_config_are_rejected(full_run):
+    workdir, _ = full_run
+    with pytest.raises(InputError, match="--resume"):
+        train(CFG, workdir, progress=False)
+    with pytest.raises(InputError, match="lr"):
+        train(dataclasses.replace(CFG, lr=1e-3), workdir, resume=True, progress=False)
+    # Resuming a finished run is a no-op that returns the same state.
+    res = train(CFG, workdir, resume=True, progress=False)
+    assert int(res.state.step) == 40
