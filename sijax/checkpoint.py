@@ -169,7 +169,8 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
         CheckpointError: missing directory, missing/corrupt config.json or state.
         InputError: float64 requested while x64 is off.
     """
-    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+    x64 = jnp.result_type(float) == jnp.float64  # honours jax.enable_x64 contexts
+    if jnp.dtype(dtype) == jnp.float64 and not x64:
         raise InputError("load_model(dtype=float64) needs x64: call "
                          "jax.config.update('jax_enable_x64', True) first")
     directory = _resolve(os.fspath(directory))
@@ -197,6 +198,11 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(state_path, template)
         restored = jax.tree.map(np.asarray, restored)
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template),
+                                     jax.tree.leaves(restored), strict=True):
+            if got.shape != want.shape:
+                raise ValueError(f"{jax.tree_util.keystr(path)} has shape "
+                                 f"{got.shape}, the config needs {want.shape}")
         nnx.replace_by_pure_dict(state, restored)
     except Exception as e:  # noqa: BLE001  (Orbax raises many types on bad files)
         raise CheckpointError(

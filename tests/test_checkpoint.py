@@ -1,0 +1,70 @@
+"""Model directories: committed checkpoints load; bad ones give CheckpointError."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sijax.checkpoint import CHECKPOINTS_DIR, load_model, read_summary
+from sijax.errors import CheckpointError, InputError, SijaxError
+
+
+@pytest.mark.parametrize("name,size,channels", [
+    ("tiny_8", 8, (4, 8, 16)), ("dal_v5_8", 8, (32, 64, 128, 256)),
+    ("dal_v5_16", 16, (32, 64, 128, 256))])
+def test_committed_checkpoints(name, size, channels):
+    model = load_model(name)
+    assert model.image_shape == (size, size, 1)
+    assert model.config.channels == channels
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(model.state))
+    summary = read_summary(name)
+    # Trained: the loss is near the Bayes risk mean(alpha_bar) = 0.2755 of N(0,1) data.
+    assert summary["final_loss"] < 0.30, summary
+    eps = jax.jit(model.denoiser())(jnp.zeros(model.image_shape), 460)
+    assert eps.shape == model.image_shape and np.all(np.isfinite(eps))
+
+
+def test_tiny_model_predicts_noise():
+    """The trained tiny model's eps_hat is close to the optimal sqrt(1-ab) x_t."""
+    model = load_model("tiny_8")
+    ab = model.schedule.alpha_bar[500]
+    x_t = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
+    eps_hat = model.apply(x_t, jnp.full((16,), 500))
+    corr = np.corrcoef(np.ravel(eps_hat), np.ravel(x_t))[0, 1]
+    assert corr > 0.9, corr
+    assert abs(np.std(eps_hat) / np.std(x_t) - np.sqrt(1 - ab)) < 0.15
+
+
+def test_missing_and_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a sijax model"):
+        load_model(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt config.json"):
+        load_model(bad)
+    # A config that does not match the stored arrays.
+    meta = json.loads(open(f"{CHECKPOINTS_DIR}/tiny_8/config.json").read())
+    meta["config"]["channels"] = [4, 8, 32]
+    (bad / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt or incompatible"):
+        load_model(bad)
+    # Damaged array files.
+    shutil.rmtree(bad)
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", bad)
+    for f in (bad / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_model(bad)
+    assert issubclass(CheckpointError, SijaxError)
+
+
+def test_float64_needs_x64():
+    with jax.enable_x64(False), pytest.raises(InputError, match="x64"):
+        load_model("tiny_8")
