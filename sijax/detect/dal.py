@@ -1,0 +1,465 @@
+"""The DAL test end to end: detect a region with the diffusion reconstruction and give it
+an exact selective p-value (spec sections 2-6).
+
+One image goes through three pure stages, all jit-compiled together:
+
+1. detection: D(X) with fixed noises, score = |mean filter(D(X) - X)|, M = score > lambda;
+2. the statistic: z_obs = eta^T x~ / sqrt(eta^T Sigma~ eta) and the line X(z) = a + b z
+   (:func:`sijax.selective.statistics.line_statistic`);
+3. the search for Zset = {z : M(a + b z) = M_obs} with the piece oracle built from the
+   tracker (:func:`sijax.tracking.track`) following the very same detection function.
+
+:func:`dal_test` runs one image and returns a host-side :class:`TestResult`;
+:func:`dal_test_batch` vmaps the same compiled core over many images for evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sijax.detect.score import region, score_map
+from sijax.diffusion.sampler import Noises, draw_noises as _draw_noises, reconstruct
+from sijax.errors import InputError
+from sijax.selective.intervals import to_list
+from sijax.selective.pvalues import check_alternative, naive_p_value
+from sijax.selective.search import POLICIES, TERMINATIONS, SearchStatus, search
+from sijax.selective.statistics import HYPOTHESES, StatStatus, as_covariance, line_statistic
+from sijax.tracking import track
+
+__all__ = [
+    "DALConfig",
+    "TestResult",
+    "BatchResult",
+    "STATUS",
+    "dal_test",
+    "dal_test_batch",
+    "detect_region",
+    "draw_noises",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DALConfig:
+    """Options of the DAL test; the defaults are the paper's v5 settings (spec 5-6).
+
+    Attributes:
+      t_start: noise level t' the image is diffused to (must equal ``steps[0]``).
+      steps: DDIM steps from t' down to 0 (the last step returns x0_hat).
+      eta: DDIM eta (1: fresh noise at every step, as the paper).
+      filter_size: side of the mean filter of the reconstruction error.
+      threshold: lambda; the region is {score > lambda} (strict).
+      hypothesis: "reference" (two-sample, default), "background" or "neighbour".
+      radius: r of the neighbour test.
+      alternative: "abs" (P(|Z| >= |z|), default), "two-sided", "less", "greater".
+      search: "parametric" (default), "exhaustive" or "over_conditioning".
+      termination: "precision" (default) or "decision", for "parametric".
+      precision: "precision" stops once sup_p - inf_p < precision.
+      alpha: level used by "decision" (and reported rejections).
+      max_pieces: cap on pieces evaluated per image.
+      margin: "exhaustive" covers [-margin - |z_obs|, margin + |z_obs|].
+    """
+
+    t_start: int = 460
+    steps: tuple[int, ...] = (460, 345, 230, 115, 0)
+    eta: float = 1.0
+    filter_size: int = 3
+    threshold: float = 0.8
+    hypothesis: str = "reference"
+    radius: int = 1
+    alternative: str = "abs"
+    search: str = "parametric"
+    termination: str = "precision"
+    precision: float = 1e-3
+    alpha: float = 0.05
+    max_pieces: int = 20_000
+    margin: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        if not self.steps or self.steps[0] != self.t_start:
+            raise InputError(f"steps[0] must equal t_start: {self.steps=} {self.t_start=}")
+        if self.hypothesis not in HYPOTHESES[:3]:
+            raise InputError(f"{self.hypothesis=} must be one of {HYPOTHESES[:3]}")
+        if self.search not in POLICIES:
+            raise InputError(f"{self.search=} must be one of {POLICIES}")
+        if self.termination not in TERMINATIONS:
+            raise InputError(f"{self.termination=} must be one of {TERMINATIONS}")
+        check_alternative(self.alternative)
+        if self.filter_size < 1 or self.filter_size % 2 == 0:
+            raise InputError(f"{self.filter_size=} must be a positive odd integer")
+        if not 0.0 < self.alpha < 1.0 or not self.precision > 0.0:
+            raise InputError(f"need 0 < alpha < 1 and precision > 0: {self}")
+        if self.max_pieces < 1:
+            raise InputError(f"{self.max_pieces=} must be >= 1")
+
+
+# Outcome of one test, as a string in TestResult.status.
+STATUS = {
+    "ok": "ok",
+    "no region": "no region",  # M is empty: nothing to test (spec section 3)
+    "max_pieces": "max_pieces",  # cap hit: p-value and bounds of the part searched
+}
+
+
+def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) -> Noises:
+    """All sampler noises of one test, drawn once from ``key`` (STYLE habit 2).
+
+    Args:
+      key: a PRNG key, used once.
+      image_shape: (H, W, C).
+      config: gives the number of DDIM steps.
+
+    Returns:
+      Noises(eps0 (H, W, C), eps (S, H, W, C)) in the default float dtype.
+    """
+    return _draw_noises(key, tuple(image_shape), len(config.steps))
+
+
+def _detector(model, noises: Noises, config: DALConfig, threshold=None):
+    """x (H, W, C) -> (reconstruction, score (H, W), mask (H, W)) for fixed noises.
+
+    ``threshold`` (possibly traced) overrides ``config.threshold``.
+    """
+    threshold = config.threshold if threshold is None else threshold
+    eps_fn = model.denoiser()
+    schedule = model.schedule
+
+    def detect(x):
+        rec = reconstruct(eps_fn, x, noises, schedule=schedule, steps=config.steps,
+                          eta=config.eta)
+        score = score_map(x, rec, filter_size=config.filter_size)
+        return rec, score, region(score, threshold)
+
+    return detect
+
+
+def _check_image(name: str, x, shape) -> jax.Array:
+    x = jnp.asarray(x, jnp.float64)
+    if x.ndim == 2 and len(shape) == 3 and shape[2] == 1:
+        x = x[:, :, None]
+    if x.shape != tuple(shape):
+        raise InputError(
+            f"{name}.shape={x.shape} does not match the model's image shape {tuple(shape)}"
+        )
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise InputError(f"{name} holds NaN or Inf pixels")
+    return x
+
+
+def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
+    """Score map and detected region of one image (spec section 6).
+
+    Args:
+      model: a :class:`sijax.checkpoint.DiffusionModel` (float64 on the test path).
+      x: (H, W, C) image (or (H, W) for one channel).
+      noises: from :func:`draw_noises`.
+      config: detection options.
+
+    Returns:
+      (score_map (H, W) float64, mask (H, W) bool).
+    """
+    x = _check_image("x", x, model.image_shape)
+    static, nums = _split(config)
+    _, score, mask = _detect_jit(model, x, noises, nums, static)
+    return score, mask
+
+
+class _Numbers(NamedTuple):
+    """The float options, passed traced so that changing them does not recompile."""
+
+    threshold: jax.Array
+    precision: jax.Array
+    alpha: jax.Array
+    margin: jax.Array
+
+
+def _split(config: DALConfig) -> tuple[DALConfig, _Numbers]:
+    """(structural config with the float options zeroed, the float options)."""
+    nums = _Numbers(*(jnp.asarray(getattr(config, f), jnp.float64)
+                      for f in _Numbers._fields))
+    static = dataclasses.replace(config, threshold=0.0, precision=1.0, alpha=0.5,
+                                 margin=0.0)
+    return static, nums
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _detect_jit(model, x, noises, nums, config):
+    return _detector(model, noises, config, nums.threshold)(x)
+
+
+class _Core(NamedTuple):
+    """Device-side result of one test (a leading axis under vmap)."""
+
+    reconstruction: jax.Array  # (H, W, C)
+    score_map: jax.Array  # (H, W)
+    mask: jax.Array  # (H, W) bool
+    stat_status: jax.Array  # () int32, StatStatus
+    z_obs: jax.Array  # ()
+    stat: jax.Array  # () raw eta^T x~
+    sd: jax.Array  # () sqrt(eta^T Sigma~ eta)
+    naive_p: jax.Array  # ()
+    search: Any  # SearchResult
+
+
+def _piece_oracle(params, z, direction, config):
+    """Piece of the detection pipeline at z and whether its mask is the observed one."""
+    model, noises, a, b, mask_obs, threshold = params
+    detect = _detector(model, noises, config, threshold)
+    piece = track(lambda x: detect(x)[2])(a, b, z, direction)
+    return piece.lo, piece.hi, jnp.all(piece.out == mask_obs)
+
+
+def _core(model, x, x_ref, noises, cov, cov_ref, nums: _Numbers,
+          config: DALConfig) -> _Core:
+    rec, score, mask = _detector(model, noises, config, nums.threshold)(x)
+    line = line_statistic(
+        x, x_ref, mask, sigma=cov, sigma_ref=cov_ref, hypothesis=config.hypothesis,
+        radius=config.radius,
+    )
+    ok = line.status == StatStatus.OK
+    z = jnp.where(ok, line.z_obs, 0.0)
+
+    res = search(
+        functools.partial(_piece_oracle, config=config),
+        (model, noises, line.a, line.b, mask, nums.threshold),
+        jnp.where(ok, z, jnp.nan),
+        policy=config.search,
+        termination=config.termination,
+        alternative=config.alternative,
+        precision=nums.precision,
+        alpha=nums.alpha,
+        max_pieces=config.max_pieces,
+        margin=nums.margin,
+    )
+    return _Core(rec, score, mask, line.status, line.z_obs, line.stat, line.sd,
+                 naive_p_value(z, config.alternative), res)
+
+
+_core_jit = jax.jit(_core, static_argnames=("config",))
+_core_batch = jax.jit(
+    jax.vmap(_core, in_axes=(None, 0, 0, 0, None, None, None, None)),
+    static_argnums=(7,),
+)
+
+
+class TestResult(NamedTuple):
+    """Outcome of the DAL test for one image (host-side values).
+
+    Attributes:
+      stat: standardised statistic z_obs (NaN without a region).
+      p_value: selective p-value (of the searched part when the search stopped early).
+      inf_p, sup_p: bounds on the exact selective p-value given the unsearched part.
+      naive_p_value: the biased z-test p-value, same alternative.
+      alternative: which p-value ("abs": P(|Z| >= |z_obs| | Z in Zset), spec 5).
+      truncated_intervals: Zset found, list of (lo, hi) in z units.
+      searched_intervals: the searched part of the line, list of (lo, hi).
+      search_count: pieces evaluated.
+      mask: (H, W) bool detected region.
+      score_map: (H, W) float64.
+      reconstruction: (H, W, C) float64 D(X).
+      status: "ok", "no region" or "max_pieces" (see also ``message``).
+      message: a sentence explaining a status other than "ok".
+      raw_stat, sd: eta^T x~ and sqrt(eta^T Sigma~ eta).
+    """
+
+    stat: float
+    p_value: float
+    inf_p: float
+    sup_p: float
+    naive_p_value: float
+    alternative: str
+    truncated_intervals: list
+    searched_intervals: list
+    search_count: int
+    mask: np.ndarray
+    score_map: np.ndarray
+    reconstruction: np.ndarray
+    status: str
+    message: str
+    raw_stat: float
+    sd: float
+
+    def to_json(self) -> dict:
+        """Every scalar and interval field as plain JSON values (arrays left out)."""
+        out = {}
+        for k, v in self._asdict().items():
+            if isinstance(v, np.ndarray):
+                continue
+            out[k] = v
+        out["region_size"] = int(self.mask.sum())
+        return out
+
+
+class BatchResult(NamedTuple):
+    """Device arrays of :func:`dal_test_batch` (leading axis: images).
+
+    ``status`` codes: 0 ok, 1 no region, 2 max_pieces, 3 other failure (see
+    ``search_status`` and ``stat_status``).
+    """
+
+    stat: jax.Array  # (B,)
+    p_value: jax.Array  # (B,)
+    inf_p: jax.Array  # (B,)
+    sup_p: jax.Array  # (B,)
+    naive_p_value: jax.Array  # (B,)
+    search_count: jax.Array  # (B,) int32
+    truncated: Any  # Intervals with (B, K, 2) bounds
+    mask: jax.Array  # (B, H, W)
+    status: jax.Array  # (B,) int32
+    stat_status: jax.Array  # (B,) int32
+    search_status: jax.Array  # (B,) int32
+
+
+def _status_code(core: _Core) -> jax.Array:
+    no_region = (core.stat_status == StatStatus.EMPTY_REGION) | (
+        core.stat_status == StatStatus.EMPTY_COMPARISON
+    )
+    s = core.search.status
+    return jnp.where(
+        no_region,
+        1,
+        jnp.where(
+            core.stat_status != StatStatus.OK,
+            3,
+            jnp.where(s == SearchStatus.OK, 0, jnp.where(s == SearchStatus.MAX_PIECES, 2, 3)),
+        ),
+    ).astype(jnp.int32)
+
+
+def _prepare(model, x, x_ref, sigma, sigma_ref, config):
+    if not isinstance(config, DALConfig):
+        raise InputError(f"config must be a DALConfig, got {type(config).__name__}")
+    shape = tuple(model.image_shape)
+    x = _check_image("x", x, shape)
+    if config.hypothesis == "reference":
+        if x_ref is None:
+            raise InputError("the reference test needs x_ref (or choose "
+                             "hypothesis='background' or 'neighbour')")
+        x_ref = _check_image("x_ref", x_ref, shape)
+    else:
+        x_ref = jnp.zeros(shape) if x_ref is None else _check_image("x_ref", x_ref, shape)
+    cov = as_covariance(sigma, shape)
+    cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
+    return x, x_ref, cov, cov_ref
+
+
+def _check_noises(noises: Noises, shape, config):
+    want = (tuple(shape), (len(config.steps), *shape))
+    got = (tuple(noises.eps0.shape[-3:]), tuple(noises.eps.shape[-4:]))
+    if got != want:
+        raise InputError(f"noises have shapes {got}, expected {want}")
+
+
+def dal_test(model, x, x_ref=None, *, sigma, noises: Noises, sigma_ref=None,
+             config: DALConfig = DALConfig(), throw: bool = False) -> TestResult:
+    """Selective p-value of the region the diffusion model detects in ``x``.
+
+    Args:
+      model: :class:`sijax.checkpoint.DiffusionModel` (float64 on the test path).
+      x: (H, W, C) test image (or (H, W)).
+      x_ref: reference image of the same shape (needed for the reference test).
+      sigma: covariance of X: a variance, per-pixel variances, an (n, n) matrix,
+        "iid", "corr" or a :class:`sijax.selective.statistics.Covariance`.
+      noises: sampler noises from :func:`draw_noises` (fixed along the line).
+      sigma_ref: covariance of X_ref (default: ``sigma``).
+      config: :class:`DALConfig`.
+      throw: raise instead of returning a "max_pieces" status.
+
+    Returns:
+      :class:`TestResult`. An empty region gives status "no region", not an error.
+
+    Raises:
+      InputError: bad shapes, NaN/Inf, an invalid or singular covariance.
+      NotPiecewiseLinearError: the model is not piecewise linear.
+    """
+    x, x_ref, cov, cov_ref = _prepare(model, x, x_ref, sigma, sigma_ref, config)
+    _check_noises(noises, x.shape, config)
+    static, nums = _split(config)
+    core = jax.device_get(_core_jit(model, x, x_ref, noises, cov, cov_ref, nums, static))
+    code = int(_status_code(core))
+    res = core.search
+    if code == 3:
+        if int(core.stat_status) != StatStatus.OK:
+            raise InputError(StatStatus.MESSAGES[int(core.stat_status)])
+        raise InputError("search failed: " + SearchStatus.MESSAGES[int(res.status)])
+    status = {0: "ok", 1: "no region", 2: "max_pieces"}[code]
+    message = {
+        0: "",
+        1: StatStatus.MESSAGES[int(core.stat_status)],
+        2: SearchStatus.MESSAGES[SearchStatus.MAX_PIECES],
+    }[code]
+    if code == 2 and throw:
+        raise InputError(message)
+    has = code != 1
+    nan = float("nan")
+    return TestResult(
+        stat=float(core.z_obs) if has else nan,
+        p_value=float(res.p_value) if has else nan,
+        inf_p=float(res.inf_p) if has else nan,
+        sup_p=float(res.sup_p) if has else nan,
+        naive_p_value=float(core.naive_p) if has else nan,
+        alternative=config.alternative,
+        truncated_intervals=to_list(res.truncated) if has else [],
+        searched_intervals=to_list(res.searched) if has else [],
+        search_count=int(res.search_count) if has else 0,
+        mask=np.asarray(core.mask),
+        score_map=np.asarray(core.score_map),
+        reconstruction=np.asarray(core.reconstruction),
+        status=status,
+        message=message,
+        raw_stat=float(core.stat) if has else nan,
+        sd=float(core.sd) if has else nan,
+    )
+
+
+def dal_test_batch(model, xs, x_refs=None, *, sigma, noises: Noises, sigma_ref=None,
+                   config: DALConfig = DALConfig()) -> BatchResult:
+    """:func:`dal_test` over a batch of images in one compiled, vmapped call.
+
+    Args:
+      xs: (B, H, W, C) test images; x_refs: (B, H, W, C) references.
+      noises: Noises with a leading batch axis (``jax.vmap(draw_noises)`` over keys).
+      sigma, sigma_ref, config: as :func:`dal_test` (shared by all images).
+
+    Returns:
+      :class:`BatchResult` of device arrays.
+    """
+    xs = jnp.asarray(xs, jnp.float64)
+    shape = tuple(model.image_shape)
+    if xs.ndim != 4 or xs.shape[1:] != shape:
+        raise InputError(f"xs.shape={xs.shape} must be (B, *{shape})")
+    if not bool(jnp.all(jnp.isfinite(xs))):
+        raise InputError("xs holds NaN or Inf pixels")
+    if x_refs is None:
+        if config.hypothesis == "reference":
+            raise InputError("the reference test needs x_refs")
+        x_refs = jnp.zeros_like(xs)
+    x_refs = jnp.asarray(x_refs, jnp.float64)
+    if x_refs.shape != xs.shape:
+        raise InputError(f"{x_refs.shape=} must equal {xs.shape=}")
+    if not bool(jnp.all(jnp.isfinite(x_refs))):
+        raise InputError("x_refs holds NaN or Inf pixels")
+    _check_noises(noises, shape, config)
+    cov = as_covariance(sigma, shape)
+    cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
+    static, nums = _split(config)
+    core = _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, static)
+    return BatchResult(
+        stat=core.z_obs,
+        p_value=core.search.p_value,
+        inf_p=core.search.inf_p,
+        sup_p=core.search.sup_p,
+        naive_p_value=core.naive_p,
+        search_count=core.search.search_count,
+        truncated=core.search.truncated,
+        mask=core.mask,
+        status=jax.vmap(_status_code)(core),
+        stat_status=core.stat_status,
+        search_status=core.search.status,
+    )

@@ -1,0 +1,254 @@
+"""The DAL test end to end on the committed, trained `tiny` model (issue 4).
+
+Oracles: a dense z-grid of direct detections for the truncation set, the bracketing
+promises of the search policies, and statistical checks under the null.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+from scipy import stats
+
+from sijax.checkpoint import load_model
+from sijax.detect.dal import DALConfig, dal_test, dal_test_batch, detect_region, draw_noises
+from sijax.errors import InputError, NotPiecewiseLinearError
+from sijax.selective.statistics import line_statistic
+
+TINY = os.environ.get("SIJAX_TINY") or os.path.join(
+    os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(TINY)
+
+
+@pytest.fixture(scope="module")
+def example(model):
+    """An image with a planted +3 square (a region is detected), its reference, noises."""
+    shape = model.image_shape
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    x[2:5, 3:6] += 3.0
+    x_ref = rng.standard_normal(shape)
+    return x, x_ref, draw_noises(jax.random.key(7), shape)
+
+
+@pytest.fixture(scope="module")
+def exhaustive(model, example):
+    x, x_ref, nz = example
+    return dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                    config=DALConfig(search="exhaustive"))
+
+
+def _inside(intervals, z):
+    z = np.asarray(z)
+    return np.any([(lo <= z) & (z <= hi) for lo, hi in intervals], axis=0)
+
+
+def test_exhaustive_truncation_set_matches_dense_grid(model, example, exhaustive):
+    x, x_ref, nz = example
+    res = exhaustive
+    assert res.status == "ok" and res.mask.any()
+    line = line_statistic(x, x_ref, jnp.asarray(res.mask), sigma=1.0)
+    z_obs = float(line.z_obs)
+    assert z_obs == pytest.approx(res.stat, rel=1e-12)
+    r = 10.0 + abs(z_obs)
+    zs = np.linspace(-r, r, 10_000)
+    step = zs[1] - zs[0]
+    detect = jax.jit(jax.vmap(lambda z: detect_region_core(model, line.a + line.b * z, nz)))
+    masks = np.asarray(detect(jnp.asarray(zs)))
+    on_grid = np.all(masks == res.mask[None], axis=(1, 2))
+    found = _inside(res.truncated_intervals, zs)
+    ends = np.array([e for iv in res.truncated_intervals for e in iv])
+    near_end = np.min(np.abs(zs[:, None] - ends[None, :]), axis=1) <= step
+    disagree = (on_grid != found) & ~near_end
+    assert not disagree.any(), zs[disagree][:10]
+    assert on_grid.sum() > 0  # the grid does see the set
+    # The searched range covers [-r, r] and z_obs lies in Zset.
+    (s_lo, s_hi), = res.searched_intervals
+    assert s_lo <= -r and s_hi >= r
+    assert _inside(res.truncated_intervals, z_obs)
+
+
+def detect_region_core(model, x, nz):
+    from sijax.detect.dal import _detector
+
+    return _detector(model, nz, DALConfig())(x)[2]
+
+
+def test_detect_region_matches_observed_mask(model, example, exhaustive):
+    x, _, nz = example
+    score, mask = detect_region(model, x, nz)
+    np.testing.assert_array_equal(mask, exhaustive.mask)
+    np.testing.assert_array_equal(mask, score > 0.8)
+
+
+@pytest.mark.parametrize("termination", ["precision", "decision"])
+def test_parametric_brackets_exhaustive(model, example, exhaustive, termination):
+    x, x_ref, nz = example
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                   config=DALConfig(search="parametric", termination=termination))
+    p = exhaustive.p_value
+    assert res.status == "ok"
+    assert res.inf_p - 1e-12 <= p <= res.sup_p + 1e-12
+    assert res.inf_p <= res.p_value <= res.sup_p
+    if termination == "precision":
+        assert res.sup_p - res.inf_p < 1e-3
+    else:
+        alpha = 0.05
+        assert res.sup_p < alpha or res.inf_p >= alpha
+        assert (res.sup_p < alpha) == (p < alpha)
+    assert res.search_count <= exhaustive.search_count
+
+
+def test_over_conditioning_is_a_subset(model, example, exhaustive):
+    x, x_ref, nz = example
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                   config=DALConfig(search="over_conditioning"))
+    assert res.search_count == 1
+    (lo, hi), = res.truncated_intervals
+    assert lo <= res.stat <= hi
+    assert _inside(exhaustive.truncated_intervals, np.linspace(lo, hi, 101)).all()
+
+
+def test_empty_region_is_a_status_not_a_crash(model, example):
+    x, x_ref, nz = example
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                   config=DALConfig(threshold=1e6, search="over_conditioning"))
+    assert res.status == "no region"
+    assert np.isnan(res.p_value) and not res.mask.any()
+    assert "empty region" in res.message
+
+
+def test_max_pieces_reports_status_and_bounds(model, example):
+    x, x_ref, nz = example
+    cfg = DALConfig(search="exhaustive", max_pieces=3)
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg)
+    assert res.status == "max_pieces" and res.search_count == 3
+    assert 0.0 <= res.inf_p <= res.p_value <= res.sup_p <= 1.0
+    with pytest.raises(InputError, match="max_pieces"):
+        dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg, throw=True)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, r: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), r),
+         "NaN"),
+        (lambda x, r: (x, np.full_like(r, np.inf)), "NaN or Inf"),
+        (lambda x, r: (x, r[:4]), "shape"),
+        (lambda x, r: (x[:4], r), "shape"),
+        (lambda x, r: (x, None), "reference"),
+    ],
+)
+def test_bad_images_are_refused(model, example, change, match):
+    x, x_ref, nz = example
+    x2, r2 = change(x, x_ref)
+    with pytest.raises(InputError, match=match):
+        dal_test(model, x2, r2, sigma=1.0, noises=nz)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, "nonsense"])
+def test_bad_covariance_is_refused(model, example, sigma):
+    x, x_ref, nz = example
+    with pytest.raises(InputError):
+        dal_test(model, x, x_ref, sigma=sigma, noises=nz)
+
+
+def test_singular_covariance_along_eta_is_refused(model, example, exhaustive):
+    x, x_ref, nz = example
+    n = x.size
+    # Variance zero on every pixel of the region and of the reference: eta^T S eta = 0.
+    var = np.where(np.repeat(exhaustive.mask.reshape(-1), 1), 0.0, 1.0)
+    dense = np.diag(var)
+    with pytest.raises(InputError):
+        dal_test(model, x, x_ref, sigma=dense.reshape(n, n), noises=nz)
+
+
+@struct.dataclass
+class _SiLUModel:
+    """A stand-in model whose denoiser is smooth (SiLU): not piecewise linear."""
+
+    inner: object
+
+    @property
+    def image_shape(self):
+        return self.inner.image_shape
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def denoiser(self):
+        return lambda x_t, t: jax.nn.silu(x_t)
+
+
+def test_model_that_is_not_piecewise_linear_is_named(model, example):
+    x, x_ref, nz = example
+    with pytest.raises(NotPiecewiseLinearError, match="logistic|silu|exp"):
+        dal_test(_SiLUModel(model), x, x_ref, sigma=1.0, noises=nz,
+                 config=DALConfig(search="over_conditioning", threshold=0.1))
+
+
+def test_batch_equals_single(model, example, exhaustive):
+    x, x_ref, nz = example
+    xs = np.stack([x, x])
+    refs = np.stack([x_ref, x_ref])
+    nzs = jax.tree.map(lambda a: jnp.stack([a, a]), nz)
+    out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs,
+                         config=DALConfig(search="exhaustive"))
+    np.testing.assert_allclose(np.asarray(out.p_value), exhaustive.p_value, rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(out.status), 0)
+
+
+def _null_batch(model, n, seed, delta=0.0):
+    shape = model.image_shape
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((n, *shape))
+    refs = rng.standard_normal((n, *shape))
+    side = max(1, shape[0] // 3)
+    for i in range(n):
+        r0, c0 = rng.integers(0, shape[0] - side + 1, size=2)
+        xs[i, r0:r0 + side, c0:c0 + side] += delta
+    keys = jax.random.split(jax.random.key(seed), n)
+    nzs = jax.vmap(lambda k: draw_noises(k, shape))(keys)
+    return xs, refs, nzs
+
+
+@pytest.mark.slow
+def test_null_p_values_are_uniform_and_naive_are_not(model):
+    """Validity (spec 8): 400 null images, iid N(0, 1), signal 0, reference test."""
+    xs, refs, nzs = _null_batch(model, 400, seed=11)
+    out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs,
+                         config=DALConfig(search="parametric", precision=1e-3))
+    status = np.asarray(out.status)
+    valid = status == 0
+    assert np.all((status == 0) | (status == 1))  # ok or no region, nothing else
+    p = np.asarray(out.p_value)[valid]
+    naive = np.asarray(out.naive_p_value)[valid]
+    assert valid.sum() >= 300, valid.sum()
+    ks = stats.kstest(p, "uniform")
+    assert ks.pvalue > 0.01, ks
+    k = int(np.sum(p < 0.05))
+    lo, hi = stats.binom.interval(0.99, len(p), 0.05)
+    assert lo <= k <= hi, (k, len(p))
+    # The naive test is biased by the selection: it fails the same checks.
+    assert stats.kstest(naive, "uniform").pvalue < 0.01
+    assert np.sum(naive < 0.05) > hi
+
+
+@pytest.mark.slow
+def test_power_exceeds_level(model):
+    cfg = DALConfig(search="parametric", termination="decision")
+    rates = []
+    for delta in (0.0, 3.0):
+        xs, refs, nzs = _null_batch(model, 64, seed=21, delta=delta)
+        out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, config=cfg)
+        valid = np.asarray(out.status) == 0
+        rates.append(float(np.mean(np.asarray(out.sup_p)[valid] < 0.05)))
+    assert rates[1] > rates[0] + 0.3, rates
