@@ -1,0 +1,131 @@
+"""The CLI of the foundation: train/sample/reconstruct, and clean errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sijax.cli import COMMANDS, main
+from sijax.config import TrainConfig, apply_overrides
+from sijax.configs import get_config
+from sijax.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_command_table():
+    assert {"train", "sample", "reconstruct"} <= set(COMMANDS)
+
+
+def test_overrides_and_presets():
+    cfg = apply_overrides(get_config("dal_v5"),
+                          ["size=16", "epochs=3", "channels=8,16", "lr=1e-3"])
+    assert (cfg.size, cfg.epochs, cfg.channels, cfg.lr) == (16, 3, (8, 16), 1e-3)
+    assert get_config("dal_v5", size=64).size == 64
+    assert get_config("tiny").channels == (4, 8, 16)
+    with pytest.raises(InputError, match="valid presets: dal_v5, tiny"):
+        get_config("nope")
+    with pytest.raises(InputError, match="valid keys: .*epochs"):
+        apply_overrides(cfg, ["epoch=3"])
+    with pytest.raises(InputError, match="cannot parse"):
+        apply_overrides(cfg, ["epochs=many"])
+    with pytest.raises(InputError, match="multiple of 2"):
+        apply_overrides(cfg, ["size=9"])
+    with pytest.raises(InputError, match="key=value"):
+        apply_overrides(cfg, ["epochs"])
+    assert TrainConfig.from_dict(
+        __import__("json").loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--config", "nope", "--workdir", "W"], "unknown preset 'nope'"),
+    (["train", "--config", "tiny", "--set", "bogus=1", "--workdir", "W"],
+     "unknown config key 'bogus'; valid keys:"),
+    (["train", "--workdir", "W"], "--config is required"),
+    (["reconstruct", "--checkpoint", "/no/such/dir", "--image", "x.npy", "--out",
+      "o"], "checkpoint directory not found"),
+])
+def test_errors_print_cleanly(capsys, tmp_path, argv, match):
+    argv = [str(tmp_path / a) if a in ("W", "x.npy", "o") else a for a in argv]
+    rc, out, err = run_main(capsys, *argv)
+    assert rc == 2
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_images(capsys, tmp_path):
+    def recon(arr, name="x.npy"):
+        path = tmp_path / name
+        np.save(path, arr)
+        return run_main(capsys, "reconstruct", "--checkpoint", "tiny_8", "--image",
+                        str(path), "--out", str(tmp_path / "o"))
+
+    rc, _, err = recon(np.zeros((16, 16, 1)))
+    assert rc == 2 and "16x16 but the model expects 8x8" in err
+    rc, _, err = recon(np.zeros((8, 8, 3)))
+    assert rc == 2 and "3 channel(s) but the model expects 1" in err
+    x = np.zeros((8, 8, 1))
+    x[2, 3, 0] = np.nan
+    x[4, 4, 0] = np.inf
+    rc, _, err = recon(x)
+    assert rc == 2 and "2 NaN/Inf pixel value(s), first at (2, 3, 0)" in err
+    (tmp_path / "y.png").write_bytes(b"not a png")
+    rc, _, err = run_main(capsys, "reconstruct", "--checkpoint", "tiny_8", "--image",
+                          str(tmp_path / "y.png"), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "cannot read image" in err
+    rc, _, err = run_main(capsys, "reconstruct", "--checkpoint", "tiny_8", "--image",
+                          str(tmp_path / "missing.npy"), "--out", str(tmp_path))
+    assert rc == 2 and "image file not found" in err
+
+
+def test_reconstruct_writes_png_and_npy(capsys, tmp_path):
+    from PIL import Image
+
+    x = np.random.default_rng(0).normal(size=(8, 8, 1))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "reconstruct", "--checkpoint", "tiny_8",
+                             "--image", str(tmp_path / "x.npy"), "--out", str(out))
+    assert rc == 0 and "wrote 6 files" in stdout
+    x_hat, err = np.load(out / "reconstruction.npy"), np.load(out / "error.npy")
+    assert x_hat.shape == err.shape == (8, 8, 1) and x_hat.dtype == np.float64
+    np.testing.assert_allclose(err, x_hat - x, atol=1e-15)
+    for name in ("reconstruction", "error", "input"):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size == (8, 8) and im.mode == "L"
+    # A PNG input (8-bit grey, read as pixel / 255) works the same way.
+    Image.fromarray(np.uint8(np.arange(64).reshape(8, 8))).save(tmp_path / "g.png")
+    rc, _, _ = run_main(capsys, "reconstruct", "--checkpoint", "tiny_8", "--image",
+                        str(tmp_path / "g.png"), "--out", str(tmp_path / "out2"))
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out2" / "input.npy")[:, :, 0],
+                               np.arange(64).reshape(8, 8) / 255.0)
+
+
+def test_sample(capsys, tmp_path):
+    rc, stdout, _ = run_main(capsys, "sample", "--checkpoint", "tiny_8", "-n", "2",
+                             "--steps", "10", "--out", str(tmp_path))
+    assert rc == 0
+    s = np.load(tmp_path / "samples.npy")
+    assert s.shape == (2, 8, 8, 1) and np.all(np.isfinite(s))
+    assert (tmp_path / "sample_001.png").is_file()
+
+
+def test_subprocess_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get(
+        "PYTHONPATH", ""))
+    p = subprocess.run(
+        [sys.executable, "-m", "sijax.cli", "train", "--config", "dal_v6",
+         "--workdir", str(tmp_path)], capture_output=True, text=True, env=env,
+        timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("error: unknown preset 'dal_v6'; valid presets: "
+                                "dal_v5, tiny")
