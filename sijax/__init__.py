@@ -1,3 +1,78 @@
-"""sijax: diffusion-based anomaly localization with exact selective p-values."""
+"""sijax: diffusion-based anomaly localization with exact selective p-values.
+
+The public API (STYLE habit 11). x64 is not switched on here: call
+``jax.config.update("jax_enable_x64", True)`` in your entry point (the CLI does).
+"""
 
 __version__ = "0.1.0"
+
+from sijax.checkpoint import DiffusionModel, load_model
+from sijax.config import TrainConfig
+from sijax.detect.dal import (
+    BatchResult,
+    DALConfig,
+    TestResult,
+    dal_test,
+    dal_test_batch,
+    detect_region,
+    draw_noises,
+)
+from sijax.diffusion.sampler import Noises, reconstruct
+from sijax.errors import (
+    CheckpointError,
+    InputError,
+    NotPiecewiseLinearError,
+    SijaxError,
+)
+from sijax.selective import (
+    AR1Covariance,
+    Intervals,
+    LineStatistic,
+    OperatorCovariance,
+    SearchResult,
+    SearchStatus,
+    as_covariance,
+    bonferroni_p_value,
+    line_statistic,
+    naive_p_value,
+    search,
+    selective_p_value,
+)
+from sijax.tracking import Affine, Piece, Pieces, enumerate_pieces, evaluate, track
+
+__all__ = [
+    "AR1Covariance",
+    "Affine",
+    "BatchResult",
+    "CheckpointError",
+    "DALConfig",
+    "DiffusionModel",
+    "InputError",
+    "Intervals",
+    "LineStatistic",
+    "Noises",
+    "NotPiecewiseLinearError",
+    "OperatorCovariance",
+    "Piece",
+    "Pieces",
+    "SearchResult",
+    "SearchStatus",
+    "SijaxError",
+    "TestResult",
+    "TrainConfig",
+    "as_covariance",
+    "bonferroni_p_value",
+    "dal_test",
+    "dal_test_batch",
+    "detect_region",
+    "draw_noises",
+    "enumerate_pieces",
+    "evaluate",
+    "line_statistic",
+    "load_model",
+    "naive_p_value",
+    "reconstruct",
+    "search",
+    "selective_p_value",
+    "track",
+]

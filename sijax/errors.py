@@ -6,7 +6,7 @@ class SijaxError(Exception):
 
 
 class InputError(SijaxError, ValueError):
-    """Bad user input: wrong shape, NaN/Inf, unknown preset or key, empty region, ..."""
+    """Bad user input: wrong shape, NaN/Inf, unknown preset or key, bad covariance."""
 
 
 class CheckpointError(SijaxError):
@@ -14,4 +14,4 @@ class CheckpointError(SijaxError):
 
 
 class NotPiecewiseLinearError(SijaxError, TypeError):
-    """The traced function uses a primitive that is not piecewise linear along the line."""
+    """The traced function uses a primitive that is not piecewise linear in the line."""

@@ -1,4 +1,4 @@
-"""The bundled example of `sijax demo`: an image with a planted anomaly and its reference.
+"""The bundled example of `sijax demo`: an image with a planted anomaly, its reference.
 
 The arrays are committed (``sijax/data/examples/``) so the demo needs nothing but the
 package; :func:`make_example` is how they were made, so anyone can regenerate or vary
@@ -26,14 +26,16 @@ def make_example(size: int, *, delta: float = 3.0, seed: int = 0):
     x_ref = rng.standard_normal((size, size, 1))
     side = max(1, size // 3)
     r0, c0 = rng.integers(0, size - side + 1, size=2)
-    x[r0:r0 + side, c0:c0 + side] += delta
+    x[r0 : r0 + side, c0 : c0 + side] += delta
     return x, x_ref
 
 
 def example_paths(size: int) -> tuple[str, str]:
     """Paths of the committed (image, reference) .npy files for ``size``."""
-    return (os.path.join(EXAMPLES_DIR, f"demo_{size}.npy"),
-            os.path.join(EXAMPLES_DIR, f"demo_{size}_ref.npy"))
+    return (
+        os.path.join(EXAMPLES_DIR, f"demo_{size}.npy"),
+        os.path.join(EXAMPLES_DIR, f"demo_{size}_ref.npy"),
+    )
 
 
 def load_example(size: int):

@@ -1,9 +1,11 @@
-"""The DAL test end to end: detect a region with the diffusion reconstruction and give it
-an exact selective p-value (spec sections 2-6).
+"""The DAL test end to end (spec sections 2-6).
+
+Detect a region with the diffusion reconstruction, give it an exact selective p-value.
 
 One image goes through three pure stages, all jit-compiled together:
 
-1. detection: D(X) with fixed noises, score = |mean filter(D(X) - X)|, M = score > lambda;
+1. detection: D(X) with fixed noises, score = |mean filter(D(X) - X)|,
+   M = score > lambda;
 2. the statistic: z_obs = eta^T x~ / sqrt(eta^T Sigma~ eta) and the line X(z) = a + b z
    (:func:`sijax.selective.statistics.line_statistic`);
 3. the search for Zset = {z : M(a + b z) = M_obs} with the piece oracle built from the
@@ -24,12 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from sijax.detect.score import region, score_map
-from sijax.diffusion.sampler import Noises, draw_noises as _draw_noises, reconstruct
+from sijax.diffusion.sampler import Noises, reconstruct
+from sijax.diffusion.sampler import draw_noises as _draw_noises
 from sijax.errors import InputError
 from sijax.selective.intervals import to_list
 from sijax.selective.pvalues import check_alternative, naive_p_value
 from sijax.selective.search import POLICIES, TERMINATIONS, SearchStatus, search
-from sijax.selective.statistics import HYPOTHESES, StatStatus, as_covariance, line_statistic
+from sijax.selective.statistics import (
+    HYPOTHESES,
+    StatStatus,
+    as_covariance,
+    line_statistic,
+)
 from sijax.tracking import track
 
 __all__ = [
@@ -83,7 +91,9 @@ class DALConfig:
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         if not self.steps or self.steps[0] != self.t_start:
-            raise InputError(f"steps[0] must equal t_start: {self.steps=} {self.t_start=}")
+            raise InputError(
+                f"steps[0] must equal t_start: {self.steps=} {self.t_start=}"
+            )
         if self.hypothesis not in HYPOTHESES[:3]:
             raise InputError(f"{self.hypothesis=} must be one of {HYPOTHESES[:3]}")
         if self.search not in POLICIES:
@@ -131,8 +141,9 @@ def _detector(model, noises: Noises, config: DALConfig, threshold=None):
     schedule = model.schedule
 
     def detect(x):
-        rec = reconstruct(eps_fn, x, noises, schedule=schedule, steps=config.steps,
-                          eta=config.eta)
+        rec = reconstruct(
+            eps_fn, x, noises, schedule=schedule, steps=config.steps, eta=config.eta
+        )
         score = score_map(x, rec, filter_size=config.filter_size)
         return rec, score, region(score, threshold)
 
@@ -145,7 +156,8 @@ def _check_image(name: str, x, shape) -> jax.Array:
         x = x[:, :, None]
     if x.shape != tuple(shape):
         raise InputError(
-            f"{name}.shape={x.shape} does not match the model's image shape {tuple(shape)}"
+            f"{name}.shape={x.shape} does not match the model's image shape "
+            f"{tuple(shape)}"
         )
     if not bool(jnp.all(jnp.isfinite(x))):
         raise InputError(f"{name} holds NaN or Inf pixels")
@@ -181,10 +193,12 @@ class _Numbers(NamedTuple):
 
 def _split(config: DALConfig) -> tuple[DALConfig, _Numbers]:
     """(structural config with the float options zeroed, the float options)."""
-    nums = _Numbers(*(jnp.asarray(getattr(config, f), jnp.float64)
-                      for f in _Numbers._fields))
-    static = dataclasses.replace(config, threshold=0.0, precision=1.0, alpha=0.5,
-                                 margin=0.0)
+    nums = _Numbers(
+        *(jnp.asarray(getattr(config, f), jnp.float64) for f in _Numbers._fields)
+    )
+    static = dataclasses.replace(
+        config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0
+    )
     return static, nums
 
 
@@ -215,11 +229,17 @@ def _piece_oracle(params, z, direction, config):
     return piece.lo, piece.hi, jnp.all(piece.out == mask_obs)
 
 
-def _core(model, x, x_ref, noises, cov, cov_ref, nums: _Numbers,
-          config: DALConfig) -> _Core:
+def _core(
+    model, x, x_ref, noises, cov, cov_ref, nums: _Numbers, config: DALConfig
+) -> _Core:
     rec, score, mask = _detector(model, noises, config, nums.threshold)(x)
     line = line_statistic(
-        x, x_ref, mask, sigma=cov, sigma_ref=cov_ref, hypothesis=config.hypothesis,
+        x,
+        x_ref,
+        mask,
+        sigma=cov,
+        sigma_ref=cov_ref,
+        hypothesis=config.hypothesis,
         radius=config.radius,
     )
     ok = line.status == StatStatus.OK
@@ -237,8 +257,17 @@ def _core(model, x, x_ref, noises, cov, cov_ref, nums: _Numbers,
         max_pieces=config.max_pieces,
         margin=nums.margin,
     )
-    return _Core(rec, score, mask, line.status, line.z_obs, line.stat, line.sd,
-                 naive_p_value(z, config.alternative), res)
+    return _Core(
+        rec,
+        score,
+        mask,
+        line.status,
+        line.z_obs,
+        line.stat,
+        line.sd,
+        naive_p_value(z, config.alternative),
+        res,
+    )
 
 
 _core_jit = jax.jit(_core, static_argnames=("config",))
@@ -327,7 +356,9 @@ def _status_code(core: _Core) -> jax.Array:
         jnp.where(
             core.stat_status != StatStatus.OK,
             3,
-            jnp.where(s == SearchStatus.OK, 0, jnp.where(s == SearchStatus.MAX_PIECES, 2, 3)),
+            jnp.where(
+                s == SearchStatus.OK, 0, jnp.where(s == SearchStatus.MAX_PIECES, 2, 3)
+            ),
         ),
     ).astype(jnp.int32)
 
@@ -339,11 +370,15 @@ def _prepare(model, x, x_ref, sigma, sigma_ref, config):
     x = _check_image("x", x, shape)
     if config.hypothesis == "reference":
         if x_ref is None:
-            raise InputError("the reference test needs x_ref (or choose "
-                             "hypothesis='background' or 'neighbour')")
+            raise InputError(
+                "the reference test needs x_ref (or choose "
+                "hypothesis='background' or 'neighbour')"
+            )
         x_ref = _check_image("x_ref", x_ref, shape)
     else:
-        x_ref = jnp.zeros(shape) if x_ref is None else _check_image("x_ref", x_ref, shape)
+        x_ref = (
+            jnp.zeros(shape) if x_ref is None else _check_image("x_ref", x_ref, shape)
+        )
     cov = as_covariance(sigma, shape)
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     return x, x_ref, cov, cov_ref
@@ -356,8 +391,17 @@ def _check_noises(noises: Noises, shape, config):
         raise InputError(f"noises have shapes {got}, expected {want}")
 
 
-def dal_test(model, x, x_ref=None, *, sigma, noises: Noises, sigma_ref=None,
-             config: DALConfig = DALConfig(), throw: bool = False) -> TestResult:
+def dal_test(
+    model,
+    x,
+    x_ref=None,
+    *,
+    sigma,
+    noises: Noises,
+    sigma_ref=None,
+    config: DALConfig = DALConfig(),
+    throw: bool = False,
+) -> TestResult:
     """Selective p-value of the region the diffusion model detects in ``x``.
 
     Args:
@@ -381,7 +425,9 @@ def dal_test(model, x, x_ref=None, *, sigma, noises: Noises, sigma_ref=None,
     x, x_ref, cov, cov_ref = _prepare(model, x, x_ref, sigma, sigma_ref, config)
     _check_noises(noises, x.shape, config)
     static, nums = _split(config)
-    core = jax.device_get(_core_jit(model, x, x_ref, noises, cov, cov_ref, nums, static))
+    core = jax.device_get(
+        _core_jit(model, x, x_ref, noises, cov, cov_ref, nums, static)
+    )
     code = int(_status_code(core))
     res = core.search
     if code == 3:
@@ -418,8 +464,16 @@ def dal_test(model, x, x_ref=None, *, sigma, noises: Noises, sigma_ref=None,
     )
 
 
-def dal_test_batch(model, xs, x_refs=None, *, sigma, noises: Noises, sigma_ref=None,
-                   config: DALConfig = DALConfig()) -> BatchResult:
+def dal_test_batch(
+    model,
+    xs,
+    x_refs=None,
+    *,
+    sigma,
+    noises: Noises,
+    sigma_ref=None,
+    config: DALConfig = DALConfig(),
+) -> BatchResult:
     """:func:`dal_test` over a batch of images in one compiled, vmapped call.
 
     Args:

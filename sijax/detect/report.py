@@ -44,8 +44,16 @@ def _clean(v):
     return v
 
 
-def write_report(out_dir, result, x, x_ref, *, config, checkpoint: str | None,
-                 extra: dict | None = None) -> dict:
+def write_report(
+    out_dir,
+    result,
+    x,
+    x_ref,
+    *,
+    config,
+    checkpoint: str | None,
+    extra: dict | None = None,
+) -> dict:
     """Writes report.json, mask.npy, score_map.npy, reconstruction.npy, report.png.
 
     Args:
@@ -73,8 +81,13 @@ def write_report(out_dir, result, x, x_ref, *, config, checkpoint: str | None,
     np.save(os.path.join(out_dir, "mask.npy"), result.mask)
     np.save(os.path.join(out_dir, "score_map.npy"), result.score_map)
     np.save(os.path.join(out_dir, "reconstruction.npy"), result.reconstruction)
-    plot_report(os.path.join(out_dir, "report.png"), result, x, x_ref,
-                threshold=config.threshold)
+    plot_report(
+        os.path.join(out_dir, "report.png"),
+        result,
+        x,
+        x_ref,
+        threshold=config.threshold,
+    )
     return report
 
 
@@ -98,21 +111,28 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
     panels = [("input X", show(x))]
     if x_ref is not None:
         panels.append(("reference", show(x_ref)))
-    panels += [("reconstruction D(X)", show(result.reconstruction)),
-               (f"score (region: > {threshold})", result.score_map)]
+    panels += [
+        ("reconstruction D(X)", show(result.reconstruction)),
+        (f"score (region: > {threshold})", result.score_map),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     lim = max(float(np.max(np.abs(p[1]))) for p in panels[:-1]) or 1.0
     for ax, (title, img) in zip(axes, panels, strict=True):
         last = ax is axes[-1]
-        im = ax.imshow(img, cmap="magma" if last else "gray",
-                       vmin=None if last else -lim, vmax=None if last else lim,
-                       interpolation="nearest")
+        im = ax.imshow(
+            img,
+            cmap="magma" if last else "gray",
+            vmin=None if last else -lim,
+            vmax=None if last else lim,
+            interpolation="nearest",
+        )
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         if np.any(result.mask):
-            ax.contour(result.mask.astype(float), levels=[0.5], colors="cyan",
-                       linewidths=1.2)
+            ax.contour(
+                result.mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.2
+            )
         if last:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(

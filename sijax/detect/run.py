@@ -10,12 +10,22 @@ import jax
 from sijax.detect.dal import DALConfig, dal_test, draw_noises
 from sijax.detect.report import write_report
 
-DEFAULT_CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                   "checkpoints")
+DEFAULT_CHECKPOINTS = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "checkpoints"
+)
 
 
-def run_test(checkpoint: str, x, x_ref, *, sigma, out_dir: str, seed: int = 0,
-             config: DALConfig = DALConfig(), extra: dict | None = None):
+def run_test(
+    checkpoint: str,
+    x,
+    x_ref,
+    *,
+    sigma,
+    out_dir: str,
+    seed: int = 0,
+    config: DALConfig | None = None,
+    extra: dict | None = None,
+):
     """Loads the model, runs :func:`sijax.detect.dal.dal_test`, writes the report.
 
     Args:
@@ -32,14 +42,26 @@ def run_test(checkpoint: str, x, x_ref, *, sigma, out_dir: str, seed: int = 0,
     """
     from sijax.checkpoint import load_model
 
+    config = DALConfig() if config is None else config
     model = load_model(checkpoint)
     noises = draw_noises(jax.random.key(seed), model.image_shape, config)
     t0 = time.perf_counter()
     result = dal_test(model, x, x_ref, sigma=sigma, noises=noises, config=config)
     seconds = time.perf_counter() - t0
-    write_report(out_dir, result, x, x_ref, config=config, checkpoint=checkpoint,
-                 extra={"sigma": sigma if isinstance(sigma, (int, float, str)) else
-                        "array", "seed": seed, "seconds": seconds, **(extra or {})})
+    write_report(
+        out_dir,
+        result,
+        x,
+        x_ref,
+        config=config,
+        checkpoint=checkpoint,
+        extra={
+            "sigma": sigma if isinstance(sigma, (int, float, str)) else "array",
+            "seed": seed,
+            "seconds": seconds,
+            **(extra or {}),
+        },
+    )
     return result, seconds
 
 

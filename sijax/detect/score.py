@@ -34,7 +34,9 @@ def mean_filter(e: jax.Array, size: int = 3) -> jax.Array:
     return summed / (size * size)
 
 
-def score_map(x: jax.Array, reconstruction: jax.Array, *, filter_size: int = 3) -> jax.Array:
+def score_map(
+    x: jax.Array, reconstruction: jax.Array, *, filter_size: int = 3
+) -> jax.Array:
     """Anomaly score s = sum_c |filter(D(X) - X)_c|.
 
     Args:
