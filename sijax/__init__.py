@@ -17,6 +17,8 @@ from sijax.detect.dal import (
     detect_region,
     draw_noises,
 )
+from sijax.detect.models import ReconstructionModel
+from sijax.detect.permutation import PermutationResult, permutation_test
 from sijax.diffusion.sampler import Noises, reconstruct
 from sijax.errors import (
     CheckpointError,
@@ -54,7 +56,9 @@ __all__ = [
     "NotPiecewiseLinearError",
     "OperatorCovariance",
     "Piece",
+    "PermutationResult",
     "Pieces",
+    "ReconstructionModel",
     "SearchResult",
     "SearchStatus",
     "SijaxError",
@@ -71,6 +75,7 @@ __all__ = [
     "line_statistic",
     "load_model",
     "naive_p_value",
+    "permutation_test",
     "reconstruct",
     "search",
     "selective_p_value",

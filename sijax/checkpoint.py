@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from sijax.config import TrainConfig
+from sijax.diffusion.sampler import reconstruct
 from sijax.diffusion.schedule import Schedule
 from sijax.diffusion.unet import UNet, UNetConfig
 from sijax.errors import CheckpointError, InputError
@@ -93,6 +94,16 @@ class DiffusionModel:
 
         return eps_fn
 
+    def reconstruction(self, x: jax.Array, noises, *, steps, eta: float) -> jax.Array:
+        """D(x) of one (H, W, C) image with fixed ``noises`` (the detector protocol).
+
+        See :func:`sijax.diffusion.sampler.reconstruct`; any object with
+        ``image_shape`` and this method can be tested by :func:`sijax.dal_test`.
+        """
+        return reconstruct(
+            self.denoiser(), x, noises, schedule=self.schedule, steps=steps, eta=eta
+        )
+
     def astype(self, dtype) -> "DiffusionModel":
         return self.replace(state=cast_state(self.state, dtype))
 
@@ -100,8 +111,9 @@ class DiffusionModel:
 def cast_state(state, dtype):
     """Casts every floating leaf of a state pytree to ``dtype``."""
     return jax.tree.map(
-        lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-        else a, state)
+        lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        state,
+    )
 
 
 def _to_numpy_tree(state, dtype=np.float32):
@@ -109,8 +121,13 @@ def _to_numpy_tree(state, dtype=np.float32):
     return jax.tree.map(lambda a: np.asarray(a, dtype=dtype), pure)
 
 
-def save_model(directory: str | os.PathLike, config: TrainConfig, state, *,
-               summary: dict | None = None) -> str:
+def save_model(
+    directory: str | os.PathLike,
+    config: TrainConfig,
+    state,
+    *,
+    summary: dict | None = None,
+) -> str:
     """Writes a model directory (config.json + float32 Orbax state).
 
     Orbax writes into a temporary directory and renames it when complete, so an
@@ -128,8 +145,11 @@ def save_model(directory: str | os.PathLike, config: TrainConfig, state, *,
     ocp = _ocp()
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
-    meta = {"config": dataclasses.asdict(config), "summary": summary or {},
-            "format": "sijax-model-1"}
+    meta = {
+        "config": dataclasses.asdict(config),
+        "summary": summary or {},
+        "format": "sijax-model-1",
+    }
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "state"), _to_numpy_tree(state), force=True)
     ckpt.wait_until_finished()
@@ -143,14 +163,18 @@ def save_model(directory: str | os.PathLike, config: TrainConfig, state, *,
 
 def _resolve(directory: str) -> str:
     if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(
-            os.path.join(directory, "state")):
+        os.path.join(directory, "state")
+    ):
         return directory
     sub = os.path.join(directory, "model")
     if os.path.isdir(sub):
         return sub
     named = os.path.join(CHECKPOINTS_DIR, os.fspath(directory))
-    if not os.path.isabs(directory) and os.path.isdir(named) and not os.path.exists(
-            directory):
+    if (
+        not os.path.isabs(directory)
+        and os.path.isdir(named)
+        and not os.path.exists(directory)
+    ):
         return named
     return directory
 
@@ -171,8 +195,10 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
     """
     x64 = jnp.result_type(float) == jnp.float64  # honours jax.enable_x64 contexts
     if jnp.dtype(dtype) == jnp.float64 and not x64:
-        raise InputError("load_model(dtype=float64) needs x64: call "
-                         "jax.config.update('jax_enable_x64', True) first")
+        raise InputError(
+            "load_model(dtype=float64) needs x64: call "
+            "jax.config.update('jax_enable_x64', True) first"
+        )
     directory = _resolve(os.fspath(directory))
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -181,7 +207,8 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
     if not os.path.isfile(cfg_path) or not os.path.isdir(state_path):
         raise CheckpointError(
             f"{directory} is not a sijax model directory: expected config.json and "
-            "state/ (or a training workdir with model/)")
+            "state/ (or a training workdir with model/)"
+        )
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
@@ -189,30 +216,39 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"corrupt config.json in {directory}: {e}") from None
     # Abstract template: shapes and dtypes only, no random initialisation.
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0))))
-    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32),
-                            nnx.to_pure_dict(state))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0)))
+    )
+    template = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), nnx.to_pure_dict(state)
+    )
     try:
         ocp = _ocp()
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(state_path, template)
         restored = jax.tree.map(np.asarray, restored)
-        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template),
-                                     jax.tree.leaves(restored), strict=True):
+        for (path, want), got in zip(
+            jax.tree_util.tree_leaves_with_path(template),
+            jax.tree.leaves(restored),
+            strict=True,
+        ):
             if got.shape != want.shape:
-                raise ValueError(f"{jax.tree_util.keystr(path)} has shape "
-                                 f"{got.shape}, the config needs {want.shape}")
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} has shape "
+                    f"{got.shape}, the config needs {want.shape}"
+                )
         nnx.replace_by_pure_dict(state, restored)
     except Exception as e:  # noqa: BLE001  (Orbax raises many types on bad files)
         raise CheckpointError(
             f"corrupt or incompatible model state in {state_path}: "
-            f"{type(e).__name__}: {str(e)[:300]}") from None
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from None
     for leaf in jax.tree.leaves(state):
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise CheckpointError(f"model state in {state_path} has NaN/Inf values")
-    return DiffusionModel(config=config, graphdef=graphdef,
-                          state=cast_state(state, dtype))
+    return DiffusionModel(
+        config=config, graphdef=graphdef, state=cast_state(state, dtype)
+    )
 
 
 def read_summary(directory: str | os.PathLike) -> dict:

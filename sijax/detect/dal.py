@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sijax.detect.score import region, score_map
-from sijax.diffusion.sampler import Noises, reconstruct
+from sijax.diffusion.sampler import Noises
 from sijax.diffusion.sampler import draw_noises as _draw_noises
 from sijax.errors import InputError
 from sijax.selective.intervals import to_list
@@ -134,16 +134,14 @@ def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) ->
 def _detector(model, noises: Noises, config: DALConfig, threshold=None):
     """x (H, W, C) -> (reconstruction, score (H, W), mask (H, W)) for fixed noises.
 
+    ``model`` is any :class:`sijax.detect.models.Reconstructor`.
+
     ``threshold`` (possibly traced) overrides ``config.threshold``.
     """
     threshold = config.threshold if threshold is None else threshold
-    eps_fn = model.denoiser()
-    schedule = model.schedule
 
     def detect(x):
-        rec = reconstruct(
-            eps_fn, x, noises, schedule=schedule, steps=config.steps, eta=config.eta
-        )
+        rec = model.reconstruction(x, noises, steps=config.steps, eta=config.eta)
         score = score_map(x, rec, filter_size=config.filter_size)
         return rec, score, region(score, threshold)
 
@@ -405,7 +403,9 @@ def dal_test(
     """Selective p-value of the region the diffusion model detects in ``x``.
 
     Args:
-      model: :class:`sijax.checkpoint.DiffusionModel` (float64 on the test path).
+      model: :class:`sijax.checkpoint.DiffusionModel` (float64 on the test path) or
+        any :class:`sijax.detect.models.Reconstructor`, e.g. a
+        :class:`sijax.detect.models.ReconstructionModel`.
       x: (H, W, C) test image (or (H, W)).
       x_ref: reference image of the same shape (needed for the reference test).
       sigma: covariance of X: a variance, per-pixel variances, an (n, n) matrix,
