@@ -37,6 +37,7 @@ from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from sijax.errors import NotPiecewiseLinearError
+from sijax.kernels import decide as decide_kernel
 from sijax.tracking.affine import Affine, Lin, Piece
 from sijax.tracking.control import CONTROL_RULES
 from sijax.tracking.rules import RULES, bind, is_lin
@@ -141,6 +142,12 @@ class Context:
 
         The sign is taken at z + direction * tau; the piece is cut where u crosses 0.
         """
+        if decide_kernel.enabled():  # the fused kernel (sijax/kernels/decide.py)
+            sigma, lo, hi = decide_kernel.decide(v, s, self.z, self.direction, self.tau)
+            self.hi = jnp.minimum(self.hi, hi.astype(self.hi.dtype))
+            self.lo = jnp.maximum(self.lo, lo.astype(self.lo.dtype))
+            self._record(sigma)
+            return sigma
         sigma = jnp.sign(v + (self.direction * self.tau).astype(v.dtype) * s)
         self.keep_nonneg(sigma * v, sigma * s)
         self._record(sigma)
