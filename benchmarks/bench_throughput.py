@@ -1,0 +1,156 @@
+"""Throughput of the DAL test: p-values per second over batches of images (not a test).
+
+`sijax.dal_test_batch` (one compiled, vmapped program) on null images (iid N(0, 1) test
+and reference, the evaluation setting of the paper's type I error runs) with the
+"decision" termination at alpha = 0.05, the committed `dal_v5_<size>` checkpoint where
+one exists and a random initialisation of the same v5 U-Net otherwise. Compile time is
+reported apart (first call); the timed call uses new images and noises of the same
+shape and ends with `block_until_ready`. Images whose region is empty count as done
+(they need no search). A vmapped search runs until its slowest image is done, so a
+batch costs about its slowest member.
+
+Memory per image: XLA's buffer assignment of the compiled program (temporaries +
+arguments + outputs) divided by the batch size.
+
+    python benchmarks/bench_throughput.py --sizes 8 16 --batch 16          # all threads
+    taskset -c 0 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \\
+        intra_op_parallelism_threads=1" python benchmarks/bench_throughput.py
+
+On a GPU machine the same command reports the device in its first line.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sijax  # noqa: E402
+from sijax.checkpoint import (  # noqa: E402
+    CHECKPOINTS_DIR,
+    DiffusionModel,
+    cast_state,
+    init_unet,
+)
+from sijax.config import TrainConfig  # noqa: E402
+from sijax.detect.dal import _core_batch, _split  # noqa: E402
+from sijax.selective.statistics import as_covariance  # noqa: E402
+
+
+def model_for(size: int):
+    name = f"dal_v5_{size}"
+    if os.path.isdir(os.path.join(CHECKPOINTS_DIR, name)):
+        return sijax.load_model(name), f"checkpoint {name}"
+    cfg = TrainConfig(size=size)
+    graphdef, state = init_unet(cfg.unet_config(), jax.random.key(0))
+    model = DiffusionModel(cfg, graphdef, cast_state(state, jnp.float64))
+    return model, "random init (seed 0)"
+
+
+def batch(model, b: int, seed: int):
+    shape = model.image_shape
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    xs = jax.random.normal(k1, (b, *shape), jnp.float64)
+    refs = jax.random.normal(k2, (b, *shape), jnp.float64)
+    noises = jax.vmap(lambda k: sijax.draw_noises(k, shape))(jax.random.split(k3, b))
+    return xs, refs, noises
+
+
+def memory_per_image(model, xs, refs, noises, cfg) -> float:
+    static, nums = _split(cfg)
+    cov = as_covariance(1.0, model.image_shape)
+    compiled = _core_batch.lower(
+        model, xs, refs, noises, cov, cov, nums, static
+    ).compile()
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    total = (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return total / xs.shape[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--termination", default="decision")
+    ap.add_argument("--max-pieces", type=int, default=20_000)
+    ap.add_argument("--json", default=None, help="append records to this file")
+    args = ap.parse_args()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dev = jax.devices()[0]
+    print(
+        f"commit {commit}, jax {jax.__version__}, {dev.device_kind} ({dev.platform}),"
+        f" {platform.machine()}, affinity {len(os.sched_getaffinity(0))} cores,"
+        f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+    print(
+        "| size | model | batch | compile+first (s) | s / batch | p-values / s |"
+        " pieces (median, max) | with region | MB / image |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    cfg = sijax.DALConfig(termination=args.termination, max_pieces=args.max_pieces)
+    for d in args.sizes:
+        model, desc = model_for(d)
+        xs, refs, nz = batch(model, args.batch, seed=d)
+        mb = memory_per_image(model, xs, refs, nz, cfg) / 2**20
+        t0 = time.perf_counter()
+        jax.block_until_ready(
+            sijax.dal_test_batch(model, xs, refs, sigma=1.0, noises=nz, config=cfg)
+        )
+        first = time.perf_counter() - t0
+        xs, refs, nz = batch(model, args.batch, seed=1000 + d)
+        t0 = time.perf_counter()
+        res = jax.block_until_ready(
+            sijax.dal_test_batch(model, xs, refs, sigma=1.0, noises=nz, config=cfg)
+        )
+        sec = time.perf_counter() - t0
+        status = np.asarray(res.status)
+        pieces = np.asarray(res.search_count)[status == 0]
+        med = float(np.median(pieces)) if pieces.size else 0.0
+        mx = int(pieces.max()) if pieces.size else 0
+        print(
+            f"| {d} | {desc} | {args.batch} | {first:.1f} | {sec:.2f} |"
+            f" {args.batch / sec:.2f} | {med:.0f}, {mx} | {int((status == 0).sum())}"
+            f" | {mb:.1f} |",
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(
+                    json.dumps(
+                        dict(
+                            size=d,
+                            batch=args.batch,
+                            commit=commit,
+                            device=str(dev),
+                            compile_first_s=first,
+                            seconds=sec,
+                            pvalues_per_s=args.batch / sec,
+                            pieces_median=med,
+                            pieces_max=mx,
+                            mb_per_image=mb,
+                        )
+                    )
+                    + "\n"
+                )
+
+
+if __name__ == "__main__":
+    main()
