@@ -135,35 +135,15 @@ def test_permutation_null_is_not_extreme(toy):
 
 def test_permutation_errors_and_empty_region(toy, data):
     x, x_ref, nz = data
-    with pytest.raises(InputError, match="reference"):
-        permutation_test(
-            toy,
-            x,
-            None,
-            sigma=1.0,
-            noises=nz,
-            key=jax.random.key(0),
-            config=DALConfig(),
-        )
-    with pytest.raises(InputError, match="hypothesis='reference'"):
-        permutation_test(
-            toy,
-            x,
-            x_ref,
-            sigma=1.0,
-            noises=nz,
-            key=jax.random.key(0),
-            config=DALConfig(hypothesis="background"),
-        )
-    with pytest.raises(InputError, match="NaN"):
-        permutation_test(
-            toy,
-            np.full(SHAPE, np.nan),
-            x_ref,
-            sigma=1.0,
-            noises=nz,
-            key=jax.random.key(0),
-        )
+    bad = [
+        (dict(x=x, x_ref=None), "reference"),
+        (dict(x=x, x_ref=x_ref, config=DALConfig(hypothesis="background")),
+         "hypothesis='reference'"),
+        (dict(x=np.full(SHAPE, np.nan), x_ref=x_ref), "NaN"),
+    ]  # fmt: skip
+    for kwargs, match in bad:
+        with pytest.raises(InputError, match=match):
+            permutation_test(toy, sigma=1.0, noises=nz, key=jax.random.key(0), **kwargs)
     res = permutation_test(
         toy,
         np.zeros(SHAPE),

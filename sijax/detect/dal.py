@@ -227,9 +227,12 @@ def _piece_oracle(params, z, direction, config):
     return piece.lo, piece.hi, jnp.all(piece.out == mask_obs)
 
 
-def _core(
-    model, x, x_ref, noises, cov, cov_ref, nums: _Numbers, config: DALConfig
-) -> _Core:
+def _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
+    """Detection, then the statistic and line of the detected region (spec 3-4).
+
+    Returns:
+      (reconstruction, score map, mask, :class:`LineStatistic`).
+    """
     rec, score, mask = _detector(model, noises, config, nums.threshold)(x)
     line = line_statistic(
         x,
@@ -239,6 +242,15 @@ def _core(
         sigma_ref=cov_ref,
         hypothesis=config.hypothesis,
         radius=config.radius,
+    )
+    return rec, score, mask, line
+
+
+def _core(
+    model, x, x_ref, noises, cov, cov_ref, nums: _Numbers, config: DALConfig
+) -> _Core:
+    rec, score, mask, line = _detect_and_line(
+        model, x, x_ref, noises, cov, cov_ref, nums, config
     )
     ok = line.status == StatStatus.OK
     z = jnp.where(ok, line.z_obs, 0.0)

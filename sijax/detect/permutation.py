@@ -22,13 +22,13 @@ import numpy as np
 from sijax.detect.dal import (
     DALConfig,
     _check_noises,
-    _detector,
+    _detect_and_line,
     _prepare,
     _split,
 )
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError
-from sijax.selective.statistics import StatStatus, line_statistic
+from sijax.selective.statistics import StatStatus
 
 __all__ = ["PermutationResult", "permutation_test"]
 
@@ -54,16 +54,7 @@ class PermutationResult(NamedTuple):
 
 def _z(model, x, x_ref, noises, cov, cov_ref, nums, config: DALConfig):
     """(z, valid) of one (test, reference) pair: detection, then the statistic."""
-    _, _, mask = _detector(model, noises, config, nums.threshold)(x)
-    line = line_statistic(
-        x,
-        x_ref,
-        mask,
-        sigma=cov,
-        sigma_ref=cov_ref,
-        hypothesis=config.hypothesis,
-        radius=config.radius,
-    )
+    *_, line = _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config)
     ok = line.status == StatStatus.OK
     return jnp.where(ok, line.z_obs, jnp.nan), ok
 
