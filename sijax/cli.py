@@ -217,6 +217,80 @@ def _demo_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- experiment ----------------------------------------------------------------------
+
+# Choices of `sijax experiment`, spelled out so that building the parser imports no
+# JAX; tests check them against sijax.experiments.
+EXPERIMENTS = ("fpr", "power", "pieces", "robustness", "pwl")
+METHODS = ("selective", "oc", "naive", "bonferroni", "permutation")
+NOISE_FAMILIES = ("skewnorm", "exponnorm", "gennorm_lo", "gennorm_hi", "t")
+
+
+def _experiment_args(p: argparse.ArgumentParser):
+    p.add_argument("experiment", choices=EXPERIMENTS,
+                   help="fpr (type I error), power, pieces (exhaustive search cost), "
+                   "robustness (non-Gaussian noise), pwl (piecewise-linear SiLU/GELU)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--sizes", type=int, nargs="+", help="image sides d")
+    p.add_argument("--covariance", nargs="+", choices=("iid", "corr"))
+    p.add_argument("--trials", type=int, help="valid trials per setting (1000)")
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--deltas", type=float, nargs="+", help="signals (power, pwl)")
+    p.add_argument("--noises", nargs="+", choices=NOISE_FAMILIES,
+                   help="noise families (robustness)")
+    p.add_argument("--distances", type=float, nargs="+",
+                   help="Wasserstein-1 distances to N(0, 1) (robustness)")
+    p.add_argument("--activations", nargs="+", choices=("pwl_silu", "pwl_gelu"),
+                   help="piecewise-linear activations (pwl)")
+    p.add_argument("--checkpoint", nargs="+", default=[],
+                   help="model directories or committed names, one per size "
+                   "(default: the committed dal_v5_SIZE)")
+    p.add_argument("--termination", choices=("decision", "precision"),
+                   default="decision",
+                   help="search termination of the selective test (default decision: "
+                   "enough to count rejections)")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--max-pieces", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=8,
+                   help="images per compiled call (rounded up to the devices)")
+    p.add_argument("--permutations", type=int, default=1000,
+                   help="B of the permutation method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the trials already in --out")
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() first (multi-host runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _experiment_run(a: argparse.Namespace) -> int:
+    _enable_x64()
+    import jax
+
+    from sijax.checkpoint import load_model
+    from sijax.experiments import default_spec, run_experiment
+
+    if a.distributed:
+        jax.distributed.initialize()
+    checkpoints = {}
+    for c in a.checkpoint:
+        checkpoints[load_model(c).image_shape[0]] = c
+    spec = default_spec(
+        a.experiment, sizes=a.sizes, covariances=a.covariance, trials=a.trials,
+        methods=a.methods, deltas=a.deltas, noises=a.noises, distances=a.distances,
+        activations=a.activations, checkpoints=checkpoints or None,
+        termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
+        batch=a.batch, permutations=a.permutations, seed=a.seed)
+    rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress)
+    if jax.process_index() == 0:
+        with open(os.path.join(a.out, "summary.md")) as f:
+            print(f.read())
+        incomplete = sum(r.trials < r.target for r in rows)
+        print(f"wrote summary.json, summary.md and plots to {a.out}/"
+              + (f"; {incomplete} rows below the target trials" if incomplete else ""))
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 
@@ -229,6 +303,9 @@ COMMANDS: dict[str, Command] = {
              _test_args, _test_run),
     "demo": ("the DAL test on the bundled example (no downloads)", _demo_args,
              _demo_run),
+    "experiment": ("the paper's experiments: type I error, power, pieces, "
+                   "robustness, piecewise-linear activations", _experiment_args,
+                   _experiment_run),
 }
 
 
