@@ -974,10 +974,13 @@ def _average_pool(ctx, x):
     )
     if ctx.attr("count_include_pad", 0) or all(p == (0, 0) for p in pads):
         return summed / math.prod(kernel)
-    ones = np.ones((1, 1) + tuple(np.shape(x)[2:]))
-    count = np.asarray(
-        jax.device_get(lax.reduce_window(ones, 0.0, lax.add, window, wstrides, padding))
-    )
+    # Divisor: the number of real (unpadded) pixels under each window, in NumPy so
+    # that it stays a constant under jit.
+    valid = np.pad(np.ones(np.shape(x)[2:]), pads)
+    win = np.lib.stride_tricks.sliding_window_view(valid, kernel)
+    win = win[tuple(slice(None, None, s) for s in strides)]
+    count = win.sum(axis=tuple(range(nd, 2 * nd)))
+    count = count.reshape((1, 1) + count.shape)
     return summed / jnp.asarray(count, x.dtype)
 
 
