@@ -54,6 +54,11 @@ VENV_PACKAGES = (
 CHANNELS = (32, 64, 128, 256)
 STEPS = (460, 345, 230, 115, 0)
 THRESHOLD = 0.8
+# si4onnx 0.1.13 builds its threshold as torch.tensor(threshold).double(): lambda is
+# rounded to float32 first (0.8 -> 0.800000011920929). sijax gets the same lambda;
+# with 0.8 itself the region boundaries differ by ~1e-7 in z and the p-values by
+# ~1e-7 (measured: 9.5e-8 at 8x8, 2.5e-6 at 16x16).
+SIJAX_THRESHOLD = float(np.float32(THRESHOLD))
 
 
 # ------------------------------------------------------ weights: sijax <-> torch
@@ -375,7 +380,7 @@ def prepare(work: str, size: int, n_images: int, seed: int, signal: float,
     side = max(1, size // 3)
     detect = None  # without a sijax model the images are not screened
     if model is not None:
-        cfg = sijax.DALConfig(threshold=THRESHOLD)
+        cfg = sijax.DALConfig(threshold=SIJAX_THRESHOLD)
 
         def detect(x):
             return sijax.detect_region(model, x, noises, cfg)[1]
@@ -430,7 +435,7 @@ def run_sijax(work: str, size: int, search: str, precision: float, which: str):
     cfg = sijax.DALConfig(
         search="exhaustive" if search == "exhaustive" else "parametric",
         termination="precision", precision=precision, alternative="two-sided",
-        threshold=THRESHOLD, hypothesis="reference",
+        threshold=SIJAX_THRESHOLD, hypothesis="reference",
     )  # fmt: skip
     with np.load(os.path.join(work, "images.npz")) as z:
         xs, refs = z["x"], z["x_ref"]
