@@ -258,6 +258,9 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue from the trials already in --out")
+    p.add_argument("--max-batches", type=int,
+                   help="stop after this many batches (0: only rewrite the summary "
+                   "and plots from --out's trials; needs --resume)")
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() first (multi-host runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -281,7 +284,8 @@ def _experiment_run(a: argparse.Namespace) -> int:
         activations=a.activations, checkpoints=checkpoints or None,
         termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
         batch=a.batch, permutations=a.permutations, seed=a.seed)
-    rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress)
+    rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress,
+                          max_batches=a.max_batches)
     if jax.process_index() == 0:
         with open(os.path.join(a.out, "summary.md")) as f:
             print(f.read())

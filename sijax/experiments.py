@@ -1094,6 +1094,18 @@ def _progress_text(rows: Sequence[SummaryRecord], setting: Setting) -> str:
     return f"{setting.label()}: {rates}"
 
 
+def _write_summary(out_dir, spec, rows, records, models):
+    """summary.json, experiment.json, summary.md and the plots."""
+    meta = _meta(spec, models)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump([r.to_json() for r in rows], f, indent=1)
+    with open(os.path.join(out_dir, "experiment.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(rows, meta))
+    write_plots(out_dir, spec, rows, null_p_values(spec, records))
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out_dir: str,
@@ -1103,6 +1115,7 @@ def run_experiment(
     mesh=None,
     models=None,
     max_batches: int | None = None,
+    summary_every: float = 300.0,
 ) -> list[SummaryRecord]:
     """Runs ``spec``, appending trial records to ``out_dir/trials.jsonl``.
 
@@ -1119,7 +1132,10 @@ def run_experiment(
       progress: show a tqdm bar with the running estimates.
       mesh: a :func:`device_mesh` (default: all devices) or False for one device.
       models: {(checkpoint, activation): model} to reuse loaded models.
-      max_batches: stop after this many batches (tests; the run can be resumed).
+      max_batches: stop after this many batches (the run can be resumed); 0 only
+        rewrites the summary and plots from the records in ``out_dir``.
+      summary_every: also rewrite the summary files every this many seconds, so a
+        long run that is killed leaves an up-to-date partial summary.
 
     Returns:
       The summary rows.
@@ -1166,6 +1182,7 @@ def run_experiment(
         )
         bar.update(sum(min(state(s)[1], spec.trials) for s in settings))
     batches = 0
+    last_summary = time.monotonic()
     pending = list(settings)
     while pending and (max_batches is None or batches < max_batches):
         for s in list(pending):
@@ -1195,6 +1212,10 @@ def run_experiment(
             records.extend(new)
             for r in new:
                 by_key.setdefault(r["setting"], {})[r["index"]] = r
+            if writer and time.monotonic() - last_summary > summary_every:
+                rows = summarize(spec, records)
+                _write_summary(out_dir, spec, rows, records, models)
+                last_summary = time.monotonic()
             if bar is not None:
                 bar.update(
                     min(valid + sum(r["valid"] for r in new), spec.trials)
@@ -1205,12 +1226,5 @@ def run_experiment(
         bar.close()
     rows = summarize(spec, records)
     if writer:
-        meta = _meta(spec, models)
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump([r.to_json() for r in rows], f, indent=1)
-        with open(os.path.join(out_dir, "experiment.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-        with open(os.path.join(out_dir, "summary.md"), "w") as f:
-            f.write(summary_markdown(rows, meta))
-        write_plots(out_dir, spec, rows, null_p_values(spec, records))
+        _write_summary(out_dir, spec, rows, records, models)
     return rows

@@ -1,0 +1,541 @@
+"""Reduced runs of every `sijax experiment` (issue 5) on the committed tiny model.
+
+Checks the output files, resume after a partial run, sharded == unsharded batches on
+the 4 fake CPU devices of conftest, and the statistics against independent oracles
+(scipy for tail probabilities and binomial intervals, quadrature for W1, NumPy for the
+piecewise-linear activations), not exact rates. All runs share one batch size, one
+``max_pieces`` and one device mesh so that the compiled programs are reused.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from sijax import cli
+from sijax import experiments as ex
+from sijax.checkpoint import load_model
+from sijax.diffusion.unet import PWL_KNOTS, activation_fn
+from sijax.errors import InputError
+
+BATCH = 4  # one image per fake device
+COMMON = dict(sizes=(8,), checkpoints={8: "tiny_8"}, batch=BATCH, max_pieces=2000)
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = load_model("tiny_8")
+    return {
+        ("tiny_8", "relu"): base,
+        ("tiny_8", "pwl_silu"): ex.with_activation(base, "pwl_silu"),
+    }
+
+
+@pytest.fixture(scope="module")
+def fpr_run(tmp_path_factory):
+    """The reduced fpr run through the command line (iid and corr, 6 valid trials)."""
+    out = str(tmp_path_factory.mktemp("fpr"))
+    argv = [
+        "experiment",
+        "fpr",
+        "--sizes",
+        "8",
+        "--covariance",
+        "iid",
+        "corr",
+        "--trials",
+        "6",
+        "--methods",
+        "selective",
+        "oc",
+        "naive",
+        "bonferroni",
+        "--checkpoint",
+        "tiny_8",
+        "--batch",
+        str(BATCH),
+        "--max-pieces",
+        "2000",
+        "--out",
+        out,
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    return out
+
+
+def _records(out):
+    return ex.read_trials(os.path.join(out, ex.TRIALS_FILE))
+
+
+def _summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_rows(rows, target):
+    for r in rows:
+        assert r["trials"] == target, r
+        assert 0.0 <= r["rate"] <= 1.0
+        assert r["ci_lo"] <= r["rate"] <= r["ci_hi"]
+        assert r["rejections"] == round(r["rate"] * r["trials"])
+        lo, hi = ex.clopper_pearson(r["rejections"], r["trials"])
+        assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((lo, hi))
+
+
+def _check_methods(rec, n_pix, alpha=0.05):
+    """Each method's p-value against its definition (scipy oracles)."""
+    m = rec["methods"]
+    z = rec["z"]
+    naive = 2.0 * stats.norm.sf(abs(z))
+    if "naive" in m:
+        assert m["naive"]["p"] == pytest.approx(naive, rel=1e-9, abs=1e-300)
+    if "bonferroni" in m:
+        log_p = min(0.0, n_pix * math.log(2.0) + stats.norm.logsf(abs(z)) + math.log(2))
+        assert m["bonferroni"]["p"] == pytest.approx(math.exp(log_p), rel=1e-9)
+    if "selective" in m:
+        s = m["selective"]
+        assert s["inf_p"] - 1e-12 <= s["p"] <= s["sup_p"] + 1e-12
+        assert s["reject"] == (s["sup_p"] < alpha)
+        assert s["pieces"] >= 1
+    for name in ("oc", "naive", "bonferroni"):
+        if name in m:
+            assert 0.0 <= m[name]["p"] <= 1.0
+            assert m[name]["reject"] == (m[name]["p"] < alpha)
+
+
+# ------------------------------------------------------------------------- fpr
+
+
+def test_fpr_run_writes_every_output(fpr_run):
+    files = set(os.listdir(fpr_run))
+    assert {
+        "trials.jsonl",
+        "summary.json",
+        "summary.md",
+        "experiment.json",
+        "type1_error.png",
+        "qq_null.png",
+    } <= files
+    assert all(_is_png(os.path.join(fpr_run, f)) for f in files if f.endswith(".png"))
+    rows = _summary(fpr_run)
+    assert {(r["method"], r["covariance"]) for r in rows} == {
+        (m, c)
+        for m in ("selective", "oc", "naive", "bonferroni")
+        for c in ("iid", "corr")
+    }
+    keys = {
+        "method",
+        "size",
+        "covariance",
+        "delta",
+        "trials",
+        "skipped",
+        "rejections",
+        "rate",
+        "ci_lo",
+        "ci_hi",
+        "seconds",
+    }
+    assert all(keys <= set(r) for r in rows)
+    _check_rows(rows, 6)
+    with open(os.path.join(fpr_run, "summary.md")) as f:
+        md = f.read()
+    assert "termination 'decision'" in md and md.count("\n| selective |") == 2
+    with open(os.path.join(fpr_run, "experiment.json")) as f:
+        meta = json.load(f)
+    assert meta["models"]["tiny_8 (relu)"]["epochs"] == 300
+
+
+def test_fpr_records_follow_the_definitions(fpr_run):
+    recs = _records(fpr_run)
+    valid = [r for r in recs if r["valid"]]
+    assert len(valid) >= 12 and all(r["status"] in (0, 2) for r in valid)
+    for r in valid:
+        _check_methods(r, 64)
+    skipped = [r for r in recs if not r["valid"]]
+    assert all(r["status"] == 1 and r["methods"] == {} for r in skipped)
+    # summary counts: the first 6 valid trials by index of each setting
+    rows = _summary(fpr_run)
+    by_key = ex.latest_records(recs)
+    for r in rows:
+        setting = ex.Setting(
+            size=8, covariance=r["covariance"], checkpoint="tiny_8", max_pieces=2000
+        )
+        trials = by_key[setting.key]
+        used = [trials[i] for i in sorted(trials) if trials[i]["valid"]][:6]
+        k = sum(u["methods"][r["method"]]["reject"] for u in used)
+        assert k == r["rejections"]
+
+
+def test_existing_output_needs_resume(fpr_run, capsys):
+    argv = [
+        "experiment",
+        "fpr",
+        "--sizes",
+        "8",
+        "--covariance",
+        "iid",
+        "--trials",
+        "6",
+        "--checkpoint",
+        "tiny_8",
+        "--out",
+        fpr_run,
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_choices_match_the_library():
+    assert cli.EXPERIMENTS == ex.EXPERIMENTS
+    assert cli.METHODS == ex.METHODS
+    assert cli.NOISE_FAMILIES == ex.NOISE_FAMILIES
+
+
+# ----------------------------------------------------------------------- resume
+
+
+def test_partial_run_then_resume_equals_one_run(tmp_path, models):
+    spec = ex.default_spec(
+        "fpr", covariances=("iid",), trials=5, methods=("selective", "naive"), **COMMON
+    )
+    full = str(tmp_path / "full")
+    rows_full = ex.run_experiment(spec, full, models=models, progress=False)
+    part = str(tmp_path / "part")
+    # "killed" after one batch, and with a torn last line as a killed writer leaves
+    ex.run_experiment(spec, part, models=models, progress=False, max_batches=1)
+    n_first = len(_records(part))
+    assert n_first == BATCH
+    with open(os.path.join(part, ex.TRIALS_FILE), "a") as f:
+        f.write('{"setting": "torn')
+    with pytest.raises(InputError, match="resume"):
+        ex.run_experiment(spec, part, models=models, progress=False)
+    rows_part = ex.run_experiment(
+        spec, part, models=models, progress=False, resume=True, mesh=False
+    )
+    recs_full = {r["index"]: r for r in _records(full)}
+    recs_part = {r["index"]: r for r in _records(part)}
+    assert len(_records(part)) == len(recs_part)  # nothing ran twice
+    assert set(recs_full) == set(recs_part)
+    for i, r in recs_full.items():
+        q = recs_part[i]
+        assert (r["valid"], r["status"], r["region_size"]) == (
+            q["valid"],
+            q["status"],
+            q["region_size"],
+        )
+        for m in r["methods"]:
+            assert r["methods"][m]["reject"] == q["methods"][m]["reject"]
+            np.testing.assert_allclose(
+                r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
+            )
+    strip = lambda rows: [  # noqa: E731
+        {k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows
+    ]
+    assert strip(rows_full) == strip(rows_part)
+    # resuming a finished run runs nothing; max_batches=0 only rewrites the summary
+    os.remove(os.path.join(part, "summary.json"))
+    ex.run_experiment(
+        spec, part, models=models, progress=False, resume=True, max_batches=0
+    )
+    assert len(_records(part)) == len(recs_part)
+    assert _summary(part) == [r.to_json() for r in rows_part]
+
+
+# -------------------------------------------------------------------- sharding
+
+
+def test_sharded_batch_equals_unsharded(models):
+    assert jax.device_count() == 4
+    model = models[("tiny_8", "relu")]
+    setting = ex.Setting(size=8, checkpoint="tiny_8", max_pieces=2000)
+    idx = [10, 11, 12, 13]
+    mesh = ex.device_mesh()
+    sharded = ex.run_batch(
+        model, setting, idx, ("selective", "naive"), batch=BATCH, mesh=mesh
+    )
+    plain = ex.run_batch(
+        model, setting, idx, ("selective", "naive"), batch=BATCH, mesh=None
+    )
+    assert any(r["valid"] for r in plain)
+    for a, b in zip(sharded, plain, strict=True):
+        assert (a["index"], a["valid"], a["status"]) == (
+            b["index"],
+            b["valid"],
+            b["status"],
+        )
+        for m in a["methods"]:
+            assert a["methods"][m]["reject"] == b["methods"][m]["reject"]
+            for f in ("p", "inf_p", "sup_p", "pieces"):
+                if f in a["methods"][m]:
+                    np.testing.assert_allclose(
+                        a["methods"][m][f], b["methods"][m][f], rtol=1e-9
+                    )
+
+
+def test_sharded_inputs_are_split_over_the_devices():
+    mesh = ex.device_mesh()
+    arr = ex._shard(mesh, np.arange(8.0).reshape(8, 1))
+    assert len(arr.addressable_shards) == 4
+    assert {s.data.shape for s in arr.addressable_shards} == {(2, 1)}
+    np.testing.assert_array_equal(np.asarray(arr), np.arange(8.0).reshape(8, 1))
+
+
+# ----------------------------------------------------------- the other experiments
+
+
+def test_power_run(tmp_path, models):
+    spec = ex.default_spec(
+        "power",
+        covariances=("iid",),
+        deltas=(4.0,),
+        trials=4,
+        methods=("selective", "naive"),
+        **COMMON,
+    )
+    out = str(tmp_path)
+    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    assert {r.delta for r in rows} == {4.0}
+    _check_rows([r.to_json() for r in rows], 4)
+    assert _is_png(os.path.join(out, "power.png"))
+    assert not os.path.exists(os.path.join(out, "qq_null.png"))  # no null setting
+    for r in _records(out):
+        if r["valid"]:
+            _check_methods(r, 64)
+
+
+def test_pieces_run(tmp_path, models):
+    spec = ex.default_spec("pieces", trials=3, **COMMON)
+    out = str(tmp_path)
+    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    sel = [r for r in rows if r.method == "selective"]
+    assert len(sel) == 1 and sel[0].search == "exhaustive"
+    r = sel[0]
+    assert 1 <= r.pieces_median <= r.pieces_max and r.pieces_mean <= r.pieces_max
+    assert r.seconds > 0
+    assert _is_png(os.path.join(out, "pieces.png"))
+    for rec in _records(out):
+        if rec["valid"]:
+            s = rec["methods"]["selective"]
+            assert s["inf_p"] == pytest.approx(s["sup_p"], abs=1e-9)  # exact p
+
+
+def test_robustness_run(tmp_path, models):
+    spec = ex.default_spec(
+        "robustness",
+        sizes=(8,),
+        noises=("t",),
+        distances=(0.03,),
+        trials=3,
+        **{k: v for k, v in COMMON.items() if k != "sizes"},
+    )
+    out = str(tmp_path)
+    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    assert {(r.noise, r.distance) for r in rows} == {("t", 0.03)}
+    _check_rows([r.to_json() for r in rows], 3)
+    assert _is_png(os.path.join(out, "robustness.png"))
+
+
+def test_pwl_run(tmp_path, models):
+    spec = ex.default_spec(
+        "pwl",
+        activations=("pwl_silu",),
+        covariances=("iid",),
+        trials=3,
+        methods=("selective", "naive"),
+        **COMMON,
+    )
+    out = str(tmp_path)
+    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    assert {r.activation for r in rows} == {"pwl_silu"}
+    _check_rows([r.to_json() for r in rows], 3)
+    assert _is_png(os.path.join(out, "type1_error.png"))
+    for r in _records(out):
+        if r["valid"]:
+            _check_methods(r, 64)
+
+
+def test_permutation_method(tmp_path, models):
+    pytest.importorskip("sijax.detect.permutation")
+    spec = ex.default_spec(
+        "fpr",
+        covariances=("iid",),
+        trials=1,
+        methods=("naive", "permutation"),
+        permutations=32,
+        **COMMON,
+    )
+    out = str(tmp_path)
+    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    perm = [r for r in rows if r.method == "permutation"]
+    assert len(perm) == 1 and perm[0].trials <= 1
+    for rec in _records(out):
+        if rec["valid"]:
+            p = rec["methods"]["permutation"]
+            assert p["num_valid"] + p["num_skipped"] == 32
+            if p["num_valid"]:
+                assert 0.0 <= p["p"] <= 1.0
+                assert p["p"] * p["num_valid"] == pytest.approx(
+                    round(p["p"] * p["num_valid"])
+                )
+
+
+# ------------------------------------------------------------ data and statistics
+
+
+def test_trials_are_reproducible_on_their_own():
+    s = ex.Setting(size=8, covariance="corr")
+    a, b = ex.trial_data(s, 5), ex.trial_data(s, 5)
+    for f in ("x", "x_ref", "eps0", "eps"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert a.eps.shape == (5, 8, 8, 1)
+    assert not np.array_equal(a.x, ex.trial_data(s, 6).x)
+    assert not np.array_equal(a.x, a.x_ref)
+    # how the images are tested does not change them
+    same = ex.Setting(
+        size=8,
+        covariance="corr",
+        search="exhaustive",
+        termination="precision",
+        activation="pwl_gelu",
+        checkpoint="c",
+    )
+    np.testing.assert_array_equal(ex.trial_data(same, 5).x, a.x)
+    assert ex.Setting(size=8, covariance="iid").data_seed != s.data_seed
+
+
+def test_signal_is_one_square_of_side_d_over_3():
+    s = ex.Setting(size=12, delta=1.5)
+    x = ex.trial_data(s, 3).x
+    # oracle: the same stream without the signal (test image drawn first)
+    rng = np.random.default_rng([s.data_seed, 3])
+    d = x - ex.sample_noise(rng, (12, 12, 1))
+    rows, cols = np.nonzero(d[..., 0])
+    assert len(rows) == 16 and np.allclose(d[rows, cols, 0], 1.5)
+    assert rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3
+
+
+@pytest.mark.parametrize("covariance", ["iid", "corr"])
+def test_noise_has_the_assumed_covariance(covariance):
+    rng = np.random.default_rng(0)
+    e = np.stack(
+        [
+            ex.sample_noise(rng, (4, 4, 1), covariance=covariance).ravel()
+            for _ in range(20000)
+        ]
+    )
+    cov = np.cov(e.T)
+    i = np.arange(16)
+    want = np.eye(16) if covariance == "iid" else 0.5 ** np.abs(i[:, None] - i[None])
+    np.testing.assert_allclose(cov, want, atol=0.04)
+
+
+@pytest.mark.parametrize("family", ex.NOISE_FAMILIES)
+def test_noise_families_sit_at_the_asked_distance(family):
+    p = ex.noise_parameter(family, 0.03)
+    dist = ex._standardised(family, p)
+    assert ex.wasserstein1_to_normal(dist) == pytest.approx(0.03, abs=1e-9)
+    if family != "skewnorm":  # scipy's generic skew-normal cdf takes minutes
+        assert ex.wasserstein1_to_normal(dist, quadrature=True) == pytest.approx(
+            0.03, abs=1e-6
+        )
+    # standardised: mean 0, variance 1 (sample check), and not normal
+    x = ex.sample_noise(
+        np.random.default_rng(1), (200_000,), noise=family, distance=0.03
+    )
+    assert abs(x.mean()) < 0.01 and abs(x.var() - 1.0) < 0.02
+    # the empirical W1 to N(0,1) matches (sorted-sample coupling)
+    q = stats.norm.ppf((np.arange(len(x)) + 0.5) / len(x))
+    assert np.mean(np.abs(np.sort(x) - q)) == pytest.approx(0.03, abs=0.006)
+
+
+def test_unreachable_distance_is_refused():
+    with pytest.raises(InputError, match="outside"):
+        ex.noise_parameter("gennorm_hi", 5.0)
+
+
+def test_clopper_pearson_matches_scipy():
+    for k, n in [(0, 10), (3, 10), (10, 10), (52, 1000)]:
+        ci = stats.binomtest(k, n).proportion_ci(0.99, method="exact")
+        assert ex.clopper_pearson(k, n) == pytest.approx((ci.low, ci.high))
+
+
+@pytest.mark.parametrize("name", ["pwl_silu", "pwl_gelu"])
+def test_pwl_activation_interpolates_with_fixed_tails(name):
+    knots = np.asarray(PWL_KNOTS[name])
+    assert len(knots) == 8 and np.all(np.diff(knots) > 0)
+    f = {
+        "pwl_silu": lambda x: x / (1 + np.exp(-x)),
+        "pwl_gelu": lambda x: (
+            0.5 * x * (1 + __import__("scipy").special.erf(x / np.sqrt(2)))
+        ),
+    }[name]
+    x = np.linspace(-20, 20, 40001)
+    got = np.asarray(jax.jit(activation_fn(name))(x))
+    # oracle: np.interp through the knots, flat on the left, slope 1 on the right
+    want = np.interp(x, knots, f(knots))
+    right = x > knots[-1]
+    want[right] = f(knots[-1]) + (x[right] - knots[-1])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert np.max(np.abs(got - f(x))[np.abs(x) < 10]) < 0.03
+
+
+def test_with_activation_keeps_the_weights(models):
+    base, pwl = models[("tiny_8", "relu")], models[("tiny_8", "pwl_silu")]
+    assert ex.with_activation(base, "relu") is base
+    assert pwl.state is base.state
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 1))
+    t = np.array([200])
+    apply = jax.jit(lambda m: m.apply(x, t))
+    a, b = np.asarray(apply(base)), np.asarray(apply(pwl))
+    assert not np.allclose(a, b)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(InputError):
+        ex.default_spec("nope")
+    with pytest.raises(InputError):
+        ex.default_spec("fpr", methods=("magic",))
+    with pytest.raises(InputError):
+        ex.default_spec("fpr", covariances=("banded",))
+    with pytest.raises(InputError, match="size"):
+        ex.run_experiment(
+            ex.default_spec("fpr", sizes=(16,), trials=1, checkpoints={16: "tiny_8"}),
+            "/nonexistent/never",
+            progress=False,
+        )
+
+
+# ---------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_selective_holds_the_level_and_naive_does_not(tmp_path, models):
+    """300 valid null trials on the tiny model: selective inside the 99% interval
+    around alpha, naive above selective (the selection bias)."""
+    spec = ex.default_spec(
+        "fpr",
+        covariances=("iid",),
+        trials=300,
+        methods=("selective", "naive"),
+        **COMMON,
+    )
+    rows = {
+        r.method: r
+        for r in ex.run_experiment(spec, str(tmp_path), models=models, progress=False)
+    }
+    lo, hi = stats.binom.interval(0.99, 300, 0.05)
+    assert lo <= rows["selective"].rejections <= hi, rows["selective"]
+    assert rows["naive"].rate > rows["selective"].rate
