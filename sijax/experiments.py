@@ -995,6 +995,8 @@ def write_plots(
                 _errorbar(ax, [r.n for r in mr], mr, m, shift=1.04**k)
             ax.axhline(spec.alpha, color="k", ls="--", lw=1, label="alpha")
             ax.set_xscale("log", base=2)
+            ns = [r.n for r in rs]
+            ax.set_xlim(min(ns) / 1.5, max(ns) * 1.5)
             ax.set_xlabel("n (pixels)")
             ax.set_ylabel("type I error")
             ax.set_title(f"{cov}" + ("" if act == "relu" else f", {act}"))
