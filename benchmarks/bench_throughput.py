@@ -42,7 +42,7 @@ from sijax.checkpoint import (  # noqa: E402
     init_unet,
 )
 from sijax.config import TrainConfig  # noqa: E402
-from sijax.detect.dal import _core_batch, _split  # noqa: E402
+from sijax.detect.dal import _core_batch, _split, default_lanes  # noqa: E402
 from sijax.selective.statistics import as_covariance  # noqa: E402
 
 
@@ -65,11 +65,11 @@ def batch(model, b: int, seed: int):
     return xs, refs, noises
 
 
-def memory_per_image(model, xs, refs, noises, cfg) -> float:
+def memory_per_image(model, xs, refs, noises, cfg, lanes) -> float:
     static, nums = _split(cfg)
     cov = as_covariance(1.0, model.image_shape)
     compiled = _core_batch.lower(
-        model, xs, refs, noises, cov, cov, nums, static
+        model, xs, refs, noises, cov, cov, nums, static, lanes=lanes
     ).compile()
     m = compiled.memory_analysis()
     if m is None:
@@ -88,6 +88,9 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--termination", default="decision")
+    ap.add_argument(
+        "--lanes", type=int, default=None, help="images in lockstep (default: auto)"
+    )
     ap.add_argument("--max-pieces", type=int, default=20_000)
     ap.add_argument("--json", default=None, help="append records to this file")
     args = ap.parse_args()
@@ -101,24 +104,29 @@ def main():
         f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     print(
-        "| size | model | batch | compile+first (s) | s / batch | p-values / s |"
-        " pieces (median, max) | with region | MB / image |"
+        "| size | model | batch | lanes | compile+first (s) | s / batch |"
+        " p-values / s | pieces (median, max) | with region | MB / image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     cfg = sijax.DALConfig(termination=args.termination, max_pieces=args.max_pieces)
     for d in args.sizes:
         model, desc = model_for(d)
         xs, refs, nz = batch(model, args.batch, seed=d)
-        mb = memory_per_image(model, xs, refs, nz, cfg) / 2**20
+        lanes = args.lanes or default_lanes(args.batch)
+        mb = memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20
         t0 = time.perf_counter()
         jax.block_until_ready(
-            sijax.dal_test_batch(model, xs, refs, sigma=1.0, noises=nz, config=cfg)
+            sijax.dal_test_batch(
+                model, xs, refs, sigma=1.0, noises=nz, config=cfg, lanes=lanes
+            )
         )
         first = time.perf_counter() - t0
         xs, refs, nz = batch(model, args.batch, seed=1000 + d)
         t0 = time.perf_counter()
         res = jax.block_until_ready(
-            sijax.dal_test_batch(model, xs, refs, sigma=1.0, noises=nz, config=cfg)
+            sijax.dal_test_batch(
+                model, xs, refs, sigma=1.0, noises=nz, config=cfg, lanes=lanes
+            )
         )
         sec = time.perf_counter() - t0
         status = np.asarray(res.status)
@@ -126,7 +134,7 @@ def main():
         med = float(np.median(pieces)) if pieces.size else 0.0
         mx = int(pieces.max()) if pieces.size else 0
         print(
-            f"| {d} | {desc} | {args.batch} | {first:.1f} | {sec:.2f} |"
+            f"| {d} | {desc} | {args.batch} | {lanes} | {first:.1f} | {sec:.2f} |"
             f" {args.batch / sec:.2f} | {med:.0f}, {mx} | {int((status == 0).sum())}"
             f" | {mb:.1f} |",
             flush=True,

@@ -239,11 +239,17 @@ def test_batch_equals_single(model, example, exhaustive):
     xs = np.stack([x, x])
     refs = np.stack([x_ref, x_ref])
     nzs = jax.tree.map(lambda a: jnp.stack([a, a]), nz)
-    out = dal_test_batch(
-        model, xs, refs, sigma=1.0, noises=nzs, config=DALConfig(search="exhaustive")
-    )
-    np.testing.assert_allclose(np.asarray(out.p_value), exhaustive.p_value, rtol=1e-12)
-    np.testing.assert_array_equal(np.asarray(out.status), 0)
+    for lanes in (1, 2):  # in turn, in lockstep: the same results
+        out = dal_test_batch(
+            model, xs, refs, sigma=1.0, noises=nzs, lanes=lanes,
+            config=DALConfig(search="exhaustive"),
+        )  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(out.p_value), exhaustive.p_value, rtol=1e-12
+        )
+        np.testing.assert_array_equal(np.asarray(out.status), 0)
+    with pytest.raises(InputError, match="divisor"):
+        dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=3)
 
 
 def _null_batch(model, n, seed, delta=0.0):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +48,7 @@ __all__ = [
     "STATUS",
     "dal_test",
     "dal_test_batch",
+    "default_lanes",
     "detect_region",
     "draw_noises",
 ]
@@ -281,10 +283,43 @@ def _core(
 
 
 _core_jit = jax.jit(_core, static_argnames=("config",))
-_core_batch = jax.jit(
-    jax.vmap(_core, in_axes=(None, 0, 0, 0, None, None, None, None)),
-    static_argnums=(7,),
-)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lanes"))
+def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=None):
+    """_core over a batch: ``lanes`` images advance together (vmap), the rest in turn.
+
+    The batch (B, ...) is viewed as (lanes, B // lanes, ...): the lanes are vmapped
+    (and stay sharded when B is sharded over devices in contiguous blocks), and each
+    lane runs its images one after another with ``lax.map``. A vmapped search runs in
+    lockstep until its slowest lane is done, so lanes = B costs B x the most pieces
+    of any image, lanes = 1 the sum of the pieces.
+    """
+    b = xs.shape[0]
+    lanes = b if lanes is None else lanes
+
+    def lane(xs_l, refs_l, nz_l):
+        return jax.lax.map(
+            lambda args: _core(model, *args, cov, cov_ref, nums, config),
+            (xs_l, refs_l, nz_l),
+        )
+
+    split = functools.partial(
+        jax.tree.map, lambda a: a.reshape(lanes, b // lanes, *a.shape[1:])
+    )
+    out = jax.vmap(lane)(split(xs), split(x_refs), split(noises))
+    return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
+
+
+def default_lanes(batch: int) -> int:
+    """Images advanced in lockstep by :func:`dal_test_batch` when not given.
+
+    On a GPU/TPU all of them (parallel hardware); on a CPU one per local device (the
+    rest run in turn, so no image waits for a slower one in its lane).
+    """
+    if jax.default_backend() in ("gpu", "tpu"):
+        return batch
+    return math.gcd(batch, jax.local_device_count())
 
 
 class TestResult(NamedTuple):
@@ -485,13 +520,17 @@ def dal_test_batch(
     noises: Noises,
     sigma_ref=None,
     config: DALConfig = DALConfig(),
+    lanes: int | None = None,
 ) -> BatchResult:
-    """:func:`dal_test` over a batch of images in one compiled, vmapped call.
+    """:func:`dal_test` over a batch of images in one compiled call.
 
     Args:
       xs: (B, H, W, C) test images; x_refs: (B, H, W, C) references.
       noises: Noises with a leading batch axis (``jax.vmap(draw_noises)`` over keys).
       sigma, sigma_ref, config: as :func:`dal_test` (shared by all images).
+      lanes: images searched in lockstep (vmapped); must divide B. Default
+        :func:`default_lanes`: B on a GPU/TPU, one per device on a CPU. The results
+        do not depend on it (up to the last bits of XLA's matrix products).
 
     Returns:
       :class:`BatchResult` of device arrays.
@@ -515,7 +554,13 @@ def dal_test_batch(
     cov = as_covariance(sigma, shape)
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     static, nums = _split(config)
-    core = _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, static)
+    b = xs.shape[0]
+    lanes = default_lanes(b) if lanes is None else int(lanes)
+    if lanes < 1 or b % lanes:
+        raise InputError(f"{lanes=} must be a positive divisor of the batch size {b}")
+    core = _core_batch(
+        model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes
+    )
     return BatchResult(
         stat=core.z_obs,
         p_value=core.search.p_value,
