@@ -6,6 +6,7 @@ The public API (STYLE habit 11). x64 is not switched on here: call
 
 __version__ = "0.1.0"
 
+from sijax import onnx  # sijax.onnx.load (the onnx package is imported lazily)
 from sijax.checkpoint import DiffusionModel, load_model
 from sijax.config import TrainConfig
 from sijax.detect.dal import (
@@ -75,6 +76,7 @@ __all__ = [
     "line_statistic",
     "load_model",
     "naive_p_value",
+    "onnx",
     "permutation_test",
     "reconstruct",
     "search",
