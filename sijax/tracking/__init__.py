@@ -5,6 +5,7 @@ Imports nothing from `sijax.diffusion` or `sijax.detect`: it works on any JAX fu
 
 from sijax.tracking.affine import Affine, Piece
 from sijax.tracking.interpreter import DEFAULT_TIE_TOL, evaluate, track
+from sijax.tracking.propagate import LinePieces, enumerate_line
 from sijax.tracking.search import (
     COVERED,
     MAX_PIECES,
@@ -19,10 +20,12 @@ __all__ = [
     "DEFAULT_TIE_TOL",
     "MAX_PIECES",
     "Affine",
+    "LinePieces",
     "MaxPiecesError",
     "Piece",
     "Pieces",
     "check_pieces",
+    "enumerate_line",
     "enumerate_pieces",
     "evaluate",
     "track",
