@@ -14,9 +14,11 @@ every value computed so far is affine on each segment [z_k, z_{k+1}]:
     obtained at the new points by linear interpolation between the neighbours (exact:
     all of them are affine there); then the primitive is applied.
 
-No slopes are carried and no point is evaluated twice. The evaluator is host-driven
-(equation by equation, eager batched JAX operations); the point axis is padded to a
-power of two so that each primitive compiles once per bucket, not once per count.
+No slopes are carried and no point is evaluated twice. The evaluator is host-driven:
+consecutive equations that need no new point are fused into one compiled run
+(`_plan_run`), piecewise equations are handled one by one with a host sync to fetch
+their roots. The point axis is padded to a power of two (at least `MIN_CAP`) so that
+each run compiles once per buffer size, not once per point count.
 
 Values. A line-dependent value holds, at every point, its limit from the right
 (`right`, the affine form of the segment that starts there) and from the left (`left`,
