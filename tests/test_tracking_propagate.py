@@ -194,6 +194,27 @@ def test_windows_give_the_same_pieces():
     np.testing.assert_array_equal(split.summary, whole.summary)
 
 
+def test_chunked_runs_give_the_same_pieces(monkeypatch):
+    """Fused runs called a few rows at a time (padding chunks skipped) change
+    nothing."""
+    from sijax.tracking import propagate
+
+    w1, w2, w3 = _mlp_weights(5, width=10)
+
+    def f(x):
+        h = jax.nn.relu(x @ w1)
+        return jnp.abs(h @ w2) @ w3 > 0.1
+
+    rng = np.random.default_rng(6)
+    a, b = _normal(rng, 4), _normal(rng, 4)
+    whole = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
+    monkeypatch.setattr(propagate, "CHUNK", 8)
+    chunked = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
+    assert whole.count > 8 and chunked.count == whole.count
+    np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
+    np.testing.assert_array_equal(chunked.summary, whole.summary)
+
+
 def test_degenerate_stretch_and_bad_input():
     w1, _, w3 = _mlp_weights(4)
 

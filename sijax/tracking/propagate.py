@@ -966,28 +966,37 @@ def _plan_run(jaxpr, start: int, env: dict, live: _Liveness) -> _Run | None:
 CHUNK = 64  # rows per call of a fused run
 
 
-def _chunked(plan: _Run, vals: list, side: str) -> list:
+def _chunked(line: _Line, plan: _Run, vals: list, side: str) -> list:
     """plan.fun on the rows of the point buffer, CHUNK rows at a time.
 
     Rows are independent, so a run compiles once for CHUNK rows whatever the buffer
     size, and its intermediates (the im2col copies of a convolution) stay in cache:
-    measured 1.7x faster than one call on 512 rows at 16x16.
+    measured 1.7x faster than one call on 512 rows at 16x16. Chunks holding only
+    padding rows are not computed: padding rows repeat the last point.
     """
     args = _args(vals, side)
-    cap = next(v for v in vals if _is_pv(v)).right.shape[0]
+    cap = line.cap
     if cap <= CHUNK:
         return plan.fun(*args)
+    used = min(cap, -(-line.n // CHUNK) * CHUNK)
     rows = [_is_pv(v) for v in vals]
     parts = [
         plan.fun(
             *[x[i : i + CHUNK] if r else x for x, r in zip(args, rows, strict=True)]
         )
-        for i in range(0, cap, CHUNK)
+        for i in range(0, used, CHUNK)
     ]
-    return [
-        parts[0][j] if kind == CONST else jnp.concatenate([p[j] for p in parts])
-        for j, kind in enumerate(plan.out_kinds)
-    ]
+    outs = []
+    for j, kind in enumerate(plan.out_kinds):
+        if kind == CONST:
+            outs.append(parts[0][j])
+            continue
+        pieces = [p[j] for p in parts]
+        if used < cap:  # the last computed row is the last point (or a copy of it)
+            last = pieces[-1][-1:]
+            pieces.append(jnp.broadcast_to(last, (cap - used, *last.shape[1:])))
+        outs.append(jnp.concatenate(pieces))
+    return outs
 
 
 def _execute_run(line: _Line, plan: _Run, env: dict) -> None:
@@ -996,11 +1005,11 @@ def _execute_run(line: _Line, plan: _Run, env: dict) -> None:
     if not pvs:
         right = plan.fun(*vals)
     else:
-        right = _chunked(plan, vals, "right")
+        right = _chunked(line, plan, vals, "right")
     if all(x.continuous for x in pvs):
         left = right
     else:
-        left = _chunked(plan, vals, "left")
+        left = _chunked(line, plan, vals, "left")
     for v, kind, r, lf in zip(plan.out_vars, plan.out_kinds, right, left, strict=True):
         env[v] = r if kind == CONST else line.new(r, lf, affine=kind == AFFINE)
 
