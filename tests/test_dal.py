@@ -21,6 +21,7 @@ from sijax.detect.dal import (
     detect_region,
     draw_noises,
 )
+from sijax.diffusion.sampler import reconstruct
 from sijax.errors import InputError, NotPiecewiseLinearError
 from sijax.selective.statistics import line_statistic
 
@@ -213,12 +214,21 @@ class _SiLUModel:
     def image_shape(self):
         return self.inner.image_shape
 
-    @property
-    def schedule(self):
-        return self.inner.schedule
+    def reconstruction(self, x, noises, *, steps, eta):
+        return reconstruct(
+            lambda x_t, t: jax.nn.silu(x_t),
+            x,
+            noises,
+            schedule=self.inner.schedule,
+            steps=steps,
+            eta=eta,
+        )
 
-    def denoiser(self):
-        return lambda x_t, t: jax.nn.silu(x_t)
+
+def test_object_that_is_not_a_model_is_refused(example):
+    x, x_ref, nz = example
+    with pytest.raises(InputError, match="reconstruction"):
+        dal_test(object(), x, x_ref, sigma=1.0, noises=nz)
 
 
 def test_model_that_is_not_piecewise_linear_is_named(model, example):

@@ -176,6 +176,7 @@ def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
     Returns:
       (score_map (H, W) float64, mask (H, W) bool).
     """
+    _check_model(model)
     x = _check_image("x", x, model.image_shape)
     static, nums = _split(config)
     _, score, mask = _detect_jit(model, x, noises, nums, static)
@@ -408,9 +409,19 @@ def _status_code(core: _Core) -> jax.Array:
     ).astype(jnp.int32)
 
 
+def _check_model(model) -> None:
+    if not (hasattr(model, "reconstruction") and hasattr(model, "image_shape")):
+        raise InputError(
+            f"a {type(model).__name__} is not a model: the DAL test needs "
+            "image_shape and reconstruction(x, noises, *, steps, eta) (a "
+            "DiffusionModel from sijax.load_model, or a sijax.ReconstructionModel)"
+        )
+
+
 def _prepare(model, x, x_ref, sigma, sigma_ref, config):
     if not isinstance(config, DALConfig):
         raise InputError(f"config must be a DALConfig, got {type(config).__name__}")
+    _check_model(model)
     shape = tuple(model.image_shape)
     x = _check_image("x", x, shape)
     if config.hypothesis == "reference":
@@ -535,6 +546,7 @@ def dal_test_batch(
     Returns:
       :class:`BatchResult` of device arrays.
     """
+    _check_model(model)
     xs = jnp.asarray(xs, jnp.float64)
     shape = tuple(model.image_shape)
     if xs.ndim != 4 or xs.shape[1:] != shape:
