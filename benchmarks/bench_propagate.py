@@ -23,16 +23,14 @@ benchmarks/README.md.
 """
 
 import argparse
-import os
-import re
 import time
 from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _readme import replace_section  # benchmarks/_readme.py
 
-README = os.path.join(os.path.dirname(__file__), "README.md")
 TITLE = "## Breakpoint propagation"
 
 
@@ -218,17 +216,6 @@ def _section(rows, env) -> str:
     return "\n".join(lines)
 
 
-def _write(section: str) -> None:
-    text = open(README).read() if os.path.exists(README) else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Breakpoint propagation\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(README, "w") as fh:
-        fh.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[8, 16])
@@ -254,7 +241,7 @@ def main():
     section = _section(rows, env)
     print(section)
     if args.write:
-        _write(section)
+        replace_section("Breakpoint propagation", section)
 
 
 if __name__ == "__main__":

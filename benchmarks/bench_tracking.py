@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _readme import replace_section  # benchmarks/_readme.py
 
 from sijax.checkpoint import CHECKPOINTS_DIR, cast_state, init_unet, load_model
 from sijax.detect.score import region, score_map
@@ -34,7 +35,6 @@ from sijax.diffusion.sampler import draw_noises, reconstruct
 from sijax.diffusion.unet import UNetConfig
 from sijax.tracking import enumerate_pieces
 
-README = os.path.join(os.path.dirname(__file__), "README.md")
 # (size, lines, max_pieces per line): caps keep a full run under ~10 minutes.
 PLAN = ((8, 1, 100), (8, 64, 6), (16, 1, 30), (16, 64, 2), (32, 1, 8), (32, 64, 1))
 
@@ -182,17 +182,6 @@ def _section(rows, env) -> str:
     return "\n".join(lines)
 
 
-def _write(section: str) -> None:
-    text = open(README).read() if os.path.exists(README) else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Tracking\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(README, "w") as fh:
-        fh.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 32])
@@ -214,7 +203,7 @@ def main():
     section = _section(rows, env)
     print(section)
     if args.write:
-        _write(section)
+        replace_section("Tracking", section)
 
 
 if __name__ == "__main__":
