@@ -367,7 +367,6 @@ def test_pwl_run(tmp_path, models):
 
 
 def test_permutation_method(tmp_path, models):
-    pytest.importorskip("sijax.detect.permutation")
     spec = ex.default_spec(
         "fpr",
         covariances=("iid",),

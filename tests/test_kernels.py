@@ -8,8 +8,6 @@ import pytest
 from sijax.kernels import decide as K
 from sijax.tracking import enumerate_pieces
 
-pytest.importorskip("jax.experimental.pallas")
-
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5, 8), (2, 1500)])
 @pytest.mark.parametrize("direction", [1.0, -1.0])

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
+onnx = pytest.importorskip(
+    "onnx", reason="sijax.onnx needs the optional `onnx` extra (in `.[test]`)"
+)
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import sijax  # noqa: E402

@@ -286,10 +286,6 @@ def test_line_dependent_control_flow_raises():
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints")
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(os.path.join(CHECKPOINT, "tiny_8")),
-    reason="the trained tiny_8 checkpoint is not committed",
-)
 def test_trained_tiny_sampler_matches_walking_and_grid():
     """The real pipeline: trained tiny U-Net, 5 DDIM steps from t' = 460 (lax.scan),
     3x3 mean filter, abs, threshold 0.8 (as tests/test_tracking_sampler.py)."""

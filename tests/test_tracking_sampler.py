@@ -13,7 +13,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax import lax
 from test_tracking_oracles import check_piece, check_tiling_and_grid
 
@@ -184,11 +183,7 @@ def test_v5_like_sampler_pieces_are_exact():
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints")
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(os.path.join(CHECKPOINT, "tiny_8")),
-    reason="the trained tiny_8 checkpoint is not committed yet",
-)
-def test_trained_tiny_checkpoint_pieces_are_exact():  # pragma: no cover - optional
+def test_trained_tiny_checkpoint_pieces_are_exact():
     """The real v5 pipeline: trained tiny U-Net, sijax's DDIM sampler and detector."""
     from sijax.checkpoint import load_model
     from sijax.detect.score import region, score_map
