@@ -44,7 +44,7 @@ def decide_reference(v, s, z, direction, tau):
       (sigma (...) in {-1, 0, 1} with v's dtype, lo (), hi ()): every unit keeps the
       sign sigma on [lo, hi], lo <= z <= hi (clamped), +-inf where nothing crosses.
     """
-    z = jnp.asarray(z, v.dtype)
+    z = jnp.asarray(z)  # kept in its own dtype, as the bounds are
     sigma = jnp.sign(v + jnp.asarray(direction * tau, v.dtype) * s)
     u, w = sigma * v, sigma * s  # >= 0 at z + direction * tau
     safe = jnp.where(w == 0, jnp.ones_like(w), w)

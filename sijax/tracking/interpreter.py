@@ -142,14 +142,10 @@ class Context:
 
         The sign is taken at z + direction * tau; the piece is cut where u crosses 0.
         """
-        if decide_kernel.enabled():  # the fused kernel (sijax/kernels/decide.py)
-            sigma, lo, hi = decide_kernel.decide(v, s, self.z, self.direction, self.tau)
-            self.hi = jnp.minimum(self.hi, hi.astype(self.hi.dtype))
-            self.lo = jnp.maximum(self.lo, lo.astype(self.lo.dtype))
-            self._record(sigma)
-            return sigma
-        sigma = jnp.sign(v + (self.direction * self.tau).astype(v.dtype) * s)
-        self.keep_nonneg(sigma * v, sigma * s)
+        # sijax/kernels/decide.py: the jnp reference, or the fused Pallas kernel.
+        sigma, lo, hi = decide_kernel.decide(v, s, self.z, self.direction, self.tau)
+        self.hi = jnp.minimum(self.hi, hi.astype(self.hi.dtype))
+        self.lo = jnp.maximum(self.lo, lo.astype(self.lo.dtype))
         self._record(sigma)
         return sigma
 
