@@ -244,6 +244,24 @@ def test_model_that_is_not_piecewise_linear_is_named(model, example):
         )
 
 
+@pytest.mark.parametrize("termination", ["precision", "decision"])
+def test_memo_gives_the_same_search(model, example, termination):
+    """The step memo changes the work, not the pieces or the p-value."""
+    x, x_ref, nz = example
+    out = [
+        dal_test(
+            model, x, x_ref, sigma=1.0, noises=nz,
+            config=DALConfig(termination=termination, memo=memo),
+        )  # fmt: skip
+        for memo in (True, False)
+    ]
+    assert out[0].search_count == out[1].search_count > 1
+    np.testing.assert_allclose(out[0].p_value, out[1].p_value, rtol=1e-10)
+    np.testing.assert_allclose(
+        out[0].truncated_intervals, out[1].truncated_intervals, rtol=1e-10, atol=1e-10
+    )
+
+
 def test_batch_equals_single(model, example, exhaustive):
     x, x_ref, nz = example
     xs = np.stack([x, x])

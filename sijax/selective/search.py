@@ -43,7 +43,7 @@ Everything runs in one capped ``lax.while_loop`` with a single call site of
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +147,8 @@ class _State(NamedTuple):
     u_out: jax.Array  # () ... outside A
     status: jax.Array  # () int32
     done: jax.Array  # () bool
+    memo_right: Any  # oracle memo of the walk to the right (() without a memo)
+    memo_left: Any  # ... to the left
 
 
 def _check_options(policy, termination, alternative, max_pieces):
@@ -172,6 +174,7 @@ def search(
     max_pieces: int = 2048,
     margin: float = 10.0,
     throw: bool = False,
+    memo: Any = None,
 ) -> SearchResult:
     """Search the line for Zset and compute the selective p-value (spec section 5).
 
@@ -196,6 +199,11 @@ def search(
       margin: "exhaustive" covers [-margin - |z_obs|, margin + |z_obs|].
       throw: raise :class:`SearchError` when the status is not OK (on concrete results
         at once; inside jit through a host callback at run time).
+      memo: optional initial state of a stateful oracle. With a memo, the oracle is
+        ``piece_fn(params, z, direction, memo) -> (lo, hi, accept, memo)`` and the
+        search keeps one memo per side (the walks right and left each continue from
+        their own), e.g. the step memo of :func:`sijax.tracking.track_memo`. The
+        pieces, and so the result, are those of the oracle without memo.
 
     Returns:
       :class:`SearchResult`.
@@ -237,7 +245,24 @@ def search(
         go_right = need_right & (~need_left | (jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)))
         zq = jnp.where(first, z_obs, jnp.where(go_right, s.hi_s, s.lo_s))
         direction = jnp.where(first | go_right, 1, -1).astype(jnp.int32)
-        lo, hi, accept = piece_fn(params, zq, direction)
+        if memo is None:
+            lo, hi, accept = piece_fn(params, zq, direction)
+            memo_right = memo_left = ()
+        else:
+            side_memo = jax.tree.map(
+                lambda r, l_: jnp.where(first | go_right, r, l_),
+                s.memo_right,
+                s.memo_left,
+            )
+            lo, hi, accept, new_memo = piece_fn(params, zq, direction, side_memo)
+            keep_right = first | go_right
+            keep_left = first | ~go_right
+            memo_right = jax.tree.map(
+                lambda n, o: jnp.where(keep_right, n, o), new_memo, s.memo_right
+            )
+            memo_left = jax.tree.map(
+                lambda n, o: jnp.where(keep_left, n, o), new_memo, s.memo_left
+            )
         lo = jnp.asarray(lo, jnp.float64)
         hi = jnp.asarray(hi, jnp.float64)
         accept = jnp.asarray(accept, bool)
@@ -286,6 +311,8 @@ def search(
             u_out=u_out,
             status=status,
             done=status != SearchStatus.OK,
+            memo_right=memo_right,
+            memo_left=memo_left,
         )
         bounds = bounds_from_log_masses(new.t_in, new.t_out, u_in, u_out, alternative)
         done = new.done | finished(new, bounds)
@@ -316,6 +343,8 @@ def search(
             jnp.int32
         ),
         done=nan_z,
+        memo_right=() if memo is None else memo,
+        memo_left=() if memo is None else memo,
     )
     s = lax.while_loop(lambda s: ~s.done, body, init)
 

@@ -4,7 +4,13 @@ Imports nothing from `sijax.diffusion` or `sijax.detect`: it works on any JAX fu
 """
 
 from sijax.tracking.affine import Affine, Piece
-from sijax.tracking.interpreter import DEFAULT_TIE_TOL, evaluate, track
+from sijax.tracking.interpreter import (
+    DEFAULT_TIE_TOL,
+    evaluate,
+    memo_init,
+    track,
+    track_memo,
+)
 from sijax.tracking.propagate import LinePieces, enumerate_line
 from sijax.tracking.search import (
     COVERED,
@@ -28,5 +34,7 @@ __all__ = [
     "enumerate_line",
     "enumerate_pieces",
     "evaluate",
+    "memo_init",
     "track",
+    "track_memo",
 ]

@@ -13,6 +13,7 @@ real loop is built; constants that must join are promoted to `Lin(c, 0)`.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,46 @@ def _sub_jaxpr(eqn):
     raise KeyError(f"no sub-jaxpr in {eqn.primitive.name}")  # pragma: no cover
 
 
+class StepMemo(NamedTuple):
+    """What `track_memo` keeps of one top-level scan, per step k (leading axis T).
+
+    On the line t, the carry after step k is value + slope * (t - z[k]) for every t in
+    [lo[k], hi[k]], the piece of all decisions up to and including step k.
+    """
+
+    z: jax.Array  # (T,) where the step was last evaluated
+    lo: jax.Array  # (T,) prefix piece of steps 0..k (lo[k] is non-decreasing)
+    hi: jax.Array  # (T,) (hi[k] is non-increasing)
+    fp: jax.Array  # (T,) decision fingerprint after step k
+    carry: list  # flat carry after step k, each (T, ...)
+    ys: list  # flat per-step outputs, each (T, ...)
+
+
+def _shift(flat: list, flags: Sequence[bool], z_from, z_to) -> list:
+    """Moves the (value, slope) pairs of a flat list from z_from to z_to."""
+    out, it = [], iter(flat)
+    for f in flags:
+        if f:
+            v, s = next(it), next(it)
+            out.extend([v + s * (z_to - z_from).astype(v.dtype), s])
+        else:
+            out.append(next(it))
+    return out
+
+
+def _reusable_steps(ctx, cached: StepMemo) -> jax.Array:
+    """How many leading steps of the cached scan still hold at (ctx.z, direction).
+
+    Step k holds if z lies in its prefix piece and more than tau inside on the side of
+    the direction (so that a fresh evaluation would take every sign the same way).
+    """
+    z, tau = ctx.z, ctx.tau
+    inside = (cached.lo <= z) & (z <= cached.hi)
+    margin = jnp.where(ctx.direction > 0, cached.hi > z + tau, cached.lo < z - tau)
+    ok = (inside & margin).astype(jnp.int32)
+    return jnp.sum(jnp.cumprod(ok))
+
+
 def call_rule(ctx, eqn, invals) -> list:
     """jit / pjit / closed_call / custom_jvp_call / custom_vjp_call / remat: inline."""
     return ctx.eval(_sub_jaxpr(eqn), invals)
@@ -98,16 +139,85 @@ def scan_rule(ctx, eqn, invals) -> list:
         carry_flags = grown
 
     init = [promote(c, f) for c, f in zip(init, carry_flags, strict=True)]
-    (state, carry_flat), ys_flat = lax.scan(
-        lambda c, x: step(c, x, carry_flags),
-        (ctx.state, flatten(init)),
-        flatten(xs),
-        length=p["length"],
-        reverse=p["reverse"],
-        unroll=p["unroll"],
-    )
+    memoising, cached = ctx.memo_entry()
+    if memoising and not p["reverse"]:
+        state, carry_flat, ys_flat = _memo_scan(
+            ctx, p, step, carry_flags, record["ys"], init, xs, cached
+        )
+    else:
+        (state, carry_flat), ys_flat = lax.scan(
+            lambda c, x: step(c, x, carry_flags),
+            (ctx.state, flatten(init)),
+            flatten(xs),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p["unroll"],
+        )
     ctx.set_state(state)
     return unflatten(carry_flat, carry_flags) + unflatten(ys_flat, record["ys"])
+
+
+def _memo_scan(ctx, p, step, carry_flags, ys_flags, init, xs, cached):
+    """The scan of `scan_rule` with the step memo (`sijax.tracking.track_memo`).
+
+    Steps k < k* (those that still hold) are not evaluated: `lax.cond` takes their
+    outputs from the memo, moved to z. The memo written back keeps the old entry of a
+    reused step (no drift from repeated moves) and the fresh one of a computed step.
+    """
+    length = p["length"]
+    z = ctx.z
+
+    def fresh(state, carry_flat, x_flat):
+        (st, new_flat), ys = step((state, carry_flat), x_flat, carry_flags)
+        return (st, new_flat, ys), StepMemo(z, st[0], st[1], st[2], new_flat, ys)
+
+    if cached is None:
+
+        def body(c, x_flat):
+            (st, new_flat, ys), m = fresh(c[0], c[1], x_flat)
+            return (st, new_flat), (ys, m)
+
+        (state, carry_flat), (ys_flat, memo) = lax.scan(
+            body,
+            (ctx.state, flatten(init)),
+            flatten(xs),
+            length=length,
+            unroll=p["unroll"],
+        )
+        ctx.memo_out.append(memo)
+        return state, carry_flat, ys_flat
+
+    k_star = _reusable_steps(ctx, cached)
+
+    def body(c, x):
+        x_flat, k, m = x
+        state, carry_flat = c
+
+        def reuse(_):
+            st = (jnp.maximum(state[0], m.lo), jnp.minimum(state[1], m.hi), m.fp)
+            out = (
+                st,
+                _shift(m.carry, carry_flags, m.z, z),
+                _shift(m.ys, ys_flags, m.z, z),
+            )
+            return out, m
+
+        def compute(_):
+            return fresh(state, carry_flat, x_flat)
+
+        (st, new_flat, ys), m_out = lax.cond(k < k_star, reuse, compute, None)
+        return (st, new_flat), (ys, m_out)
+
+    steps = jnp.arange(length, dtype=jnp.int32)
+    (state, carry_flat), (ys_flat, memo) = lax.scan(
+        body,
+        (ctx.state, flatten(init)),
+        (flatten(xs), steps, cached),
+        length=length,
+        unroll=p["unroll"],
+    )
+    ctx.memo_out.append(memo)
+    return state, carry_flat, ys_flat
 
 
 def cond_rule(ctx, eqn, invals) -> list:

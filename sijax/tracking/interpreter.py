@@ -79,12 +79,19 @@ class Context:
     indices) that the tests use to check that a piece ends where some decision changes.
     """
 
-    def __init__(self, z, direction, tau, state, fingerprint: bool, shared=None):
+    def __init__(
+        self, z, direction, tau, state, fingerprint: bool, shared=None, memo=None
+    ):
         self.z, self.direction, self.tau = z, direction, tau
         self.lo, self.hi, self.fp = state
         self.fingerprint = fingerprint
         # Shared by all children: a decision counter and the stack of open equations.
         self.shared = shared if shared is not None else {"count": 0, "stack": []}
+        # Step memo of the top-level scans (sijax.tracking.memo): the entries read
+        # (None: nothing cached yet) and written, in the order the scans are met. Only
+        # the root context memoises; loop bodies and branches run plainly.
+        self.memo = memo
+        self.memo_out: list = []
 
     # -- state ------------------------------------------------------------------
     @property
@@ -99,6 +106,13 @@ class Context:
         return Context(
             self.z, self.direction, self.tau, state, self.fingerprint, self.shared
         )
+
+    def memo_entry(self):
+        """(memoising, the cached entry of the next top-level scan or None)."""
+        if self.memo is None:
+            return False, None
+        slot = len(self.memo_out)
+        return True, (self.memo[slot] if slot < len(self.memo) else None)
 
     def eval(self, jaxpr, args) -> list:
         """Interprets a (closed or open) sub-jaxpr on interpreter values."""
@@ -221,17 +235,14 @@ def make_line_jaxpr(f: Callable, shape, dtype):
     return closed, jax.tree.structure(out_shape)
 
 
-def track_jaxpr(
-    closed, treedef, a, b, z, direction=1, *, tie_tol=DEFAULT_TIE_TOL, fingerprint=False
-):
-    """`track` on an already traced jaxpr. Returns (Piece, fingerprint scalar)."""
+def _run(closed, treedef, a, b, z, direction, tie_tol, fingerprint, memo):
     dtype = a.dtype
     z = jnp.asarray(z, dtype)
     direction = jnp.asarray(direction, dtype)
     tau = jnp.asarray(tie_tol, dtype) * jnp.maximum(1.0, jnp.abs(z))
     inf = jnp.asarray(jnp.inf, dtype)
     state = (-inf, inf, jnp.zeros((), dtype))
-    ctx = Context(z, direction, tau, state, fingerprint)
+    ctx = Context(z, direction, tau, state, fingerprint, memo=memo)
     outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [Lin(a + b * z, b)])
     leaves = []
     for x, aval in zip(outs, closed.out_avals, strict=True):
@@ -244,7 +255,58 @@ def track_jaxpr(
             else:
                 leaves.append(x)
     out = jax.tree.unflatten(treedef, leaves)
-    return Piece(out, ctx.lo, ctx.hi), ctx.fp
+    return Piece(out, ctx.lo, ctx.hi), ctx.fp, tuple(ctx.memo_out)
+
+
+def track_jaxpr(
+    closed, treedef, a, b, z, direction=1, *, tie_tol=DEFAULT_TIE_TOL, fingerprint=False
+):
+    """`track` on an already traced jaxpr. Returns (Piece, fingerprint scalar)."""
+    piece, fp, _ = _run(closed, treedef, a, b, z, direction, tie_tol, fingerprint, None)
+    return piece, fp
+
+
+def track_jaxpr_memo(
+    closed,
+    treedef,
+    a,
+    b,
+    z,
+    direction,
+    memo,
+    *,
+    tie_tol=DEFAULT_TIE_TOL,
+    fingerprint=False,
+):
+    """`track_jaxpr` that reuses and returns the step memo (see `track_memo`).
+
+    Returns:
+      (Piece, fingerprint scalar, new memo).
+    """
+    return _run(closed, treedef, a, b, z, direction, tie_tol, fingerprint, memo)
+
+
+def memo_init_jaxpr(closed, treedef, a, b, *, tie_tol=DEFAULT_TIE_TOL):
+    """The empty step memo (nothing cached) for `track_jaxpr_memo` on this jaxpr."""
+    shapes = jax.eval_shape(
+        lambda a, b: _run(closed, treedef, a, b, 0.0, 1, tie_tol, False, ())[2], a, b
+    )
+    return tuple(empty_entry(e) for e in shapes)
+
+
+def empty_entry(shapes):
+    """A memo entry of the given shapes in which no step is valid."""
+    from sijax.tracking.control import StepMemo
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return StepMemo(
+        z=zeros.z,
+        lo=jnp.full_like(zeros.lo, jnp.inf),
+        hi=jnp.full_like(zeros.hi, -jnp.inf),
+        fp=zeros.fp,
+        carry=zeros.carry,
+        ys=zeros.ys,
+    )
 
 
 def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Piece]:
@@ -279,6 +341,42 @@ def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Pie
         closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
         piece, _ = track_jaxpr(closed, treedef, a, b, z, direction, tie_tol=tie_tol)
         return piece
+
+    return tracked
+
+
+def memo_init(f: Callable, a, b, *, tie_tol: float = DEFAULT_TIE_TOL):
+    """The empty step memo of `track_memo(f)` on the line a + b t (nothing cached)."""
+    a, b = _validate(a, b, 0.0, 1)
+    closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
+    return memo_init_jaxpr(closed, treedef, a, b, tie_tol=tie_tol)
+
+
+def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
+    """`track` that skips the sampler steps whose piece still holds.
+
+    `track_memo(f)(a, b, z, direction, memo) -> (piece, memo)` returns the same piece
+    as `track(f)(a, b, z, direction)` (affine forms equal to rounding) and a new memo.
+    For every top-level `lax.scan` of f (a sampler's steps) the memo keeps, per step,
+    the affine forms of the step's outputs and the piece [lo_k, hi_k] of everything up
+    to and including that step. Where z lies inside [lo_k, hi_k] and more than the tie
+    tolerance away from its end on the side of `direction`, no decision up to step k
+    changes, so steps 0..k are not evaluated: their outputs are their affine forms at
+    z. A walk along the line recomputes only from the step whose units flip; across a
+    breakpoint the values are continuous and only the later steps' slopes change.
+
+    The memo is only valid for the same line (a, b) and the same constants of f: start
+    each line with `memo_init(f, a, b)`. Skipping needs a scalar z (under `vmap` the
+    skipped steps are computed and discarded: the result is the same, the work too).
+    """
+
+    def tracked(a, b, z, direction, memo):
+        a, b = _validate(a, b, z, direction)
+        closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
+        piece, _, memo = track_jaxpr_memo(
+            closed, treedef, a, b, z, direction, memo, tie_tol=tie_tol
+        )
+        return piece, memo
 
     return tracked
 

@@ -1,0 +1,85 @@
+"""The step memo (`track_memo`): skipping sampler steps gives the pieces of `track`.
+
+Oracle: `track` itself, evaluated afresh at every query point. A walk over the v5-like
+sampler of test_tracking_sampler, right then left and alternating between the two ends
+(as the search's pi3 policy does), must give the same piece ends and affine forms, and
+must actually skip steps. The memo inside `enumerate_pieces` is covered by the dense
+grid checks of test_tracking_sampler; the DAL test with and without the memo is
+compared in test_dal.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_tracking_sampler import (
+    STEPS,
+    _ddim_constants,
+    _init,
+    _line_through,
+    _noises,
+    _pipeline,
+    _unet,
+)
+
+from sijax.tracking import memo_init, track, track_memo
+from sijax.tracking.control import _reusable_steps
+
+
+def _sampler():
+    params, noises = _init(0), _noises(1)
+    coefs, steps = _ddim_constants(), jnp.arange(len(STEPS))
+
+    def f(x):
+        with jax.default_matmul_precision("highest"):
+            return _pipeline(
+                lambda x_t, k: _unet(params, x_t, k), noises, coefs, steps, x
+            )
+
+    x_obs = np.random.default_rng(2).normal(size=(8, 8, 1))
+    x_obs[2:5, 3:6] += 2.0
+    a, b, z_obs = _line_through(x_obs, 0)
+    return f, a, b, float(z_obs)
+
+
+def _same_piece(p, q):
+    np.testing.assert_allclose(float(p.lo), float(q.lo), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(float(p.hi), float(q.hi), rtol=1e-11, atol=1e-11)
+    for x, y in zip(jax.tree.leaves(p.out), jax.tree.leaves(q.out), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-9, atol=1e-9)
+
+
+def test_memo_walk_equals_fresh_tracking():
+    f, a, b, z_obs = _sampler()
+    fresh = jax.jit(track(f))
+    memo_fn = jax.jit(track_memo(f))
+
+    class _At:  # the three numbers _reusable_steps reads from a tracking context
+        def __init__(self, z, direction):
+            self.z, self.direction = jnp.asarray(z), direction
+            self.tau = 1e-10 * max(1.0, abs(z))
+
+    # Alternate between the right and the left end, one memo per side (the search).
+    memo = memo_init(f, a, b)
+    first, memo = memo_fn(a, b, z_obs, 1, memo)
+    _same_piece(first, fresh(a, b, z_obs, 1))
+    ends = {1: float(first.hi), -1: float(first.lo)}
+    memos = {1: memo, -1: memo}
+    skipped = 0
+    for i in range(40):
+        d = 1 if i % 3 else -1
+        z = ends[d]
+        skipped += int(_reusable_steps(_At(z, d), memos[d][0]))
+        p, memos[d] = memo_fn(a, b, z, d, memos[d])
+        _same_piece(p, fresh(a, b, z, d))
+        ends[d] = float(p.hi if d > 0 else p.lo)
+    assert ends[1] > ends[-1]
+    assert skipped > 0, "the walk should reuse some steps"
+
+
+def test_empty_memo_reuses_nothing_and_a_foreign_point_recomputes():
+    f, a, b, z_obs = _sampler()
+    memo_fn = jax.jit(track_memo(f))
+    p, memo = memo_fn(a, b, z_obs, 1, memo_init(f, a, b))
+    # A point far outside every cached piece: nothing may be taken from the memo.
+    far = float(p.hi) + 50.0
+    _same_piece(memo_fn(a, b, far, 1, memo)[0], jax.jit(track(f))(a, b, far, 1))
