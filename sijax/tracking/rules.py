@@ -81,7 +81,32 @@ def bilinear_rule(ctx, eqn, invals) -> list:
     """mul, dot_general, conv: linear when at most one operand depends on the line."""
     if sum(map(is_lin, invals)) > 1:
         ctx.fail(eqn, "it multiplies two line-dependent operands")
+    if eqn.primitive.name in STACKED:
+        return _stacked_product(eqn, invals)
     return linear_rule(ctx, eqn, invals)
+
+
+# Products whose value and slope go through one product with twice the rows.
+STACKED = ("dot_general", "conv_general_dilated")
+
+
+def _stacked_product(eqn, invals) -> list:
+    """Value and slope of a product with a constant as ONE product.
+
+    The product is linear in its line-dependent operand, so value and slope are the
+    same map applied to two arrays. `vmap` over the pair folds the pair axis into a
+    free (row or batch) dimension of that operand: one matrix product with twice the
+    rows, which the CPU runs faster than two (better blocking at these small sizes).
+    """
+    i = next(k for k, x in enumerate(invals) if is_lin(x))
+
+    def apply(u):
+        args = list(invals)
+        args[i] = u
+        return bind(eqn, args)[0]
+
+    out = jax.vmap(apply)(jnp.stack([invals[i].value, invals[i].slope]))
+    return [Lin(out[0], out[1])]
 
 
 def div_rule(ctx, eqn, invals) -> list:
