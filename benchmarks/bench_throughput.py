@@ -6,8 +6,9 @@ and reference, the evaluation setting of the paper's type I error runs) with the
 one exists and a random initialisation of the same v5 U-Net otherwise. Compile time is
 reported apart (first call); the timed call uses new images and noises of the same
 shape and ends with `block_until_ready`. Images whose region is empty count as done
-(they need no search). A vmapped search runs until its slowest image is done, so a
-batch costs about its slowest member.
+(they need no search). `lanes` images are searched in lockstep (vmap) and the rest of
+the batch in turn (default: all of them on a GPU, one per device on a CPU); a lockstep
+search runs until its slowest lane is done.
 
 Memory per image: XLA's buffer assignment of the compiled program (temporaries +
 arguments + outputs) divided by the batch size.
