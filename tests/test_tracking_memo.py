@@ -3,9 +3,9 @@
 Oracle: `track` itself, evaluated afresh at every query point. A walk over the v5-like
 sampler of test_tracking_sampler, right then left and alternating between the two ends
 (as the search's pi3 policy does), must give the same piece ends and affine forms, and
-must actually skip steps. The memo inside `enumerate_pieces` is covered by the dense
-grid checks of test_tracking_sampler; the DAL test with and without the memo is
-compared in test_dal.
+must actually skip steps (`track` itself is checked against a dense grid in
+test_tracking_sampler); the DAL test with and without the memo is compared in
+test_dal.
 """
 
 import jax

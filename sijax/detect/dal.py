@@ -321,9 +321,14 @@ def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=Non
     b = xs.shape[0]
     lanes = b if lanes is None else lanes
 
+    # The step memo skips work only in an unbatched search; under vmap its branch
+    # becomes a select that computes both sides (and JAX's batching of that branch
+    # fails on some convolutions), so lockstep lanes run without it.
+    cfg = config if lanes == 1 else dataclasses.replace(config, memo=False)
+
     def lane(xs_l, refs_l, nz_l):
         return jax.lax.map(
-            lambda args: _core(model, *args, cov, cov_ref, nums, config),
+            lambda args: _core(model, *args, cov, cov_ref, nums, cfg),
             (xs_l, refs_l, nz_l),
         )
 

@@ -23,8 +23,9 @@ constant on the open piece and at z.
 Batching. Every rule is a pure function of jnp arrays, and the value and the slope of a
 `Lin` always have the same shape, so the whole pass vmaps over lines, start points and
 directions (one trace). Linear rules go through `jax.jvp`, except products with a
-constant (dot_general, convolution), whose value and slope are stacked into one product
-with twice the rows (`rules._stacked_product`; 15% less time per piece at 16x16).
+constant (dot_general, e.g. the im2col convolutions), whose value and slope are
+stacked into one product with twice the rows (`rules._stacked_product`; 15% less
+time per piece at 16x16).
 """
 
 from collections.abc import Callable
@@ -366,8 +367,10 @@ def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
     breakpoint the values are continuous and only the later steps' slopes change.
 
     The memo is only valid for the same line (a, b) and the same constants of f: start
-    each line with `memo_init(f, a, b)`. Skipping needs a scalar z (under `vmap` the
-    skipped steps are computed and discarded: the result is the same, the work too).
+    each line with `memo_init(f, a, b)`. Use it unbatched: under `vmap` over z the
+    skip becomes a select that computes every step (no gain), and JAX's batching of
+    that branch broadcasts the constants (network weights), which some convolutions
+    do not support; `dal_test_batch` therefore turns the memo off for lockstep lanes.
     """
 
     def tracked(a, b, z, direction, memo):

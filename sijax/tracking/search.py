@@ -20,8 +20,7 @@ from sijax.tracking.interpreter import (
     DEFAULT_TIE_TOL,
     _validate,
     make_line_jaxpr,
-    memo_init_jaxpr,
-    track_jaxpr_memo,
+    track_jaxpr,
 )
 
 COVERED = 0  # the pieces tile [z_min, z_max]
@@ -114,16 +113,11 @@ def enumerate_pieces(
     closed, treedef = make_line_jaxpr(f, a.shape, dtype)
     summarize = summary if summary is not None else (lambda out: ())
 
-    def piece_at(z, memo):
-        # The step memo (track_memo): walking right, only the sampler steps from the
-        # one whose units flip onwards are evaluated again.
-        piece, _, memo = track_jaxpr_memo(
-            closed, treedef, a, b, z, 1, memo, tie_tol=tie_tol
-        )
-        return piece, summarize(piece.out), memo
+    def piece_at(z):
+        piece, _ = track_jaxpr(closed, treedef, a, b, z, 1, tie_tol=tie_tol)
+        return piece, summarize(piece.out)
 
-    memo0 = memo_init_jaxpr(closed, treedef, a, b, tie_tol=tie_tol)
-    summ_shape = jax.eval_shape(lambda z: piece_at(z, memo0)[1], z_min)
+    summ_shape = jax.eval_shape(lambda z: piece_at(z)[1], z_min)
     nan = jnp.full((max_pieces,), jnp.nan, dtype)
     init = (
         jnp.zeros((), jnp.int32),
@@ -131,7 +125,6 @@ def enumerate_pieces(
         nan,
         nan,
         jax.tree.map(lambda s: jnp.zeros((max_pieces, *s.shape), s.dtype), summ_shape),
-        memo0,
     )
 
     def cond(loop):
@@ -139,15 +132,15 @@ def enumerate_pieces(
         return (k < max_pieces) & ((k == 0) | (cursor < z_max))
 
     def body(loop):
-        k, cursor, lo, hi, summ, memo = loop
-        piece, value, memo = piece_at(cursor, memo)
+        k, cursor, lo, hi, summ = loop
+        piece, value = piece_at(cursor)
         end = jnp.minimum(piece.hi, z_max)
         lo = lo.at[k].set(cursor)
         hi = hi.at[k].set(end)
         summ = jax.tree.map(lambda acc, v: acc.at[k].set(v), summ, value)
-        return k + 1, end, lo, hi, summ, memo
+        return k + 1, end, lo, hi, summ
 
-    count, cursor, lo, hi, summ, _ = lax.while_loop(cond, body, init)
+    count, cursor, lo, hi, summ = lax.while_loop(cond, body, init)
     status = jnp.where(cursor >= z_max, COVERED, MAX_PIECES).astype(jnp.int32)
     if throw:
         if isinstance(status, jax.core.Tracer):
