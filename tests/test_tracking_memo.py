@@ -11,32 +11,14 @@ test_dal.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_tracking_sampler import (
-    STEPS,
-    _ddim_constants,
-    _init,
-    _line_through,
-    _noises,
-    _pipeline,
-    _unet,
-)
+from test_tracking_sampler import _line_through, v5_like_sampler
 
 from sijax.tracking import memo_init, track, track_memo
 from sijax.tracking.control import _reusable_steps
 
 
 def _sampler():
-    params, noises = _init(0), _noises(1)
-    coefs, steps = _ddim_constants(), jnp.arange(len(STEPS))
-
-    def f(x):
-        with jax.default_matmul_precision("highest"):
-            return _pipeline(
-                lambda x_t, k: _unet(params, x_t, k), noises, coefs, steps, x
-            )
-
-    x_obs = np.random.default_rng(2).normal(size=(8, 8, 1))
-    x_obs[2:5, 3:6] += 2.0
+    f, x_obs = v5_like_sampler()
     a, b, z_obs = _line_through(x_obs, 0)
     return f, a, b, float(z_obs)
 

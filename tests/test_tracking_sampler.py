@@ -160,7 +160,9 @@ def _checks(f, x_obs, seed):
     return pieces
 
 
-def test_v5_like_sampler_pieces_are_exact():
+def v5_like_sampler():
+    """(f, x_obs): the v5-like pipeline (seeded weights and noises) and an image with
+    a planted anomaly, so that some region is detected."""
     params, noises = _init(0), _noises(1)
     coefs, steps = _ddim_constants(), jnp.arange(len(STEPS))
 
@@ -171,7 +173,12 @@ def test_v5_like_sampler_pieces_are_exact():
             )
 
     x_obs = np.random.default_rng(2).normal(size=(SIZE, SIZE, 1))
-    x_obs[2:5, 3:6] += 2.0  # a planted anomaly, so that some region is detected
+    x_obs[2:5, 3:6] += 2.0
+    return f, x_obs
+
+
+def test_v5_like_sampler_pieces_are_exact():
+    f, x_obs = v5_like_sampler()
     # Float64 throughout: no 32-bit float anywhere in the traced tracker.
     a, b, _ = _line_through(x_obs, 0)
     text = str(jax.make_jaxpr(track(f))(a, b, 0.0))

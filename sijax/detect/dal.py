@@ -225,15 +225,21 @@ class _Core(NamedTuple):
     search: Any  # SearchResult
 
 
+def _mask_fn(params, config):
+    """x -> detected mask, for the oracle's fixed model, noises and threshold."""
+    model, noises, _, _, _, threshold = params
+    detect = _detector(model, noises, config, threshold)
+    return lambda x: detect(x)[2]
+
+
 def _piece_oracle(params, z, direction, memo=None, *, config):
     """Piece of the detection pipeline at z and whether its mask is the observed one.
 
     With a ``memo`` (``config.memo``), the step memo of :func:`track_memo` goes in and
     out as well.
     """
-    model, noises, a, b, mask_obs, threshold = params
-    detect = _detector(model, noises, config, threshold)
-    mask_fn = lambda x: detect(x)[2]  # noqa: E731
+    _, _, a, b, mask_obs, _ = params
+    mask_fn = _mask_fn(params, config)
     if memo is None:
         piece = track(mask_fn)(a, b, z, direction)
         return piece.lo, piece.hi, jnp.all(piece.out == mask_obs)
@@ -245,9 +251,7 @@ def _oracle_memo(params, config):
     """The empty step memo of the oracle's line, or None without ``config.memo``."""
     if not config.memo:
         return None
-    model, noises, a, b, _, threshold = params
-    detect = _detector(model, noises, config, threshold)
-    return memo_init(lambda x: detect(x)[2], a, b)
+    return memo_init(_mask_fn(params, config), params[2], params[3])
 
 
 def _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
@@ -321,26 +325,27 @@ def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=Non
     b = xs.shape[0]
     lanes = b if lanes is None else lanes
 
-    # The step memo skips work only in an unbatched search; under vmap its branch
-    # becomes a select that computes both sides (and JAX's batching of that branch
-    # fails on some convolutions), so lockstep lanes run without it.
-    cfg = config if lanes == 1 else dataclasses.replace(config, memo=False)
-
-    def lane(xs_l, refs_l, nz_l):
+    def lane(xs_l, refs_l, nz_l, cfg):
         return jax.lax.map(
             lambda args: _core(model, *args, cov, cov_ref, nums, cfg),
             (xs_l, refs_l, nz_l),
         )
 
-    split = functools.partial(
-        jax.tree.map, lambda a: a.reshape(lanes, b // lanes, *a.shape[1:])
-    )
     if lanes == 1:
-        # No vmap over a single lane: a batched predicate would turn the memo's
-        # lax.cond (skip the steps that still hold) into a select that computes both.
-        out = jax.tree.map(lambda a: a[None], lane(xs, x_refs, noises))
+        # No vmap over a single lane, so that the step memo's lax.cond (skip the
+        # sampler steps that still hold) stays a branch.
+        out = jax.tree.map(lambda a: a[None], lane(xs, x_refs, noises, config))
     else:
-        out = jax.vmap(lane)(split(xs), split(x_refs), split(noises))
+        # Lockstep lanes: a batched predicate turns the memo's branch into a select
+        # that computes both sides (and JAX's batching of it broadcasts the weights,
+        # which some convolutions do not support), so the memo is off.
+        split = functools.partial(
+            jax.tree.map, lambda a: a.reshape(lanes, b // lanes, *a.shape[1:])
+        )
+        cfg = dataclasses.replace(config, memo=False)
+        out = jax.vmap(functools.partial(lane, cfg=cfg))(
+            split(xs), split(x_refs), split(noises)
+        )
     return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 

@@ -249,20 +249,16 @@ def search(
             lo, hi, accept = piece_fn(params, zq, direction)
             memo_right = memo_left = ()
         else:
-            side_memo = jax.tree.map(
-                lambda r, l_: jnp.where(first | go_right, r, l_),
-                s.memo_right,
-                s.memo_left,
-            )
+            # The first piece starts both walks; later ones continue their side's.
+            right, left = first | go_right, first | ~go_right
+
+            def pick(use_new, new, old):
+                return jax.tree.map(lambda n, o: jnp.where(use_new, n, o), new, old)
+
+            side_memo = pick(right, s.memo_right, s.memo_left)
             lo, hi, accept, new_memo = piece_fn(params, zq, direction, side_memo)
-            keep_right = first | go_right
-            keep_left = first | ~go_right
-            memo_right = jax.tree.map(
-                lambda n, o: jnp.where(keep_right, n, o), new_memo, s.memo_right
-            )
-            memo_left = jax.tree.map(
-                lambda n, o: jnp.where(keep_left, n, o), new_memo, s.memo_left
-            )
+            memo_right = pick(right, new_memo, s.memo_right)
+            memo_left = pick(left, new_memo, s.memo_left)
         lo = jnp.asarray(lo, jnp.float64)
         hi = jnp.asarray(hi, jnp.float64)
         accept = jnp.asarray(accept, bool)

@@ -75,6 +75,14 @@ class StepMemo(NamedTuple):
     carry: list  # flat carry after step k, each (T, ...)
     ys: list  # flat per-step outputs, each (T, ...)
 
+    @classmethod
+    def empty(cls, shapes: "StepMemo") -> "StepMemo":
+        """An entry of these shapes (ShapeDtypeStructs) in which no step is valid."""
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return zeros._replace(
+            lo=jnp.full_like(zeros.lo, jnp.inf), hi=jnp.full_like(zeros.hi, -jnp.inf)
+        )
+
 
 def _shift(flat: list, flags: Sequence[bool], z_from, z_to) -> list:
     """Moves the (value, slope) pairs of a flat list from z_from to z_to."""
@@ -163,57 +171,39 @@ def _memo_scan(ctx, p, step, carry_flags, ys_flags, init, xs, cached):
     Steps k < k* (those that still hold) are not evaluated: `lax.cond` takes their
     outputs from the memo, moved to z. The memo written back keeps the old entry of a
     reused step (no drift from repeated moves) and the fresh one of a computed step.
+    Without a cached entry (`memo_init` tracing the shapes) every step is computed.
     """
-    length = p["length"]
     z = ctx.z
-
-    def fresh(state, carry_flat, x_flat):
-        (st, new_flat), ys = step((state, carry_flat), x_flat, carry_flags)
-        return (st, new_flat, ys), StepMemo(z, st[0], st[1], st[2], new_flat, ys)
-
-    if cached is None:
-
-        def body(c, x_flat):
-            (st, new_flat, ys), m = fresh(c[0], c[1], x_flat)
-            return (st, new_flat), (ys, m)
-
-        (state, carry_flat), (ys_flat, memo) = lax.scan(
-            body,
-            (ctx.state, flatten(init)),
-            flatten(xs),
-            length=length,
-            unroll=p["unroll"],
-        )
-        ctx.memo_out.append(memo)
-        return state, carry_flat, ys_flat
-
-    k_star = _reusable_steps(ctx, cached)
+    k_star = 0 if cached is None else _reusable_steps(ctx, cached)
 
     def body(c, x):
         x_flat, k, m = x
         state, carry_flat = c
 
+        def compute(_):
+            (st, new_flat), ys = step((state, carry_flat), x_flat, carry_flags)
+            return (st, new_flat, ys), StepMemo(z, *st, new_flat, ys)
+
         def reuse(_):
             st = (jnp.maximum(state[0], m.lo), jnp.minimum(state[1], m.hi), m.fp)
-            out = (
-                st,
+            moved = (
                 _shift(m.carry, carry_flags, m.z, z),
                 _shift(m.ys, ys_flags, m.z, z),
             )
-            return out, m
+            return (st, *moved), m
 
-        def compute(_):
-            return fresh(state, carry_flat, x_flat)
-
-        (st, new_flat, ys), m_out = lax.cond(k < k_star, reuse, compute, None)
+        if m is None:
+            (st, new_flat, ys), m_out = compute(None)
+        else:
+            (st, new_flat, ys), m_out = lax.cond(k < k_star, reuse, compute, None)
         return (st, new_flat), (ys, m_out)
 
-    steps = jnp.arange(length, dtype=jnp.int32)
+    steps = jnp.arange(p["length"], dtype=jnp.int32)
     (state, carry_flat), (ys_flat, memo) = lax.scan(
         body,
         (ctx.state, flatten(init)),
         (flatten(xs), steps, cached),
-        length=length,
+        length=p["length"],
         unroll=p["unroll"],
     )
     ctx.memo_out.append(memo)

@@ -40,7 +40,7 @@ from jax.extend import source_info_util
 from sijax.errors import NotPiecewiseLinearError
 from sijax.kernels import decide as decide_kernel
 from sijax.tracking.affine import Affine, Lin, Piece
-from sijax.tracking.control import CONTROL_RULES
+from sijax.tracking.control import CONTROL_RULES, StepMemo
 from sijax.tracking.rules import RULES, bind, is_lin
 
 ALL_RULES = {**RULES, **CONTROL_RULES}
@@ -88,7 +88,7 @@ class Context:
         self.fingerprint = fingerprint
         # Shared by all children: a decision counter and the stack of open equations.
         self.shared = shared if shared is not None else {"count": 0, "stack": []}
-        # Step memo of the top-level scans (sijax.tracking.memo): the entries read
+        # Step memo of the top-level scans (`track_memo`): the entries read
         # (None: nothing cached yet) and written, in the order the scans are met. Only
         # the root context memoises; loop bodies and branches run plainly.
         self.memo = memo
@@ -267,49 +267,6 @@ def track_jaxpr(
     return piece, fp
 
 
-def track_jaxpr_memo(
-    closed,
-    treedef,
-    a,
-    b,
-    z,
-    direction,
-    memo,
-    *,
-    tie_tol=DEFAULT_TIE_TOL,
-    fingerprint=False,
-):
-    """`track_jaxpr` that reuses and returns the step memo (see `track_memo`).
-
-    Returns:
-      (Piece, fingerprint scalar, new memo).
-    """
-    return _run(closed, treedef, a, b, z, direction, tie_tol, fingerprint, memo)
-
-
-def memo_init_jaxpr(closed, treedef, a, b, *, tie_tol=DEFAULT_TIE_TOL):
-    """The empty step memo (nothing cached) for `track_jaxpr_memo` on this jaxpr."""
-    shapes = jax.eval_shape(
-        lambda a, b: _run(closed, treedef, a, b, 0.0, 1, tie_tol, False, ())[2], a, b
-    )
-    return tuple(empty_entry(e) for e in shapes)
-
-
-def empty_entry(shapes):
-    """A memo entry of the given shapes in which no step is valid."""
-    from sijax.tracking.control import StepMemo
-
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return StepMemo(
-        z=zeros.z,
-        lo=jnp.full_like(zeros.lo, jnp.inf),
-        hi=jnp.full_like(zeros.hi, -jnp.inf),
-        fp=zeros.fp,
-        carry=zeros.carry,
-        ys=zeros.ys,
-    )
-
-
 def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Piece]:
     """Exact piecewise-linear tracking of f along the line x(t) = a + b t.
 
@@ -350,7 +307,10 @@ def memo_init(f: Callable, a, b, *, tie_tol: float = DEFAULT_TIE_TOL):
     """The empty step memo of `track_memo(f)` on the line a + b t (nothing cached)."""
     a, b = _validate(a, b, 0.0, 1)
     closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
-    return memo_init_jaxpr(closed, treedef, a, b, tie_tol=tie_tol)
+    shapes = jax.eval_shape(
+        lambda a, b: _run(closed, treedef, a, b, 0.0, 1, tie_tol, False, ())[2], a, b
+    )
+    return tuple(StepMemo.empty(e) for e in shapes)
 
 
 def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
@@ -376,9 +336,7 @@ def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
     def tracked(a, b, z, direction, memo):
         a, b = _validate(a, b, z, direction)
         closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
-        piece, _, memo = track_jaxpr_memo(
-            closed, treedef, a, b, z, direction, memo, tie_tol=tie_tol
-        )
+        piece, _, memo = _run(closed, treedef, a, b, z, direction, tie_tol, False, memo)
         return piece, memo
 
     return tracked
