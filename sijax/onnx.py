@@ -866,36 +866,36 @@ def _im2col_conv2d(x, w, pads, strides, dilations):
     """2D convolution (one group) as one matrix product over shifted slices.
 
     Faster than ``lax.conv`` on CPUs at the small sizes of the DAL models, and made
-    of pad/slice/concatenate/dot_general only.
+    of pad/slice/concatenate/dot_general only. The product runs channels-last (NHWC
+    slices, kernel as (kh kw c, o)): with the input as the left operand its free
+    dimensions come first, so the tracker's stacked value-and-slope product needs no
+    transpose of the im2col matrix; only the input and output are transposed.
     """
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
+    o, c, kh, kw = w.shape
+    xt = jnp.transpose(x, (0, 2, 3, 1))
     xp = lax.pad(
-        x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), (*pads[0], 0), (*pads[1], 0)]
+        xt, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)]
     )
     (sh, sw), (dh, dw) = strides, dilations
-    hp, wp = xp.shape[2], xp.shape[3]
+    n, hp, wp, _ = xp.shape
     ho = (hp - (kh - 1) * dh - 1) // sh + 1
     wo = (wp - (kw - 1) * dw - 1) // sw + 1
-    if kh == kw == 1 and sh == sw == 1:
-        cols = xp.reshape(n, c, ho * wo)
-    else:
-        cols = jnp.stack(
-            [
-                lax.slice(
-                    xp,
-                    (0, 0, i * dh, j * dw),
-                    (n, c, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1),
-                    (1, 1, sh, sw),
-                ).reshape(n, c, ho * wo)
-                for i in range(kh)
-                for j in range(kw)
-            ],
-            axis=2,
-        )
-    cols = cols.reshape(n, c * kh * kw, ho * wo)
-    y = jnp.einsum("ok,nkp->nop", w.reshape(o, c * kh * kw), cols, precision=_HIGHEST)
-    return y.reshape(n, o, ho, wo)
+    cols = jnp.concatenate(
+        [
+            lax.slice(
+                xp,
+                (0, i * dh, j * dw, 0),
+                (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    k = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)
+    y = jnp.einsum("nhwk,ko->nhwo", cols, k, precision=_HIGHEST)
+    return jnp.transpose(y, (0, 3, 1, 2))
 
 
 @_op("Conv")
