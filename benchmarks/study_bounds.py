@@ -40,16 +40,24 @@ def score_pieces(size: int, half_width: float, cap: int) -> dict:
     _, a, b, z_obs, mask = _pipeline(size)
     model = load_model(f"dal_v5_{size}")
     config = DALConfig()
-    detect = _detector(model, draw_noises(jax.random.key(0), model.image_shape, config),
-                       config)  # fmt: skip
+    detect = _detector(
+        model, draw_noises(jax.random.key(0), model.image_shape, config), config
+    )
 
     def score(x):
         with jax.default_matmul_precision("highest"):
             return detect(x)[1]
 
     def run(a, b):
-        return enumerate_pieces(score, a, b, z_obs - half_width, z_obs + half_width,
-                                max_pieces=cap, summary=lambda o: (o.alpha, o.beta))  # fmt: skip
+        return enumerate_pieces(
+            score,
+            a,
+            b,
+            z_obs - half_width,
+            z_obs + half_width,
+            max_pieces=cap,
+            summary=lambda o: (o.alpha, o.beta),
+        )
 
     t0 = time.perf_counter()
     pieces = jax.block_until_ready(jax.jit(run)(a, b))
@@ -57,18 +65,25 @@ def score_pieces(size: int, half_width: float, cap: int) -> dict:
     if int(pieces.status) != 0:
         raise SystemExit(f"size {size}: the stretch needs more than {cap} pieces")
     return dict(
-        lo=np.asarray(pieces.lo[:k]), hi=np.asarray(pieces.hi[:k]),
+        lo=np.asarray(pieces.lo[:k]),
+        hi=np.asarray(pieces.hi[:k]),
         alpha=np.asarray(pieces.summary[0][:k]).reshape(k, -1),
         beta=np.asarray(pieces.summary[1][:k]).reshape(k, -1),
-        threshold=config.threshold, z_obs=z_obs, region=int(np.sum(mask)),
+        threshold=config.threshold,
+        z_obs=z_obs,
+        region=int(np.sum(mask)),
         seconds=time.perf_counter() - t0,
-    )  # fmt: skip
+    )
 
 
 def _decided_by_range(p, i, j) -> bool:
     """Pieces i..j: every pixel's true score range stays on one side of lambda."""
-    ends = np.concatenate([p["alpha"][i : j + 1] + p["beta"][i : j + 1] * p["lo"][i : j + 1, None],
-                           (p["alpha"][j] + p["beta"][j] * p["hi"][j])[None]])  # fmt: skip
+    ends = np.concatenate(
+        [
+            p["alpha"][i : j + 1] + p["beta"][i : j + 1] * p["lo"][i : j + 1, None],
+            (p["alpha"][j] + p["beta"][j] * p["hi"][j])[None],
+        ]
+    )
     lam = p["threshold"]
     return bool(np.all((ends.min(0) > lam) | (ends.max(0) < lam)))
 
@@ -101,10 +116,16 @@ def study(size: int, half_width: float, cap: int) -> dict:
     mid = 0.5 * (p["lo"] + p["hi"])
     inside = (p["alpha"] + p["beta"] * mid[:, None]) > p["threshold"]
     margin = np.abs(p["alpha"] + p["beta"] * p["lo"][:, None] - p["threshold"]).min(1)
-    row = dict(size=size, z_obs=p["z_obs"], half_width=half_width, region=p["region"],
-               pieces=len(p["lo"]), seconds=p["seconds"],
-               region_changes=int(np.sum(np.any(inside[1:] != inside[:-1], axis=1))),
-               margin_median=float(np.median(margin)))  # fmt: skip
+    row = dict(
+        size=size,
+        z_obs=p["z_obs"],
+        half_width=half_width,
+        region=p["region"],
+        pieces=len(p["lo"]),
+        seconds=p["seconds"],
+        region_changes=int(np.sum(np.any(inside[1:] != inside[:-1], axis=1))),
+        margin_median=float(np.median(margin)),
+    )
     for name, fn in (("range", _decided_by_range), ("hull", _decided_by_slope_hull)):
         lengths = greedy_cover(p, fn)
         row[name] = dict(stretches=len(lengths), longest=max(lengths))
@@ -115,21 +136,23 @@ def _section(rows) -> str:
     lines = [
         f"## {TITLE}",
         "",
-        "`benchmarks/study_bounds.py` (a study, not a timing): the exact pieces of the",
-        "score map along the bundled example's DAL line (committed `dal_v5_<size>`, 5 DDIM",
-        "steps, 3x3 mean filter, abs, threshold 0.8), then a greedy cover of the stretch",
-        "by stretches that a bound would decide at once: \"true range\" (the ideal, each",
-        "pixel's true min/max over the stretch) and \"true slope hull\" (start value plus",
-        "[min, max] of the exact slopes times the length: the best any derivative-interval",
-        "bound could do). Pieces / stretches is the most such a bound could cut network",
+        "`benchmarks/study_bounds.py` (a study, not a timing): the exact pieces",
+        "of the score map along the bundled example's DAL line (committed",
+        "`dal_v5_<size>`, 5 DDIM steps, 3x3 mean filter, abs, threshold 0.8), then",
+        "a greedy cover of the stretch by stretches that a bound would decide at",
+        'once: "true range" (the ideal, each pixel\'s true min/max over the stretch)',
+        'and "true slope hull" (start value plus [min, max] of the exact slopes',
+        "times the length: the best any derivative-interval bound could do).",
+        "Pieces / stretches is the most such a bound could cut network",
         "evaluations, before paying for the bound itself.",
         "",
         "```",
         "python benchmarks/study_bounds.py --sizes 8 16 --write",
         "```",
         "",
-        "| size | stretch | region (pixels) | pieces | region changes | median min margin "
-        "| stretches, true range (longest) | stretches, true slope hull (longest) |",
+        "| size | stretch | region (pixels) | pieces | region changes "
+        "| median min margin | stretches, true range (longest) "
+        "| stretches, true slope hull (longest) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

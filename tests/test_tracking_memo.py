@@ -11,14 +11,15 @@ test_dal.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_tracking_sampler import _line_through, v5_like_sampler
 
-from sijax.tracking import memo_init, track, track_memo
-from sijax.tracking.control import _reusable_steps
+from sijax.tracking import interpreter, memo_init, track, track_memo
+from sijax.tracking.control import StepMemo, _reusable_steps
 
 
-def _sampler():
-    f, x_obs = v5_like_sampler()
+def _sampler(flat=False):
+    f, x_obs = v5_like_sampler(flat)
     a, b, z_obs = _line_through(x_obs, 0)
     return f, a, b, float(z_obs)
 
@@ -30,8 +31,17 @@ def _same_piece(p, q):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-9, atol=1e-9)
 
 
-def test_memo_walk_equals_fresh_tracking():
-    f, a, b, z_obs = _sampler()
+def _skippable(ctx, memo) -> int:
+    """Leading units (scan steps, or segments of a flat program) reusable at ctx."""
+    lo = jnp.concatenate([m.lo for m in memo])
+    hi = jnp.concatenate([m.hi for m in memo])
+    return int(_reusable_steps(ctx, StepMemo(None, lo, hi, None, [], [])))
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["scan", "flat"])
+def test_memo_walk_equals_fresh_tracking(flat):
+    """The scan's steps, or (flat: the steps unrolled) the program's segments."""
+    f, a, b, z_obs = _sampler(flat)
     fresh = jax.jit(track(f))
     memo_fn = jax.jit(track_memo(f))
 
@@ -50,11 +60,12 @@ def test_memo_walk_equals_fresh_tracking():
     for i in range(40):
         d = 1 if i % 3 else -1
         z = ends[d]
-        skipped += int(_reusable_steps(_At(z, d), memos[d][0]))
+        skipped += _skippable(_At(z, d), memos[d])
         p, memos[d] = memo_fn(a, b, z, d, memos[d])
         _same_piece(p, fresh(a, b, z, d))
         ends[d] = float(p.hi if d > 0 else p.lo)
     assert ends[1] > ends[-1]
+    assert len(memo) == (interpreter.SEGMENTS if flat else 1)
     assert skipped > 0, "the walk should reuse some steps"
 
 

@@ -93,8 +93,11 @@ def _mean_filter(e):
     return s / 9.0
 
 
-def _pipeline(eps_fn, noises, coefs, steps, x):
-    """D(x) by DDIM (eta = 1), then score = |mean filter(D(x) - x)|, region > 0.8."""
+def _pipeline(eps_fn, noises, coefs, steps, x, flat=False):
+    """D(x) by DDIM (eta = 1), then score = |mean filter(D(x) - x)|, region > 0.8.
+
+    ``flat``: the steps unrolled in Python (no scan), as in an exported graph.
+    """
     eps0, eps = noises
     ab0 = _alpha_bar(STEPS[0])
     x_t = np.sqrt(ab0) * x + np.sqrt(1 - ab0) * eps0
@@ -106,7 +109,12 @@ def _pipeline(eps_fn, noises, coefs, steps, x):
         x0_hat = (x_t - sq_1m_ab_t * e_hat) / sq_ab_t
         return sq_ab_s * x0_hat + c1 * eps_k + c2 * e_hat, None
 
-    x0, _ = lax.scan(step, x_t, (steps, coefs, eps))
+    if flat:
+        x0 = x_t
+        for k in range(len(STEPS)):
+            x0, _ = step(x0, (steps[k], coefs[k], eps[k]))
+    else:
+        x0, _ = lax.scan(step, x_t, (steps, coefs, eps))
     score = jnp.sum(jnp.abs(_mean_filter(x0 - x)), axis=-1)
     return {"score": score, "mask": score > THRESHOLD}
 
@@ -160,16 +168,16 @@ def _checks(f, x_obs, seed):
     return pieces
 
 
-def v5_like_sampler():
+def v5_like_sampler(flat=False):
     """(f, x_obs): the v5-like pipeline (seeded weights and noises) and an image with
-    a planted anomaly, so that some region is detected."""
+    a planted anomaly, so that some region is detected; ``flat``: steps unrolled."""
     params, noises = _init(0), _noises(1)
     coefs, steps = _ddim_constants(), jnp.arange(len(STEPS))
 
     def f(x):
         with jax.default_matmul_precision("highest"):
             return _pipeline(
-                lambda x_t, k: _unet(params, x_t, k), noises, coefs, steps, x
+                lambda x_t, k: _unet(params, x_t, k), noises, coefs, steps, x, flat
             )
 
     x_obs = np.random.default_rng(2).normal(size=(SIZE, SIZE, 1))

@@ -34,13 +34,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from sijax.errors import NotPiecewiseLinearError
 from sijax.kernels import decide as decide_kernel
 from sijax.tracking.affine import Affine, Lin, Piece
-from sijax.tracking.control import CONTROL_RULES, StepMemo
+from sijax.tracking.control import (
+    CALLS,
+    CONTROL_RULES,
+    StepMemo,
+    _reusable_steps,
+    _shift,
+    _sub_jaxpr,
+    flags_of,
+    flatten,
+    unflatten,
+)
 from sijax.tracking.rules import RULES, bind, is_lin
 
 ALL_RULES = {**RULES, **CONTROL_RULES}
@@ -88,9 +99,10 @@ class Context:
         self.fingerprint = fingerprint
         # Shared by all children: a decision counter and the stack of open equations.
         self.shared = shared if shared is not None else {"count": 0, "stack": []}
-        # Step memo of the top-level scans (`track_memo`): the entries read
-        # (None: nothing cached yet) and written, in the order the scans are met. Only
-        # the root context memoises; loop bodies and branches run plainly.
+        # Step memo of the top-level scans, or of the segments of a flat program
+        # (`track_memo`): the entries read (None: nothing cached yet) and written, in
+        # the order met. Only the root context memoises; loop bodies and branches run
+        # plainly.
         self.memo = memo
         self.memo_out: list = []
 
@@ -184,18 +196,24 @@ class Context:
 def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
     """Interprets `jaxpr` on interpreter values (constants and `Lin`)."""
     env: dict = {}
-
-    def read(var):
-        if isinstance(var, jex_core.Literal):
-            return var.val
-        return env[var]
-
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    _eval_eqns(ctx, jaxpr.eqns, env)
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _read(env: dict, var):
+    if isinstance(var, jex_core.Literal):
+        return var.val
+    return env[var]
+
+
+def _eval_eqns(ctx: Context, eqns, env: dict) -> None:
+    """Runs equations in order, reading and writing `env` (var -> value)."""
+    for eqn in eqns:
+        invals = [_read(env, v) for v in eqn.invars]
         if not any(map(is_lin, invals)):
             outvals = bind(eqn, invals)
         else:
@@ -209,7 +227,119 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
                 ctx.shared["stack"].pop()
         for var, val in zip(eqn.outvars, outvals, strict=True):
             env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+
+
+# Segments of a flat program (no sampler scan) that the memo keeps, at most.
+SEGMENTS = 16
+
+
+def _reaches_scan(jaxpr) -> bool:
+    """Whether a top-level scan (the step memo's unit) is met, calls inlined."""
+    return any(
+        e.primitive.name == "scan"
+        or (e.primitive.name in CALLS and _reaches_scan(_sub_jaxpr(e).jaxpr))
+        for e in jaxpr.eqns
+    )
+
+
+def _segments(jaxpr, args, n_max: int):
+    """The line-dependent equations cut into up to n_max runs of about equal products.
+
+    Returns (constant equations, [(equations, live vars after the run)]): a var is
+    live after run s when a later run or the output reads it.
+    """
+    dep = {v for v, a in zip(jaxpr.invars, args, strict=True) if is_lin(a)}
+    const_eqns, lin_eqns = [], []
+    for e in jaxpr.eqns:
+        if any(not isinstance(v, jex_core.Literal) and v in dep for v in e.invars):
+            dep.update(e.outvars)
+            lin_eqns.append(e)
+        else:
+            const_eqns.append(e)
+    products = [
+        e.primitive.name in ("dot_general", "conv_general_dilated") for e in lin_eqns
+    ]
+    total = max(sum(products), 1)
+    n = min(n_max, total)
+    runs, done = [[] for _ in range(n)], 0
+    for e, is_product in zip(lin_eqns, products, strict=True):
+        runs[min(done * n // total, n - 1)].append(e)
+        done += is_product
+    runs = [r for r in runs if r]
+
+    def names(vs):
+        return {v for v in vs if not isinstance(v, jex_core.Literal)}
+
+    order = {v: i for i, v in enumerate(v for r in runs for e in r for v in e.outvars)}
+    defined, upto = set(), []
+    for r in runs:
+        defined |= {v for e in r for v in e.outvars}
+        upto.append(set(defined))
+    read_later, live = names(jaxpr.outvars), [None] * len(runs)
+    for k in range(len(runs) - 1, -1, -1):
+        live[k] = sorted(read_later & upto[k], key=order.__getitem__)
+        read_later |= {v for e in runs[k] for v in names(e.invars)}
+    return const_eqns, list(zip(runs, live, strict=True))
+
+
+def _eval_segments(ctx: Context, jaxpr, consts, args) -> list:
+    """`eval_jaxpr` of a flat root program with the memo kept per segment.
+
+    The step memo's unit is a sampler step; a program without a scan (an ONNX graph,
+    the sampler unrolled) is cut into segments instead (`_segments`). The memo keeps,
+    per segment, the affine forms of the values live after it and the piece of
+    everything up to it; a query recomputes from the first segment whose piece does
+    not hold at z (`lax.cond`), exactly as the step memo does for steps.
+    """
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    const_eqns, runs = _segments(jaxpr, args, SEGMENTS)
+    _eval_eqns(ctx, const_eqns, env)
+    slot = len(ctx.memo_out)
+    cached = ctx.memo[slot : slot + len(runs)] or None
+    if cached is not None:
+        k_star = _reusable_steps(
+            ctx,
+            StepMemo(None, jnp.concatenate([m.lo for m in cached]),
+                     jnp.concatenate([m.hi for m in cached]), None, [], []),
+        )  # fmt: skip
+    z, state, flat, names, flags = ctx.z, ctx.state, [], [], []
+    for k, (eqns, live) in enumerate(runs):
+        record: dict = {}
+
+        def compute(state, carry, eqns=eqns, live=live, names=names, flags=flags,
+                    record=record):  # fmt: skip
+            child = ctx.child(state)
+            local = dict(env)
+            local.update(zip(names, unflatten(carry, flags), strict=True))
+            _eval_eqns(child, eqns, local)
+            out = [local[v] for v in live]
+            record["flags"] = flags_of(out)
+            return child.state, flatten(out)
+
+        jax.eval_shape(compute, state, flat)
+        out_flags = record["flags"]
+
+        def fresh(state, carry, compute=compute):
+            st, new = compute(state, carry)
+            one = [x[None] for x in (z, *st)]
+            return st, new, StepMemo(*one, [x[None] for x in new], [])
+
+        def reuse(state, carry, out_flags=out_flags, k=k):
+            m = cached[k]
+            lo, hi = jnp.maximum(state[0], m.lo[0]), jnp.minimum(state[1], m.hi[0])
+            st = (lo, hi, m.fp[0])
+            return st, _shift([x[0] for x in m.carry], out_flags, m.z[0], z), m
+
+        if cached is None:
+            state, flat, entry = fresh(state, flat)
+        else:
+            state, flat, entry = lax.cond(k < k_star, reuse, fresh, state, flat)
+        ctx.memo_out.append(entry)
+        names, flags = live, out_flags
+    ctx.set_state(state)
+    env.update(zip(names, unflatten(flat, flags), strict=True))
+    return [_read(env, v) for v in jaxpr.outvars]
 
 
 def _validate(a, b, z, direction):
@@ -244,7 +374,11 @@ def _run(closed, treedef, a, b, z, direction, tie_tol, fingerprint, memo):
     inf = jnp.asarray(jnp.inf, dtype)
     state = (-inf, inf, jnp.zeros((), dtype))
     ctx = Context(z, direction, tau, state, fingerprint, memo=memo)
-    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, [Lin(a + b * z, b)])
+    args = [Lin(a + b * z, b)]
+    if memo is not None and not _reaches_scan(closed.jaxpr):
+        outs = _eval_segments(ctx, closed.jaxpr, closed.consts, args)
+    else:
+        outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, args)
     leaves = []
     for x, aval in zip(outs, closed.out_avals, strict=True):
         if is_lin(x):
@@ -325,6 +459,9 @@ def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
     changes, so steps 0..k are not evaluated: their outputs are their affine forms at
     z. A walk along the line recomputes only from the step whose units flip; across a
     breakpoint the values are continuous and only the later steps' slopes change.
+    A program without a scan (an imported ONNX graph, a sampler unrolled in Python) is
+    cut into up to `SEGMENTS` runs of equations with about equal matrix products
+    instead, and the memo keeps the values live after each run the same way.
 
     The memo is only valid for the same line (a, b) and the same constants of f: start
     each line with `memo_init(f, a, b)`. Use it unbatched: under `vmap` over z the
