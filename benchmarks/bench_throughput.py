@@ -14,6 +14,9 @@ Memory per image: XLA's buffer assignment of the compiled program (temporaries +
 arguments + outputs) divided by the batch size.
 
     python benchmarks/bench_throughput.py --sizes 8 16 --batch 16          # all threads
+    XLA_FLAGS="--xla_force_host_platform_device_count=2 \\
+        --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+        python benchmarks/bench_throughput.py                      # 2 CPU devices
     taskset -c 0 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \\
         intra_op_parallelism_threads=1" python benchmarks/bench_throughput.py
 
@@ -44,6 +47,7 @@ from sijax.checkpoint import (  # noqa: E402
 )
 from sijax.config import TrainConfig  # noqa: E402
 from sijax.detect.dal import _core_batch, _split, default_lanes  # noqa: E402
+from sijax.experiments import _shard, device_mesh  # noqa: E402
 from sijax.selective.statistics import as_covariance  # noqa: E402
 
 
@@ -63,7 +67,12 @@ def batch(model, b: int, seed: int):
     xs = jax.random.normal(k1, (b, *shape), jnp.float64)
     refs = jax.random.normal(k2, (b, *shape), jnp.float64)
     noises = jax.vmap(lambda k: sijax.draw_noises(k, shape))(jax.random.split(k3, b))
-    return xs, refs, noises
+    if jax.device_count() == 1:
+        return xs, refs, noises
+    # Several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2 on a
+    # CPU): the batch is split over them in contiguous blocks, one lane per device.
+    mesh = device_mesh()
+    return jax.tree.map(lambda a: _shard(mesh, np.asarray(a)), (xs, refs, noises))
 
 
 def memory_per_image(model, xs, refs, noises, cfg, lanes) -> float:

@@ -290,6 +290,12 @@ def test_sharded_inputs_are_split_over_the_devices():
     assert len(arr.addressable_shards) == 4
     assert {s.data.shape for s in arr.addressable_shards} == {(2, 1)}
     np.testing.assert_array_equal(np.asarray(arr), np.arange(8.0).reshape(8, 1))
+    # dal_test_batch runs such a batch per device (shard_map), a plain one as one
+    from sijax.detect.dal import _batch_mesh
+
+    assert _batch_mesh(arr) == (mesh, "batch")
+    assert _batch_mesh(np.arange(8.0)) is None
+    assert _batch_mesh(jax.numpy.arange(8.0)) is None
 
 
 # ----------------------------------------------------------- the other experiments

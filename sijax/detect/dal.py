@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sijax.detect.score import region, score_map
 from sijax.diffusion.sampler import Noises
@@ -349,6 +350,42 @@ def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=Non
     return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 
+def _batch_mesh(xs):
+    """(mesh, axis name) when the batch axis of ``xs`` is split over several devices."""
+    sharding = getattr(xs, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not sharding.spec:
+        return None
+    axis = sharding.spec[0]
+    if not isinstance(axis, str) or sharding.mesh.shape[axis] == 1:
+        return None
+    return sharding.mesh, axis
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lanes", "mesh", "axis"))
+def _core_sharded(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes, mesh,
+                  axis):  # fmt: skip
+    """_core_batch on each device's block of the batch, the devices independent.
+
+    Under `shard_map` every device runs its own search loop (``lanes`` lanes of its
+    block), so a device does not wait for a slower image on another one, as it would
+    if the devices' lanes were one vmapped lockstep loop.
+    """
+    batch, rep = PartitionSpec(axis), PartitionSpec()
+
+    def local(model, xs, x_refs, noises, cov, cov_ref, nums):
+        return _core_batch(
+            model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=lanes
+        )
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(rep, batch, batch, batch, rep, rep, rep),
+        out_specs=batch,
+        check_vma=False,
+    )(model, xs, x_refs, noises, cov, cov_ref, nums)
+
+
 def default_lanes(batch: int) -> int:
     """Images advanced in lockstep by :func:`dal_test_batch` when not given.
 
@@ -578,7 +615,10 @@ def dal_test_batch(
       sigma, sigma_ref, config: as :func:`dal_test` (shared by all images).
       lanes: images searched in lockstep (vmapped); must divide B. Default
         :func:`default_lanes`: B on a GPU/TPU, one per device on a CPU. The results
-        do not depend on it (up to the last bits of XLA's matrix products).
+        do not depend on it (up to the last bits of XLA's matrix products). When
+        ``xs`` is split over several devices along its batch axis (a
+        ``NamedSharding``), each device runs its own block with lanes / devices
+        lanes, independently of the others (``shard_map``).
 
     Returns:
       :class:`BatchResult` of device arrays.
@@ -607,9 +647,18 @@ def dal_test_batch(
     lanes = default_lanes(b) if lanes is None else int(lanes)
     if lanes < 1 or b % lanes:
         raise InputError(f"{lanes=} must be a positive divisor of the batch size {b}")
-    core = _core_batch(
-        model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes
-    )
+    mesh = _batch_mesh(xs)
+    if mesh is None:
+        core = _core_batch(
+            model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes
+        )
+    else:
+        n = mesh[0].shape[mesh[1]]
+        if lanes % n:
+            raise InputError(f"{lanes=} must be a multiple of the {n} devices")
+        core = _core_sharded(
+            model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes // n, *mesh
+        )
     return BatchResult(
         stat=core.z_obs,
         p_value=core.search.p_value,
