@@ -401,37 +401,50 @@ def prepare(work: str, size: int, n_images: int, seed: int, signal: float,
           f"(signal {signal} on a {side}x{side} square)", flush=True)  # fmt: skip
 
 
-def run_sijax(work: str, size: int, search: str, precision: float, which: str):
-    """sijax's test on every image; ``which`` is "onnx" or "native"."""
+def load_noises(work: str):
+    """The DDIM noises of the work directory as sijax ``Noises`` (float64, NHWC)."""
+    import jax.numpy as jnp
+
+    from sijax.diffusion.sampler import Noises
+
+    with np.load(os.path.join(work, "noises.npz")) as z:
+        return Noises(jnp.asarray(z["eps0"][..., None], jnp.float64),
+                      jnp.asarray(z["eps"][..., None], jnp.float64))  # fmt: skip
+
+
+def load_sijax_model(work: str, size: int, which: str):
+    """The work directory's network in sijax: "onnx" (the exported graph through
+    ``sijax.onnx.load``) or "native" (its torch weights in a ``DiffusionModel``)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    import sijax
     import sijax.onnx
     from sijax.checkpoint import DiffusionModel, cast_state
     from sijax.config import TrainConfig
     from sijax.detect import ReconstructionModel
-    from sijax.diffusion.sampler import Noises
     from sijax.diffusion.unet import UNet
 
-    with np.load(os.path.join(work, "noises.npz")) as z:
-        noises = Noises(jnp.asarray(z["eps0"][..., None], jnp.float64),
-                        jnp.asarray(z["eps"][..., None], jnp.float64))  # fmt: skip
-    shape = (size, size, 1)
     if which == "onnx":
         fn = sijax.onnx.load(os.path.join(work, "model.onnx"))
-        model = ReconstructionModel(_onnx_reconstruction, shape, fn)
-    else:
-        config = TrainConfig(size=size, channels=CHANNELS)
-        graphdef, state = nnx.split(
-            nnx.eval_shape(lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0)))
-        )
-        pure = nnx.to_pure_dict(state)  # every leaf is overwritten below
-        with np.load(os.path.join(work, "torch_state.npz")) as z:
-            tstate = {k: z[k] for k in z.files}
-        nnx.replace_by_pure_dict(state, torch_to_sijax(tstate, pure, len(CHANNELS)))
-        model = DiffusionModel(config=config, graphdef=graphdef,
-                               state=cast_state(state, jnp.float64))  # fmt: skip
+        return ReconstructionModel(_onnx_reconstruction, (size, size, 1), fn)
+    config = TrainConfig(size=size, channels=CHANNELS)
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0)))
+    )
+    pure = nnx.to_pure_dict(state)  # every leaf is overwritten below
+    with np.load(os.path.join(work, "torch_state.npz")) as z:
+        tstate = {k: z[k] for k in z.files}
+    nnx.replace_by_pure_dict(state, torch_to_sijax(tstate, pure, len(CHANNELS)))
+    return DiffusionModel(config=config, graphdef=graphdef,
+                          state=cast_state(state, jnp.float64))  # fmt: skip
+
+
+def run_sijax(work: str, size: int, search: str, precision: float, which: str):
+    """sijax's test on every image; ``which`` is "onnx" or "native"."""
+    import sijax
+
+    noises = load_noises(work)
+    model = load_sijax_model(work, size, which)
     cfg = sijax.DALConfig(
         search="exhaustive" if search == "exhaustive" else "parametric",
         termination="precision", precision=precision, alternative="two-sided",
