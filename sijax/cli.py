@@ -264,9 +264,34 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() first (multi-host runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cpu-devices", type=int, default=len(os.sched_getaffinity(0)),
+                   help="on a CPU, split it into this many single-threaded XLA devices "
+                   "that search their images independently (default: one per usable "
+                   "core; 1: XLA's default); ignored when XLA_FLAGS sets a device "
+                   "count")
+
+
+def _use_cpu_devices(n: int) -> None:
+    """n single-threaded XLA CPU devices (before the backend starts; 1: unchanged).
+
+    Batches are sharded over the devices and each device runs its own searches, which
+    uses the cores far better than XLA's threads inside these small products
+    (benchmarks/README.md, "Throughput"). Only the CPU platform is affected.
+    """
+    import jax
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n <= 1 or "xla_force_host_platform_device_count" in flags:
+        return
+    jax.config.update("jax_num_cpu_devices", n)
+    if "intra_op_parallelism_threads" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
 
 
 def _experiment_run(a: argparse.Namespace) -> int:
+    _use_cpu_devices(a.cpu_devices)
     _enable_x64()
     import jax
 

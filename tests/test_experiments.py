@@ -10,6 +10,8 @@ piecewise-linear activations), not exact rates. All runs share one batch size, o
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -296,6 +298,25 @@ def test_sharded_inputs_are_split_over_the_devices():
     assert _batch_mesh(arr) == (mesh, "batch")
     assert _batch_mesh(np.arange(8.0)) is None
     assert _batch_mesh(jax.numpy.arange(8.0)) is None
+
+
+def test_cli_splits_the_cpu_into_devices():
+    """`sijax experiment --cpu-devices N`: N single-threaded XLA CPU devices, unless
+    XLA_FLAGS already sets a device count (as this test session's conftest does)."""
+    code = (
+        "import os, jax; from sijax.cli import _use_cpu_devices; _use_cpu_devices(3); "
+        "print(jax.device_count(), 'intra_op_parallelism_threads=1' in "
+        "os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert out == ["3", "True"]
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert out == ["2", "False"]
 
 
 # ----------------------------------------------------------- the other experiments
