@@ -15,7 +15,7 @@ import pytest
 from test_tracking_sampler import _line_through, v5_like_sampler
 
 from sijax.tracking import interpreter, memo_init, track, track_memo
-from sijax.tracking.control import StepMemo, _reusable_steps
+from sijax.tracking.control import _reusable_steps
 
 
 def _sampler(flat=False):
@@ -35,7 +35,7 @@ def _skippable(ctx, memo) -> int:
     """Leading units (scan steps, or segments of a flat program) reusable at ctx."""
     lo = jnp.concatenate([m.lo for m in memo])
     hi = jnp.concatenate([m.hi for m in memo])
-    return int(_reusable_steps(ctx, StepMemo(None, lo, hi, None, [], [])))
+    return int(_reusable_steps(ctx, lo, hi))
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["scan", "flat"])

@@ -96,15 +96,17 @@ def _shift(flat: list, flags: Sequence[bool], z_from, z_to) -> list:
     return out
 
 
-def _reusable_steps(ctx, cached: StepMemo) -> jax.Array:
-    """How many leading steps of the cached scan still hold at (ctx.z, direction).
+def _reusable_steps(ctx, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """How many leading cached units (steps, segments) still hold at (ctx.z, direction).
+
+    lo, hi: (T,) the cached prefix pieces.
 
     Step k holds if z lies in its prefix piece and more than tau inside on the side of
     the direction (so that a fresh evaluation would take every sign the same way).
     """
     z, tau = ctx.z, ctx.tau
-    inside = (cached.lo <= z) & (z <= cached.hi)
-    margin = jnp.where(ctx.direction > 0, cached.hi > z + tau, cached.lo < z - tau)
+    inside = (lo <= z) & (z <= hi)
+    margin = jnp.where(ctx.direction > 0, hi > z + tau, lo < z - tau)
     ok = (inside & margin).astype(jnp.int32)
     return jnp.sum(jnp.cumprod(ok))
 
@@ -174,7 +176,7 @@ def _memo_scan(ctx, p, step, carry_flags, ys_flags, init, xs, cached):
     Without a cached entry (`memo_init` tracing the shapes) every step is computed.
     """
     z = ctx.z
-    k_star = 0 if cached is None else _reusable_steps(ctx, cached)
+    k_star = 0 if cached is None else _reusable_steps(ctx, cached.lo, cached.hi)
 
     def body(c, x):
         x_flat, k, m = x

@@ -300,9 +300,9 @@ def _eval_segments(ctx: Context, jaxpr, consts, args) -> list:
     if cached is not None:
         k_star = _reusable_steps(
             ctx,
-            StepMemo(None, jnp.concatenate([m.lo for m in cached]),
-                     jnp.concatenate([m.hi for m in cached]), None, [], []),
-        )  # fmt: skip
+            jnp.concatenate([m.lo for m in cached]),
+            jnp.concatenate([m.hi for m in cached]),
+        )
     z, state, flat, names, flags = ctx.z, ctx.state, [], [], []
     for k, (eqns, live) in enumerate(runs):
         record: dict = {}
