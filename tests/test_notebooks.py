@@ -5,11 +5,6 @@ import sys
 
 import pytest
 
-pytest.importorskip(
-    "nbclient",
-    reason="executing notebooks needs nbclient + ipykernel, which are not test "
-    "dependencies (kept out to save CI time); python notebooks/make_tour.py runs it",
-)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "notebooks"))
 
 
