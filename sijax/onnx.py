@@ -7,7 +7,9 @@ pytree whose children are the float weights and whose static auxiliary data is t
 parsed graph, callable as ``fn(*inputs)``. Every operator is written with plain
 ``jax.numpy``/``lax`` operations that :func:`sijax.track` follows (matrix products,
 slices, pads, concatenations, reduce-windows, max), so an imported network can be
-tested with the DAL test exactly like a native one. Layout is NCHW, as in ONNX.
+tested with the DAL test exactly like a native one. Layout is NCHW, as in ONNX, at
+the function's inputs and outputs; inside, convolution outputs stay channels-last
+(:class:`_ChannelsLast`).
 
 The ``onnx`` package is an optional dependency (``pip install sijax[onnx]``); it is
 imported inside :func:`load` only, so ``import sijax`` works without it.
@@ -270,13 +272,91 @@ class OnnxFunction:
                         "earlier node, input or initializer defines"
                     )
             ctx = _Ctx(node, static, g.opset, self.dtype)
-            outs = _OPS[node.op_type](ctx, *ins)
+            outs = _apply(ctx, ins)
             if not isinstance(outs, tuple):
                 outs = (outs,)
             for name, val in zip(node.outputs, outs, strict=False):
                 if name:
                     env[name] = val
-        return tuple(jnp.asarray(env[n]) for n in g.output_names)
+        return tuple(jnp.asarray(_nchw(env[n])) for n in g.output_names)
+
+
+# ------------------------------------------------------------------------ layout
+
+
+class _ChannelsLast:
+    """An NCHW tensor of the graph held channels-last, as ``data`` (N, H, W, C).
+
+    Convolutions compute channels-last (:func:`_im2col_conv2d`) and return this;
+    element-wise operators, batch-norm, average pooling, Resize and Concat keep it,
+    and any other operator gets the NCHW array (one transpose, :func:`_apply`). So a
+    U-Net's chain of convolutions, activations, pooling, upsampling and skip
+    concatenations runs without the transposes that an NCHW result of every
+    convolution would put before and after it. ``shape`` is the logical (NCHW)
+    shape, for the operators that only read it.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    @property
+    def shape(self) -> tuple:
+        n, h, w, c = self.data.shape
+        return (n, c, h, w)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+
+def _nchw(x):
+    return jnp.transpose(x.data, (0, 3, 1, 2)) if isinstance(x, _ChannelsLast) else x
+
+
+def _nhwc_data(x):
+    """A rank-4 NCHW operand (array or :class:`_ChannelsLast`) as NHWC data."""
+    if isinstance(x, _ChannelsLast):
+        return x.data
+    if _is_static(x):
+        return np.transpose(x, (0, 2, 3, 1))
+    return jnp.transpose(jnp.asarray(x), (0, 2, 3, 1))
+
+
+_UNARY = ("Relu", "LeakyRelu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp", "Identity")
+_BINARY = ("Add", "Sub", "Mul", "Div")
+_LAYOUT_AWARE = ("Conv", "AveragePool", "Resize")  # take either layout themselves
+
+
+def _apply(ctx, ins):
+    """Runs ``ctx.node`` on ``ins``, keeping channels-last tensors where it can."""
+    op = ctx.node.op_type
+    if op in _LAYOUT_AWARE or not any(isinstance(x, _ChannelsLast) for x in ins):
+        return _OPS[op](ctx, *ins)
+    if op in _UNARY:
+        return _ChannelsLast(_OPS[op](ctx, ins[0].data))
+    if op in _BINARY and all(x is not None and np.ndim(x) <= 4 for x in ins):
+        # ONNX broadcasting to rank 4, then the NCHW operands' axes reordered.
+        def operand(x):
+            if isinstance(x, _ChannelsLast):
+                return x.data
+            return _nhwc_data(x.reshape((1,) * (4 - np.ndim(x)) + np.shape(x)))
+
+        return _ChannelsLast(_OPS[op](ctx, *(operand(x) for x in ins)))
+    if op == "Shape":
+        return _OPS[op](ctx, *ins)
+    if op == "BatchNormalization":
+        x, *stats = ins
+        return _ChannelsLast(_batch_norm(ctx, x.data, *stats, channel_axis=3))
+    if op == "Concat":
+        axis = ctx.attr("axis") % 4
+        xs = [_nhwc_data(x) for x in ins if x is not None]
+        dt = jnp.result_type(*xs)
+        return _ChannelsLast(
+            jnp.concatenate([jnp.asarray(x, dt) for x in xs], axis=(0, 3, 1, 2)[axis])
+        )
+    return _OPS[op](ctx, *(_nchw(x) for x in ins))
 
 
 # --------------------------------------------------------------------- loading
@@ -862,19 +942,21 @@ def _conv_pads(ctx, in_sizes, kernel, strides, dilations) -> list[tuple[int, int
     return out
 
 
-def _im2col_conv2d(x, w, pads, strides, dilations):
-    """2D convolution (one group) as one matrix product over shifted slices.
+def _im2col_conv2d(xt, w, pads, strides, dilations):
+    """2D convolution (one group) of a channels-last image as one matrix product.
 
     Faster than ``lax.conv`` on CPUs at the small sizes of the DAL models, and made
     of pad/slice/concatenate/dot_general only. The product runs channels-last (NHWC
     slices, kernel as (kh kw c, o)): with the input as the left operand its free
     dimensions come first, so the tracker's stacked value-and-slope product needs no
-    transpose of the im2col matrix; only the input and output are transposed.
+    transpose of the im2col matrix. Input and output are NHWC (see
+    :class:`_ChannelsLast`), so consecutive convolutions need no transposes either.
     """
     o, c, kh, kw = w.shape
-    xt = jnp.transpose(x, (0, 2, 3, 1))
     xp = lax.pad(
-        xt, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)]
+        xt,
+        jnp.zeros((), xt.dtype),
+        [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)],
     )
     (sh, sw), (dh, dw) = strides, dilations
     n, hp, wp, _ = xp.shape
@@ -894,8 +976,7 @@ def _im2col_conv2d(x, w, pads, strides, dilations):
         axis=-1,
     )
     k = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)
-    y = jnp.einsum("nhwk,ko->nhwo", cols, k, precision=_HIGHEST)
-    return jnp.transpose(y, (0, 3, 1, 2))
+    return jnp.einsum("nhwk,ko->nhwo", cols, k, precision=_HIGHEST)
 
 
 @_op("Conv")
@@ -911,36 +992,40 @@ def _conv(ctx, x, w, bias=None):
     dilations = ctx.attr("dilations") or (1,) * nd
     group = ctx.attr("group", 1)
     pads = _conv_pads(ctx, np.shape(x)[2:], kernel, strides, dilations)
-    x, w = jnp.asarray(x), jnp.asarray(w)
+    w = jnp.asarray(w)
     if nd == 2 and group == 1:
-        y = _im2col_conv2d(x, w, pads, strides, dilations)
-    else:
-        spatial = "DHW"[-nd:] if nd <= 3 else None
-        if spatial is None:
-            raise ctx.fail(f"{nd}-D convolution")
-        y = lax.conv_general_dilated(
-            x,
-            w,
-            window_strides=strides,
-            padding=pads,
-            rhs_dilation=dilations,
-            dimension_numbers=("NC" + spatial, "OI" + spatial, "NC" + spatial),
-            feature_group_count=group,
-            precision=_HIGHEST,
-        )
+        y = _im2col_conv2d(_nhwc_data(x), w, pads, strides, dilations)
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1, 1, 1, -1))
+        return _ChannelsLast(y)
+    x = jnp.asarray(_nchw(x))
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    if spatial is None:
+        raise ctx.fail(f"{nd}-D convolution")
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dilations,
+        dimension_numbers=("NC" + spatial, "OI" + spatial, "NC" + spatial),
+        feature_group_count=group,
+        precision=_HIGHEST,
+    )
     if bias is not None:
         y = y + jnp.reshape(bias, (1, -1) + (1,) * nd)
     return y
 
 
 @_op("BatchNormalization")
-def _batch_norm(ctx, x, scale, bias, mean, var):
+def _batch_norm(ctx, x, scale, bias, mean, var, channel_axis=1):
     if ctx.attr("training_mode", 0):
         raise ctx.fail(
             "training_mode=1 (only inference-mode batch-norm is piecewise linear)"
         )
     eps = ctx.attr("epsilon", 1e-5)
-    shape = (1, -1) + (1,) * (np.ndim(x) - 2)
+    shape = [1] * np.ndim(x)
+    shape[channel_axis] = -1
     # Per-channel affine map with constant coefficients.
     s = scale / jnp.sqrt(var + eps)
     return x * jnp.reshape(s, shape) + jnp.reshape(bias - mean * s, shape)
@@ -965,23 +1050,31 @@ def _average_pool(ctx, x):
     nd, kernel, strides, dil, pads = _pool_geometry(ctx, x)
     if any(d != 1 for d in dil):
         raise ctx.fail("dilated average pooling")
-    x = jnp.asarray(x)
-    window = (1, 1) + kernel
-    wstrides = (1, 1) + strides
-    padding = ((0, 0), (0, 0)) + tuple(pads)
+    channels_last = isinstance(x, _ChannelsLast)
+    data = x.data if channels_last else jnp.asarray(x)
+
+    def full(spatial, fill):  # per-axis parameters of the data's layout
+        return (fill, *spatial, fill) if channels_last else (fill, fill, *spatial)
+
     summed = lax.reduce_window(
-        x, jnp.zeros((), x.dtype), lax.add, window, wstrides, padding
+        data,
+        jnp.zeros((), data.dtype),
+        lax.add,
+        full(kernel, 1),
+        full(strides, 1),
+        full(tuple(pads), (0, 0)),
     )
     if ctx.attr("count_include_pad", 0) or all(p == (0, 0) for p in pads):
-        return summed / math.prod(kernel)
-    # Divisor: the number of real (unpadded) pixels under each window, in NumPy so
-    # that it stays a constant under jit.
-    valid = np.pad(np.ones(np.shape(x)[2:]), pads)
-    win = np.lib.stride_tricks.sliding_window_view(valid, kernel)
-    win = win[tuple(slice(None, None, s) for s in strides)]
-    count = win.sum(axis=tuple(range(nd, 2 * nd)))
-    count = count.reshape((1, 1) + count.shape)
-    return summed / jnp.asarray(count, x.dtype)
+        y = summed / math.prod(kernel)
+    else:
+        # Divisor: the number of real (unpadded) pixels under each window, in NumPy
+        # so that it stays a constant under jit.
+        valid = np.pad(np.ones(np.shape(x)[2:]), pads)
+        win = np.lib.stride_tricks.sliding_window_view(valid, kernel)
+        win = win[tuple(slice(None, None, s) for s in strides)]
+        count = win.sum(axis=tuple(range(nd, 2 * nd)))
+        y = summed / jnp.asarray(count.reshape(full(count.shape, 1)), data.dtype)
+    return _ChannelsLast(y) if channels_last else y
 
 
 @_op("GlobalAveragePool")
@@ -1091,13 +1184,15 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
         raise ctx.fail("Resize needs scales or sizes")
     if len(out_shape) != rank:
         raise ctx.fail(f"scales/sizes of length {len(out_shape)} for rank {rank}")
-    y = jnp.asarray(x)
+    channels_last = isinstance(x, _ChannelsLast)
+    y = x.data if channels_last else jnp.asarray(x)
     for axis in range(rank):
         if out_shape[axis] == in_shape[axis] and scale[axis] == 1.0:
             continue
         if axis < 2 and rank > 2:
             raise ctx.fail("resizing the batch or channel axis")
         m = _resize_matrix(ctx, mode, out_shape[axis], in_shape[axis], scale[axis])
+        axis = (0, 3, 1, 2)[axis] if channels_last else axis  # H, W of NHWC data
         y = jnp.moveaxis(
             jnp.tensordot(
                 jnp.asarray(m, y.dtype), y, axes=((1,), (axis,)), precision=_HIGHEST
@@ -1105,7 +1200,7 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
             0,
             axis,
         )
-    return y
+    return _ChannelsLast(y) if channels_last else y
 
 
 SUPPORTED_OPS = frozenset(_OPS) | {"Constant"}

@@ -261,6 +261,39 @@ def test_concat_skip_add_sub_mul_div():
     np.testing.assert_allclose(y, (c * k - 0.5) / 2.0 + c, atol=TOL)
 
 
+def test_convolution_chains_stay_channels_last():
+    """conv-relu-conv-add-concat: transposes only at the graph's input and output."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(1, 2, 5, 5))
+    w1, w2 = _f32(rng, 3, 2, 3, 3), _f32(rng, 3, 3, 1, 1)
+    t = _f32(rng, 1, 3, 1, 1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["g"]),
+        helper.make_node("Add", ["g", "t"], ["gt"]),
+        helper.make_node("Sub", ["gt", "h"], ["d"]),
+        helper.make_node("Concat", ["d", "r"], ["y"], axis=1),
+    ]
+    fn, y = _run(
+        _model(nodes, [("x", x.shape)], ["y"], {"w1": w1, "w2": w2, "t": t}), x
+    )
+    h = _np_conv2d(x, w1, None, (1, 1, 1, 1))
+    r = np.maximum(h, 0)
+    d = _np_conv2d(r, w2) + t - h
+    np.testing.assert_allclose(y, np.concatenate([d, r], axis=1), atol=TOL)
+    eqns = jax.make_jaxpr(fn)(jnp.asarray(x)).eqns
+    layout = [
+        e.params["permutation"]
+        for e in eqns
+        if e.primitive.name == "transpose"
+        and e.params["permutation"] in ((0, 2, 3, 1), (0, 3, 1, 2))
+        and e.invars[0].aval.shape[-2:] != (1, 1)
+    ]
+    # The input and the output; the kernels and the (1, 3, 1, 1) constant aside.
+    assert layout == [(0, 2, 3, 1), (0, 3, 1, 2)]
+
+
 def test_gemm_and_matmul():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(3, 5))
