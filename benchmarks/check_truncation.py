@@ -1,0 +1,147 @@
+"""Checks an experiment's truncation sets against direct evaluation (not a timing).
+
+For trials of a `sijax experiment` run (``--run DIR``, its ``trials.jsonl``): the
+rejected ones and a random sample of the others, re-run the selective test of the
+trial (same images, noises and options, one device) and check every endpoint of the
+truncation set that lies inside the searched range: the detector, evaluated
+directly (``sijax.detect_region`` on the image at that point of the line, no
+tracker), must give the observed region just inside the endpoint and another region
+just outside (``--eps`` in z units). A wrong breakpoint, a missed piece or a wrong
+accept/reject of a piece next to the observed region shows as a "wrong" endpoint,
+however narrow the set is; a dense grid could miss it. It also reports whether the
+re-run reproduces the recorded sup_p and decision.
+
+    python benchmarks/check_truncation.py --run benchmarks/results/fpr_dal_v5_16 \\
+        --covariance iid --sample 30
+"""
+
+import argparse
+import gzip
+import json
+import os
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+import sijax  # noqa: E402
+from sijax.detect.dal import _prepare  # noqa: E402
+from sijax.diffusion.sampler import Noises  # noqa: E402
+from sijax.experiments import Setting, _load_models, trial_data  # noqa: E402
+from sijax.selective.statistics import line_statistic  # noqa: E402
+
+
+def _records(run: str) -> dict:
+    path = os.path.join(run, "trials.jsonl")
+    if not os.path.exists(path):
+        path += ".gz"
+    opener = gzip.open if path.endswith(".gz") else open
+    out = {}
+    with opener(path, "rt") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            out[(r["setting"], r["index"])] = r
+    return out
+
+
+def check_trial(model, setting: Setting, index: int, eps: float) -> dict:
+    """Endpoint check of one trial's truncation set (see the module docstring)."""
+    data = trial_data(setting, index, model.image_shape[2])
+    noises = Noises(eps0=data.eps0, eps=data.eps)
+    cfg = setting.dal_config("selective")
+    res = sijax.dal_test(
+        model, data.x, data.x_ref, sigma=setting.covariance, noises=noises, config=cfg
+    )
+    x, x_ref, cov, cov_ref = _prepare(
+        model, data.x, data.x_ref, setting.covariance, None, cfg
+    )
+    line = line_statistic(
+        x,
+        x_ref,
+        res.mask,
+        sigma=cov,
+        sigma_ref=cov_ref,
+        hypothesis=cfg.hypothesis,
+        radius=cfg.radius,
+    )
+    (s_lo, s_hi), *_ = res.searched_intervals
+    wrong, endpoints = [], 0
+    for lo, hi in res.truncated_intervals:
+        for e, inward in ((lo, 1.0), (hi, -1.0)):
+            if not s_lo < e < s_hi:
+                continue  # an end of the searched range, not a change of region
+            endpoints += 1
+            for side, want in ((inward, True), (-inward, False)):
+                z = e + side * eps
+                _, mask = sijax.detect_region(model, line.a + line.b * z, noises, cfg)
+                if bool(np.array_equal(np.asarray(mask), res.mask)) != want:
+                    wrong.append(round(float(z), 9))
+    return {
+        "index": index,
+        "z": res.stat,
+        "sup_p": res.sup_p,
+        "reject": res.sup_p < setting.alpha,
+        "pieces": res.search_count,
+        "intervals": len(res.truncated_intervals),
+        "endpoints": endpoints,
+        "wrong": wrong,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a sijax experiment output directory")
+    ap.add_argument("--covariance", default="iid")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--delta", type=float, default=0.0)
+    ap.add_argument("--sample", type=int, default=30, help="non-rejected trials")
+    ap.add_argument("--no-rejected", action="store_true")
+    ap.add_argument("--eps", type=float, default=1e-7)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    records = _records(args.run)
+    settings = {}
+    for key, _ in records:
+        s = Setting(**json.loads(key))
+        if (
+            s.covariance == args.covariance
+            and s.delta == args.delta
+            and (args.size is None or s.size == args.size)
+        ):
+            settings[key] = s
+    if len(settings) != 1:
+        raise SystemExit(f"{len(settings)} settings match; pass --size / --delta")
+    ((key, setting),) = settings.items()
+    trials = {i: r for (k, i), r in records.items() if k == key and r["valid"]}
+    rejected = sorted(i for i, r in trials.items()
+                      if r["methods"]["selective"]["reject"])  # fmt: skip
+    others = sorted(set(trials) - set(rejected))
+    rng = np.random.default_rng(args.seed)
+    sample = sorted(rng.choice(others, min(args.sample, len(others)), replace=False))
+    chosen = ([] if args.no_rejected else rejected) + [int(i) for i in sample]
+    print(f"{setting.label()}: {len(trials)} valid trials, {len(rejected)} rejected; "
+          f"checking {len(chosen)}", flush=True)  # fmt: skip
+    (model,) = _load_models([setting]).values()
+    t0 = time.perf_counter()
+    total = {"trials": 0, "endpoints": 0, "wrong": 0, "decision_changed": 0}
+    for index in chosen:
+        out = check_trial(model, setting, index, args.eps)
+        recorded = trials[index]["methods"]["selective"]
+        out["recorded_sup_p"] = recorded["sup_p"]
+        print(json.dumps(out), flush=True)
+        total["trials"] += 1
+        total["endpoints"] += out["endpoints"]
+        total["wrong"] += len(out["wrong"])
+        total["decision_changed"] += out["reject"] != recorded["reject"]
+    total["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(total))
+
+
+if __name__ == "__main__":
+    main()
