@@ -1053,19 +1053,27 @@ def write_plots(
     if null_p:
         labels = sorted({k[0] for k in null_p})
         fig, axes = _panels(len(labels))
+        # A "decision" search stops once p is known to be on one side of alpha: its
+        # selective p-values are those of the searched part only, not draws of the
+        # null distribution, so a QQ-plot of them would mislead.
+        bounds_only = spec.termination == "decision" and spec.experiment != "pieces"
         for ax, lab in zip(axes, labels, strict=False):
             for (l2, m), p in null_p.items():
-                if l2 != lab:
+                if l2 != lab or (m == "selective" and bounds_only):
                     continue
                 q = (np.arange(1, len(p) + 1) - 0.5) / len(p)
-                name = m
-                if (
-                    m == "selective"
-                    and spec.termination == "decision"
-                    and (spec.experiment != "pieces")
-                ):
-                    name = "selective (decision: exact only near alpha)"
-                ax.plot(q, p, ".", ms=2, label=f"{name} ({len(p)})")
+                ax.plot(q, p, ".", ms=2, label=f"{m} ({len(p)})")
+            if bounds_only and (lab, "selective") in null_p:
+                ax.text(
+                    0.98,
+                    0.02,
+                    "selective not shown: termination 'decision' gives exact\n"
+                    "rejections, not p-values (use --termination precision)",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                )
             ax.plot([0, 1], [0, 1], "k--", lw=1)
             ax.set_xlabel("Uniform(0, 1) quantile")
             ax.set_ylabel("null p-value")
