@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from sijax.detect.dal import DALConfig, dal_test_batch
 from sijax.diffusion.sampler import Noises
@@ -673,7 +674,11 @@ class SummaryRecord:
     regions among the attempts that led to them; ``rate`` = rejections / trials with
     its 99% Clopper-Pearson interval [ci_lo, ci_hi]; ``seconds`` is the mean wall time
     per trial of the compiled batches (compilation excluded when possible), pieces
-    statistics are those of the selective search.
+    statistics are those of the selective search. ``ks_p`` is the Kolmogorov-Smirnov
+    p-value of the method's p-values against U(0, 1) on a null setting (delta 0),
+    where they are exact p-values: over-conditioning, naive, and the selective test
+    unless its search stopped at a decision (then only its rejections are exact);
+    NaN otherwise.
     """
 
     experiment: str
@@ -700,6 +705,7 @@ class SummaryRecord:
     pieces_mean: float
     pieces_median: float
     pieces_max: int
+    ks_p: float = float("nan")
 
     def to_json(self) -> dict:
         return {
@@ -755,6 +761,13 @@ def summarize(spec: ExperimentSpec, records: Iterable[dict]) -> list[SummaryReco
                 res = [v for v in res if v["num_valid"] > 0]
             k = sum(bool(v["reject"]) for v in res)
             lo, hi = clopper_pearson(k, len(res))
+            exact = m in ("oc", "naive") or (
+                m == "selective"
+                and (s.termination == "precision" or s.search == "exhaustive")
+            )
+            ks = float("nan")
+            if exact and s.delta == 0.0 and len(res) >= 2:
+                ks = float(scipy.stats.kstest([v["p"] for v in res], "uniform").pvalue)
             rows.append(
                 SummaryRecord(
                     experiment=spec.experiment,
@@ -781,6 +794,7 @@ def summarize(spec: ExperimentSpec, records: Iterable[dict]) -> list[SummaryReco
                     pieces_mean=float(np.mean(pieces)) if pieces else float("nan"),
                     pieces_median=float(np.median(pieces)) if pieces else float("nan"),
                     pieces_max=int(max(pieces)) if pieces else 0,
+                    ks_p=ks,
                 )
             )
     return rows
@@ -910,8 +924,8 @@ def summary_markdown(rows: Sequence[SummaryRecord], meta: dict) -> str:
         f"- machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}",
         "",
         "| method | d | cov | delta | noise | act | trials (target) | skipped | "
-        "rejections | rate | 99% CI | s/trial | pieces mean/median/max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rejections | rate | 99% CI | KS p (null) | s/trial | pieces mean/median/max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         noise = r.noise if r.noise == "gaussian" else f"{r.noise} W1={r.distance:g}"
@@ -925,7 +939,8 @@ def summary_markdown(rows: Sequence[SummaryRecord], meta: dict) -> str:
             f"| {r.method} | {r.size} | {r.covariance} | {r.delta:g} | {noise} | "
             f"{r.activation} | {r.trials} ({r.target}) | {r.skipped} | "
             f"{r.rejections}{capped} | {_fmt(r.rate)} | "
-            f"[{_fmt(r.ci_lo)}, {_fmt(r.ci_hi)}] | {_fmt(r.seconds, 2)} | {pieces} |"
+            f"[{_fmt(r.ci_lo)}, {_fmt(r.ci_hi)}] | {_fmt(r.ks_p)} | "
+            f"{_fmt(r.seconds, 2)} | {pieces} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -150,6 +150,16 @@ def test_fpr_run_writes_every_output(fpr_run):
     }
     assert all(keys <= set(r) for r in rows)
     _check_rows(rows, 6)
+    # Uniformity of the exact null p-values; none for decision-run selective ones.
+    records = ex.latest_records(ex.read_trials(os.path.join(fpr_run, "trials.jsonl")))
+    for r in rows:
+        if r["method"] in ("selective", "bonferroni"):
+            assert r["ks_p"] is None, r
+            continue
+        (key,) = [k for k in records if json.loads(k)["covariance"] == r["covariance"]]
+        valid = [t for _, t in sorted(records[key].items()) if t["valid"]]
+        p = [t["methods"][r["method"]]["p"] for t in valid[: r["trials"]]]
+        assert r["ks_p"] == pytest.approx(stats.kstest(p, "uniform").pvalue)
     with open(os.path.join(fpr_run, "summary.md")) as f:
         md = f.read()
     assert "termination 'decision'" in md and md.count("\n| selective |") == 2
