@@ -315,6 +315,17 @@ def _nchw(x):
     return jnp.transpose(x.data, (0, 3, 1, 2)) if isinstance(x, _ChannelsLast) else x
 
 
+def _spatial_layout(x):
+    """(data, wrap, full) of an input with spatial axes, in either layout.
+
+    ``full(spatial, fill)`` places per-spatial-axis values among the data's axes
+    (``fill`` for batch and channel), ``wrap`` gives a result the input's layout.
+    """
+    if isinstance(x, _ChannelsLast):
+        return x.data, _ChannelsLast, lambda spatial, fill: (fill, *spatial, fill)
+    return jnp.asarray(x), lambda y: y, lambda spatial, fill: (fill, fill, *spatial)
+
+
 def _nhwc_data(x):
     """A rank-4 NCHW operand (array or :class:`_ChannelsLast`) as NHWC data."""
     if isinstance(x, _ChannelsLast):
@@ -326,7 +337,7 @@ def _nhwc_data(x):
 
 _UNARY = ("Relu", "LeakyRelu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp", "Identity")
 _BINARY = ("Add", "Sub", "Mul", "Div")
-_LAYOUT_AWARE = ("Conv", "AveragePool", "Resize")  # take either layout themselves
+_LAYOUT_AWARE = ("Conv", "AveragePool", "MaxPool", "Resize")  # take either layout
 
 
 def _apply(ctx, ins):
@@ -1050,12 +1061,7 @@ def _average_pool(ctx, x):
     nd, kernel, strides, dil, pads = _pool_geometry(ctx, x)
     if any(d != 1 for d in dil):
         raise ctx.fail("dilated average pooling")
-    channels_last = isinstance(x, _ChannelsLast)
-    data = x.data if channels_last else jnp.asarray(x)
-
-    def full(spatial, fill):  # per-axis parameters of the data's layout
-        return (fill, *spatial, fill) if channels_last else (fill, fill, *spatial)
-
+    data, wrap, full = _spatial_layout(x)
     summed = lax.reduce_window(
         data,
         jnp.zeros((), data.dtype),
@@ -1074,7 +1080,7 @@ def _average_pool(ctx, x):
         win = win[tuple(slice(None, None, s) for s in strides)]
         count = win.sum(axis=tuple(range(nd, 2 * nd)))
         y = summed / jnp.asarray(count.reshape(full(count.shape, 1)), data.dtype)
-    return _ChannelsLast(y) if channels_last else y
+    return wrap(y)
 
 
 @_op("GlobalAveragePool")
@@ -1088,15 +1094,17 @@ def _max_pool(ctx, x):
     if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
         raise ctx.fail("the Indices output of MaxPool")
     nd, kernel, strides, dil, pads = _pool_geometry(ctx, x)
-    x = jnp.asarray(x)
-    return lax.reduce_window(
-        x,
-        jnp.asarray(-jnp.inf, x.dtype),
-        lax.max,
-        (1, 1) + kernel,
-        (1, 1) + strides,
-        ((0, 0), (0, 0)) + tuple(pads),
-        window_dilation=(1, 1) + dil,
+    data, wrap, full = _spatial_layout(x)
+    return wrap(
+        lax.reduce_window(
+            data,
+            jnp.asarray(-jnp.inf, data.dtype),
+            lax.max,
+            full(kernel, 1),
+            full(strides, 1),
+            full(tuple(pads), (0, 0)),
+            window_dilation=full(dil, 1),
+        )
     )
 
 
@@ -1184,15 +1192,15 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
         raise ctx.fail("Resize needs scales or sizes")
     if len(out_shape) != rank:
         raise ctx.fail(f"scales/sizes of length {len(out_shape)} for rank {rank}")
-    channels_last = isinstance(x, _ChannelsLast)
-    y = x.data if channels_last else jnp.asarray(x)
+    y, wrap, _ = _spatial_layout(x)
     for axis in range(rank):
         if out_shape[axis] == in_shape[axis] and scale[axis] == 1.0:
             continue
         if axis < 2 and rank > 2:
             raise ctx.fail("resizing the batch or channel axis")
         m = _resize_matrix(ctx, mode, out_shape[axis], in_shape[axis], scale[axis])
-        axis = (0, 3, 1, 2)[axis] if channels_last else axis  # H, W of NHWC data
+        if wrap is _ChannelsLast:
+            axis = (0, 3, 1, 2)[axis]  # H, W of the NHWC data
         y = jnp.moveaxis(
             jnp.tensordot(
                 jnp.asarray(m, y.dtype), y, axes=((1,), (axis,)), precision=_HIGHEST
@@ -1200,7 +1208,7 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
             0,
             axis,
         )
-    return _ChannelsLast(y) if channels_last else y
+    return wrap(y)
 
 
 SUPPORTED_OPS = frozenset(_OPS) | {"Constant"}

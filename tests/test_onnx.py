@@ -200,6 +200,23 @@ def test_max_pool():
     np.testing.assert_array_equal(y, x.reshape(1, 2, 3, 2, 3, 2).max(axis=(3, 5)))
 
 
+def test_max_pool_of_a_channels_last_convolution():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 2, 5, 5))
+    w = _f32(rng, 3, 2, 1, 1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"]),
+        helper.make_node("MaxPool", ["h"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+    ]  # fmt: skip
+    _, y = _run(_model(nodes, [("x", x.shape)], ["y"], {"w": w}), x)
+    h = np.pad(
+        _np_conv2d(x, w), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf
+    )
+    win = np.lib.stride_tricks.sliding_window_view(h, (3, 3), axis=(2, 3))
+    np.testing.assert_allclose(y, win[:, :, ::2, ::2].max(axis=(4, 5)), atol=TOL)
+
+
 @pytest.mark.parametrize("ctm", ["half_pixel", "pytorch_half_pixel", "align_corners"])
 @pytest.mark.parametrize("opset", [11, 13])
 def test_resize_bilinear_x2(ctm, opset):
