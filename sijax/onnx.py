@@ -288,7 +288,7 @@ class _ChannelsLast:
     """An NCHW tensor of the graph held channels-last, as ``data`` (N, H, W, C).
 
     Convolutions compute channels-last (:func:`_im2col_conv2d`) and return this;
-    element-wise operators, batch-norm, average pooling, Resize and Concat keep it,
+    element-wise operators, batch-norm, pooling, Resize and Concat keep it,
     and any other operator gets the NCHW array (one transpose, :func:`_apply`). So a
     U-Net's chain of convolutions, activations, pooling, upsampling and skip
     concatenations runs without the transposes that an NCHW result of every
