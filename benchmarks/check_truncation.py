@@ -16,7 +16,6 @@ re-run reproduces the recorded sup_p and decision.
 """
 
 import argparse
-import gzip
 import json
 import os
 import time
@@ -30,24 +29,27 @@ import numpy as np  # noqa: E402
 import sijax  # noqa: E402
 from sijax.detect.dal import _prepare  # noqa: E402
 from sijax.diffusion.sampler import Noises  # noqa: E402
-from sijax.experiments import Setting, _load_models, trial_data  # noqa: E402
+from sijax.experiments import (  # noqa: E402
+    TRIALS_FILE,
+    Setting,
+    _load_models,
+    latest_records,
+    read_trials,
+    trial_data,
+)
 from sijax.selective.statistics import line_statistic  # noqa: E402
 
 
 def _records(run: str) -> dict:
-    path = os.path.join(run, "trials.jsonl")
+    """{(setting key, index): record} of a run directory's (gzipped) trials."""
+    path = os.path.join(run, TRIALS_FILE)
     if not os.path.exists(path):
         path += ".gz"
-    opener = gzip.open if path.endswith(".gz") else open
-    out = {}
-    with opener(path, "rt") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            out[(r["setting"], r["index"])] = r
-    return out
+    return {
+        (key, index): r
+        for key, trials in latest_records(read_trials(path)).items()
+        for index, r in trials.items()
+    }
 
 
 def check_trial(model, setting: Setting, index: int, eps: float) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import os
@@ -135,6 +136,12 @@ class Setting:
         if self.activation != "relu":
             parts.append(self.activation)
         return " ".join(parts)
+
+    @property
+    def selective_p_exact(self) -> bool:
+        """Whether the selective p-values are exact (to the search precision), not
+        only on the right side of alpha as with a "decision" search."""
+        return self.search == "exhaustive" or self.termination == "precision"
 
     def dal_config(self, method: str) -> DALConfig:
         """The DAL test options behind ``method`` ("selective" or "oc")."""
@@ -761,10 +768,7 @@ def summarize(spec: ExperimentSpec, records: Iterable[dict]) -> list[SummaryReco
                 res = [v for v in res if v["num_valid"] > 0]
             k = sum(bool(v["reject"]) for v in res)
             lo, hi = clopper_pearson(k, len(res))
-            exact = m in ("oc", "naive") or (
-                m == "selective"
-                and (s.termination == "precision" or s.search == "exhaustive")
-            )
+            exact = m in ("oc", "naive") or (m == "selective" and s.selective_p_exact)
             ks = float("nan")
             if exact and s.delta == 0.0 and len(res) >= 2:
                 ks = float(scipy.stats.kstest([v["p"] for v in res], "uniform").pvalue)
@@ -822,11 +826,12 @@ def null_p_values(spec: ExperimentSpec, records: Iterable[dict]) -> dict:
 
 
 def read_trials(path: str) -> list[dict]:
-    """Records of ``trials.jsonl``; a torn last line (a killed writer) is ignored."""
+    """Records of ``trials.jsonl`` (or a gzipped ``trials.jsonl.gz``, as committed
+    results are); a torn last line (a killed writer) is ignored."""
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         for line in f:
             try:
                 out.append(json.loads(line))
@@ -890,7 +895,7 @@ def _meta(spec: ExperimentSpec, models) -> dict:
             + (
                 "; 'decision' stops once p is known to be on one side of alpha: "
                 "rejections are exact, p-values away from alpha are bounds only"
-                if spec.termination == "decision" and spec.experiment != "pieces"
+                if not any(s.selective_p_exact for s in spec.settings())
                 else ""
             )
         ),
@@ -1071,7 +1076,7 @@ def write_plots(
         # A "decision" search stops once p is known to be on one side of alpha: its
         # selective p-values are those of the searched part only, not draws of the
         # null distribution, so a QQ-plot of them would mislead.
-        bounds_only = spec.termination == "decision" and spec.experiment != "pieces"
+        bounds_only = not any(s.selective_p_exact for s in spec.settings())
         for ax, lab in zip(axes, labels, strict=False):
             for (l2, m), p in null_p.items():
                 if l2 != lab or (m == "selective" and bounds_only):

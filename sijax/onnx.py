@@ -311,8 +311,12 @@ class _ChannelsLast:
         return 4
 
 
+# Position in the NHWC data of each NCHW axis; also the NHWC -> NCHW permutation.
+_NHWC_AXIS = (0, 3, 1, 2)
+
+
 def _nchw(x):
-    return jnp.transpose(x.data, (0, 3, 1, 2)) if isinstance(x, _ChannelsLast) else x
+    return jnp.transpose(x.data, _NHWC_AXIS) if isinstance(x, _ChannelsLast) else x
 
 
 def _spatial_layout(x):
@@ -349,12 +353,8 @@ def _apply(ctx, ins):
         return _ChannelsLast(_OPS[op](ctx, ins[0].data))
     if op in _BINARY and all(x is not None and np.ndim(x) <= 4 for x in ins):
         # ONNX broadcasting to rank 4, then the NCHW operands' axes reordered.
-        def operand(x):
-            if isinstance(x, _ChannelsLast):
-                return x.data
-            return _nhwc_data(x.reshape((1,) * (4 - np.ndim(x)) + np.shape(x)))
-
-        return _ChannelsLast(_OPS[op](ctx, *(operand(x) for x in ins)))
+        ins = [_nhwc_data(x) for x in _broadcast_ranks(*ins)]
+        return _ChannelsLast(_OPS[op](ctx, *ins))
     if op == "Shape":
         return _OPS[op](ctx, *ins)
     if op == "BatchNormalization":
@@ -365,7 +365,7 @@ def _apply(ctx, ins):
         xs = [_nhwc_data(x) for x in ins if x is not None]
         dt = jnp.result_type(*xs)
         return _ChannelsLast(
-            jnp.concatenate([jnp.asarray(x, dt) for x in xs], axis=(0, 3, 1, 2)[axis])
+            jnp.concatenate([jnp.asarray(x, dt) for x in xs], axis=_NHWC_AXIS[axis])
         )
     return _OPS[op](ctx, *(_nchw(x) for x in ins))
 
@@ -1200,7 +1200,7 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
             raise ctx.fail("resizing the batch or channel axis")
         m = _resize_matrix(ctx, mode, out_shape[axis], in_shape[axis], scale[axis])
         if wrap is _ChannelsLast:
-            axis = (0, 3, 1, 2)[axis]  # H, W of the NHWC data
+            axis = _NHWC_AXIS[axis]
         y = jnp.moveaxis(
             jnp.tensordot(
                 jnp.asarray(m, y.dtype), y, axes=((1,), (axis,)), precision=_HIGHEST

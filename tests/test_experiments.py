@@ -7,6 +7,7 @@ piecewise-linear activations), not exact rates. All runs share one batch size, o
 ``max_pieces`` and one device mesh so that the compiled programs are reused.
 """
 
+import gzip
 import json
 import math
 import os
@@ -239,6 +240,11 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     recs_full = {r["index"]: r for r in _records(full)}
     recs_part = {r["index"]: r for r in _records(part)}
     assert len(_records(part)) == len(recs_part)  # nothing ran twice
+    # committed results are gzipped: read_trials reads those the same way
+    gz = str(tmp_path / "trials.jsonl.gz")
+    with open(os.path.join(part, ex.TRIALS_FILE), "rb") as f, gzip.open(gz, "wb") as g:
+        g.write(f.read())
+    assert ex.read_trials(gz) == _records(part)
     assert set(recs_full) == set(recs_part)
     for i, r in recs_full.items():
         q = recs_part[i]
