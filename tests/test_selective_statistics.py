@@ -122,6 +122,21 @@ def test_corr_operator_equals_dense_matrix(n, rho, var):
         )
 
 
+def test_per_pixel_variances_of_a_gray_image_may_drop_the_channel():
+    """(H, W) variances for an (H, W, 1) image (how a 2-D .npy loads) mean the same."""
+    var = np.random.default_rng(1).uniform(0.5, 2.0, (5, 4))
+    want = st.covariance_matrix(st.as_covariance(var[..., None], (5, 4, 1)), 20)
+    got = st.covariance_matrix(st.as_covariance(var, (5, 4, 1)), 20)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.diagonal(got), var.reshape(-1))
+    with pytest.raises(InputError, match="fits neither"):
+        st.as_covariance(var, (5, 4, 2))  # two channels: (H, W) is ambiguous
+    zero_diag = np.eye(20)
+    zero_diag[3, 3] = 0.0
+    with pytest.raises(InputError, match=r"S\[3,3\] = 0$"):
+        st.as_covariance(zero_diag, (5, 4, 1))
+
+
 def test_large_image_uses_no_dense_matrix():
     x = np.random.default_rng(0).standard_normal((128, 128, 1))
     mask = np.zeros((128, 128), bool)

@@ -222,7 +222,7 @@ class DenseCovariance(Covariance):
             bad = int(np.argmin(d))
             raise InputError(
                 "dense covariance has a non-positive variance:"
-                f" S[{bad},{bad}] = {d[bad]!r}"
+                f" S[{bad},{bad}] = {float(d[bad]):.3g}"
             )
         if m.shape[0] <= max_eig_check:
             lam_min = float(np.linalg.eigvalsh(m)[0])
@@ -358,7 +358,8 @@ def as_covariance(sigma, shape: tuple[int, ...]) -> Covariance:
     * ``"iid"`` (Sigma = I) or ``"corr"`` (Sigma_ij = 0.5^|i-j|,
       :class:`AR1Covariance`);
     * a scalar s: Sigma = s I (s is a *variance*);
-    * an array shaped like the image, or (n,): per-element variances (diagonal Sigma);
+    * an array shaped like the image (for an (H, W, 1) image also (H, W)), or (n,):
+      per-element variances (diagonal Sigma);
     * an (n, n) array: a dense matrix;
     * a callable ``fn(v) -> Sigma v`` on flat (n,) vectors.
 
@@ -384,7 +385,10 @@ def as_covariance(sigma, shape: tuple[int, ...]) -> Covariance:
         s_shape = tuple(np.shape(sigma))
         if s_shape == ():
             cov = ScalarCovariance(jnp.asarray(sigma, jnp.float64))
-        elif s_shape == tuple(shape) or s_shape == (n,):
+        elif s_shape in (tuple(shape), (n,)) or (
+            # (H, W) variances of a one-channel (H, W, 1) image, as images load
+            len(shape) == 3 and shape[-1] == 1 and s_shape == tuple(shape[:2])
+        ):
             cov = DiagonalCovariance(jnp.asarray(sigma, jnp.float64).reshape(n))
         elif s_shape == (n, n):
             cov = DenseCovariance(jnp.asarray(sigma, jnp.float64))
