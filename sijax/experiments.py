@@ -20,6 +20,7 @@ bound sup_p < alpha (the search stops once the side of alpha is known).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import time
 import zlib
@@ -67,6 +69,7 @@ METHODS = ("selective", "oc", "naive", "bonferroni", "permutation")
 NOISE_FAMILIES = ("skewnorm", "exponnorm", "gennorm_lo", "gennorm_hi", "t")
 CONFIDENCE = 0.99
 TRIALS_FILE = "trials.jsonl"
+LOCK_FILE = ".lock"
 
 # Status codes of BatchResult.status (sijax.detect.dal).
 _OK, _NO_REGION, _MAX_PIECES = 0, 1, 2
@@ -1136,6 +1139,42 @@ def _write_summary(out_dir, spec, rows, records, models):
     write_plots(out_dir, spec, rows, null_p_values(spec, records))
 
 
+@contextlib.contextmanager
+def _exclusive(out_dir: str):
+    """Holds ``out_dir/.lock`` so that one run at a time writes an output directory.
+
+    Two runs appending to one trials file would compute the same trial indices twice
+    and interleave their records. The lock is an advisory ``flock`` (released by the
+    kernel when its process dies, so a killed run leaves no stale lock); the file
+    names its holder for the error message. Where ``fcntl`` is missing (Windows) no
+    lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(
+                f"{out_dir} is being written by another sijax experiment ({holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the flock
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out_dir: str,
@@ -1171,7 +1210,8 @@ def run_experiment(
       The summary rows.
 
     Raises:
-      InputError: records present without ``resume``; bad settings or models.
+      InputError: records present without ``resume``; another run writing
+        ``out_dir`` (see :func:`_exclusive`); bad settings or models.
     """
     settings = spec.settings()
     path = os.path.join(out_dir, TRIALS_FILE)
@@ -1182,79 +1222,83 @@ def run_experiment(
             "or choose another --out"
         )
     os.makedirs(out_dir, exist_ok=True)
-    models = _load_models(settings) if models is None else models
-    mesh = device_mesh() if mesh is None else (mesh or None)
-    ndev = 1 if mesh is None else mesh.size
-    batch = -(-spec.batch // ndev) * ndev
-    records = read_trials(path)
-    by_key = latest_records(records)
-    compiled: set = set()
+    # One writer per directory: a second run would redo the same trial indices.
+    with _exclusive(out_dir) if writer else contextlib.nullcontext():
+        models = _load_models(settings) if models is None else models
+        mesh = device_mesh() if mesh is None else (mesh or None)
+        ndev = 1 if mesh is None else mesh.size
+        batch = -(-spec.batch // ndev) * ndev
+        records = read_trials(path)
+        by_key = latest_records(records)
+        compiled: set = set()
 
-    def state(s):
-        trials = by_key.get(s.key, {})
-        done = {
-            i
-            for i, r in trials.items()
-            if not r["valid"] or all(m in r["methods"] for m in spec.methods)
-        }
-        valid = sum(1 for i in done if trials[i]["valid"])
-        return done, valid
+        def state(s):
+            trials = by_key.get(s.key, {})
+            done = {
+                i
+                for i, r in trials.items()
+                if not r["valid"] or all(m in r["methods"] for m in spec.methods)
+            }
+            valid = sum(1 for i in done if trials[i]["valid"])
+            return done, valid
 
-    bar = None
-    if progress and writer:
-        from tqdm import tqdm
+        bar = None
+        if progress and writer:
+            from tqdm import tqdm
 
-        bar = tqdm(
-            total=spec.trials * len(settings),
-            desc=spec.experiment,
-            unit="trial",
-            dynamic_ncols=True,
-        )
-        bar.update(sum(min(state(s)[1], spec.trials) for s in settings))
-    batches = 0
-    last_summary = time.monotonic()
-    pending = list(settings)
-    while pending and (max_batches is None or batches < max_batches):
-        for s in list(pending):
-            if max_batches is not None and batches >= max_batches:
-                break
-            done, valid = state(s)
-            limit = spec.max_factor * spec.trials
-            if valid >= spec.trials or len(done) >= limit:
-                pending.remove(s)
-                continue
-            # Always a full batch of fresh indices: padding would cost the same.
-            idx = [i for i in range(limit) if i not in done][:batch]
-            model = models[(s.checkpoint, s.activation)]
-            new = run_batch(
-                model,
-                s,
-                idx,
-                spec.methods,
-                batch=batch,
-                mesh=mesh,
-                permutations=spec.permutations,
-                compiled=compiled,
+            bar = tqdm(
+                total=spec.trials * len(settings),
+                desc=spec.experiment,
+                unit="trial",
+                dynamic_ncols=True,
             )
-            batches += 1
-            if writer:
-                _append(path, new)
-            records.extend(new)
-            for r in new:
-                by_key.setdefault(r["setting"], {})[r["index"]] = r
-            if writer and time.monotonic() - last_summary > summary_every:
-                rows = summarize(spec, records)
-                _write_summary(out_dir, spec, rows, records, models)
-                last_summary = time.monotonic()
-            if bar is not None:
-                bar.update(
-                    min(valid + sum(r["valid"] for r in new), spec.trials)
-                    - min(valid, spec.trials)
+            bar.update(sum(min(state(s)[1], spec.trials) for s in settings))
+        batches = 0
+        last_summary = time.monotonic()
+        pending = list(settings)
+        while pending and (max_batches is None or batches < max_batches):
+            for s in list(pending):
+                if max_batches is not None and batches >= max_batches:
+                    break
+                done, valid = state(s)
+                limit = spec.max_factor * spec.trials
+                if valid >= spec.trials or len(done) >= limit:
+                    pending.remove(s)
+                    continue
+                # Always a full batch of fresh indices: padding would cost the same.
+                idx = [i for i in range(limit) if i not in done][:batch]
+                model = models[(s.checkpoint, s.activation)]
+                new = run_batch(
+                    model,
+                    s,
+                    idx,
+                    spec.methods,
+                    batch=batch,
+                    mesh=mesh,
+                    permutations=spec.permutations,
+                    compiled=compiled,
                 )
-                bar.set_postfix_str(_progress_text(summarize(spec, records), s)[:120])
-    if bar is not None:
-        bar.close()
-    rows = summarize(spec, records)
-    if writer:
-        _write_summary(out_dir, spec, rows, records, models)
-    return rows
+                batches += 1
+                if writer:
+                    _append(path, new)
+                records.extend(new)
+                for r in new:
+                    by_key.setdefault(r["setting"], {})[r["index"]] = r
+                if writer and time.monotonic() - last_summary > summary_every:
+                    rows = summarize(spec, records)
+                    _write_summary(out_dir, spec, rows, records, models)
+                    last_summary = time.monotonic()
+                if bar is not None:
+                    bar.update(
+                        min(valid + sum(r["valid"] for r in new), spec.trials)
+                        - min(valid, spec.trials)
+                    )
+                    bar.set_postfix_str(
+                        _progress_text(summarize(spec, records), s)[:120]
+                    )
+        if bar is not None:
+            bar.close()
+        rows = summarize(spec, records)
+        if writer:
+            _write_summary(out_dir, spec, rows, records, models)
+        return rows

@@ -271,6 +271,19 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     assert _summary(part) == [r.to_json() for r in rows_part]
 
 
+def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
+    """A second run on a directory in use is refused (it would redo the same trials)."""
+    spec = ex.default_spec("fpr", covariances=("iid",), trials=2, **COMMON)
+    out = str(tmp_path)
+    with ex._exclusive(out):  # stands for a run in progress (own open file, own flock)
+        with pytest.raises(InputError, match=r"another sijax experiment \(pid \d+ on"):
+            ex.run_experiment(spec, out, models=models, resume=True, max_batches=0)
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    # released when the holder ends (also when its process dies: flock)
+    ex.run_experiment(spec, out, models=models, resume=True, max_batches=0)
+    assert os.path.exists(os.path.join(out, "summary.json"))
+
+
 # -------------------------------------------------------------------- sharding
 
 
