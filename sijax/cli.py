@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from sijax.errors import InputError, SijaxError
+from sijax.errors import InputError, SijaxError, ensure_output_dir
 
 
 def _enable_x64():
@@ -81,6 +81,7 @@ def _sample_run(a: argparse.Namespace) -> int:
 
     if a.num < 1 or a.steps < 0:
         raise InputError(f"need --num >= 1 and --steps >= 0; got {a.num}, {a.steps}")
+    ensure_output_dir(a.out)
     _enable_x64()
     model = load_model(a.checkpoint)
     T = model.schedule.T  # noqa: N806
@@ -89,7 +90,6 @@ def _sample_run(a: argparse.Namespace) -> int:
         steps = tuple(sorted({int(s) for s in np.linspace(T - 1, 0, a.steps)},
                              reverse=True))
     imgs = sample_images(model, a.num, seed=a.seed, steps=steps, eta=a.eta)
-    os.makedirs(a.out, exist_ok=True)
     np.save(os.path.join(a.out, "samples.npy"), imgs)
     for i, img in enumerate(imgs):
         save_image(os.path.join(a.out, f"sample_{i:03d}.png"), img)
@@ -113,6 +113,7 @@ def _reconstruct_run(a: argparse.Namespace) -> int:
     from sijax.data.images import load_image
     from sijax.diffusion.reconstruction import reconstruct_image, save_reconstruction
 
+    ensure_output_dir(a.out)
     _enable_x64()
     model = load_model(a.checkpoint)
     x = load_image(a.image, model.image_shape)

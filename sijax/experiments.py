@@ -42,7 +42,7 @@ import scipy.stats
 
 from sijax.detect.dal import DALConfig, dal_test_batch
 from sijax.diffusion.sampler import Noises
-from sijax.errors import InputError
+from sijax.errors import InputError, ensure_output_dir
 
 __all__ = [
     "EXPERIMENTS",
@@ -1221,7 +1221,7 @@ def run_experiment(
             f"{path} already holds trials: pass --resume to continue, "
             "or choose another --out"
         )
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_output_dir(out_dir)
     # One writer per directory: a second run would redo the same trial indices.
     with _exclusive(out_dir) if writer else contextlib.nullcontext():
         models = _load_models(settings) if models is None else models

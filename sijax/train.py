@@ -28,7 +28,7 @@ from sijax.checkpoint import DiffusionModel, cast_state, init_unet, save_model
 from sijax.config import TrainConfig
 from sijax.data.synthetic import normal_images
 from sijax.diffusion.loss import noise_prediction_loss
-from sijax.errors import InputError
+from sijax.errors import InputError, ensure_output_dir
 
 DTYPE = jnp.float32  # training precision; the test path casts to float64 at load
 
@@ -208,8 +208,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
         InputError: existing run without ``resume``, or a config that differs from
             the stored one.
     """
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = ensure_output_dir(os.path.abspath(os.fspath(workdir)))
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:

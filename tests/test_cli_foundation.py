@@ -52,9 +52,18 @@ def test_overrides_and_presets():
     (["train", "--workdir", "W"], "--config is required"),
     (["reconstruct", "--checkpoint", "/no/such/dir", "--image", "x.npy", "--out",
       "o"], "checkpoint directory not found"),
+    # An --out that cannot be written fails before any work ("F" is a plain file).
+    (["demo", "--out", "F/o"], "cannot write to the output directory"),
+    (["sample", "--checkpoint", "tiny_8", "--out", "F/o"], "cannot write to the"),
+    (["reconstruct", "--checkpoint", "tiny_8", "--image", "x.npy", "--out", "F/o"],
+     "cannot write to the"),
+    (["experiment", "fpr", "--sizes", "8", "--checkpoint", "tiny_8", "--trials", "1",
+      "--out", "F/o"], "cannot write to the"),
+    (["train", "--config", "tiny", "--workdir", "F/o"], "cannot write to the"),
 ])
 def test_errors_print_cleanly(capsys, tmp_path, argv, match):
-    argv = [str(tmp_path / a) if a in ("W", "x.npy", "o") else a for a in argv]
+    (tmp_path / "F").write_text("a file, not a directory")
+    argv = [str(tmp_path / a) if a in ("W", "x.npy", "o", "F/o") else a for a in argv]
     rc, out, err = run_main(capsys, *argv)
     assert rc == 2
     assert err.startswith("error: ") and match in err, err

@@ -9,6 +9,7 @@ import jax
 
 from sijax.detect.dal import DALConfig, dal_test, draw_noises
 from sijax.detect.report import write_report
+from sijax.errors import ensure_output_dir
 
 DEFAULT_CHECKPOINTS = os.path.join(
     os.path.dirname(os.path.dirname(__file__)), "checkpoints"
@@ -39,9 +40,13 @@ def run_test(
 
     Returns:
       (TestResult, seconds of the test including compilation).
+
+    Raises:
+      InputError: ``out_dir`` cannot be written (checked before the test runs).
     """
     from sijax.checkpoint import load_model
 
+    ensure_output_dir(out_dir)  # before the test: a bad --out must not cost a run
     config = DALConfig() if config is None else config
     model = load_model(checkpoint)
     noises = draw_noises(jax.random.key(seed), model.image_shape, config)
