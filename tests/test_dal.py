@@ -154,6 +154,25 @@ def test_empty_region_is_a_status_not_a_crash(model, example):
     assert "empty region" in res.message
 
 
+@pytest.mark.parametrize(
+    "field, match",
+    [
+        (dict(search="fast"), r"search='fast' must be one of \("),
+        (dict(termination="soon"), r"termination='soon' must be one of"),
+        (dict(hypothesis="paired"), r"hypothesis='paired' must be one of"),
+        (dict(filter_size=4), r"filter_size=4 must be a positive odd"),
+        (dict(precision=0.0), r"got alpha=0.05, precision=0.0$"),
+        (dict(alpha=1.5), r"got alpha=1.5, precision="),
+        (dict(max_pieces=0), r"^max_pieces=0 must be >= 1$"),
+        (dict(steps=(400, 0)), r"steps=\(400, 0\), t_start=460$"),
+    ],
+)
+def test_bad_config_names_the_field_and_value(field, match):
+    with pytest.raises(InputError, match=match) as e:
+        DALConfig(**field)
+    assert "self." not in str(e.value)
+
+
 def test_max_pieces_reports_status_and_bounds(model, example):
     x, x_ref, nz = example
     cfg = DALConfig(search="exhaustive", max_pieces=3)

@@ -98,21 +98,31 @@ class DALConfig:
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         if not self.steps or self.steps[0] != self.t_start:
             raise InputError(
-                f"steps[0] must equal t_start: {self.steps=} {self.t_start=}"
+                f"steps[0] must equal t_start: steps={self.steps}, "
+                f"t_start={self.t_start}"
             )
         if self.hypothesis not in HYPOTHESES[:3]:
-            raise InputError(f"{self.hypothesis=} must be one of {HYPOTHESES[:3]}")
+            raise InputError(
+                f"hypothesis={self.hypothesis!r} must be one of {HYPOTHESES[:3]}"
+            )
         if self.search not in POLICIES:
-            raise InputError(f"{self.search=} must be one of {POLICIES}")
+            raise InputError(f"search={self.search!r} must be one of {POLICIES}")
         if self.termination not in TERMINATIONS:
-            raise InputError(f"{self.termination=} must be one of {TERMINATIONS}")
+            raise InputError(
+                f"termination={self.termination!r} must be one of {TERMINATIONS}"
+            )
         check_alternative(self.alternative)
         if self.filter_size < 1 or self.filter_size % 2 == 0:
-            raise InputError(f"{self.filter_size=} must be a positive odd integer")
+            raise InputError(
+                f"filter_size={self.filter_size} must be a positive odd integer"
+            )
         if not 0.0 < self.alpha < 1.0 or not self.precision > 0.0:
-            raise InputError(f"need 0 < alpha < 1 and precision > 0: {self}")
+            raise InputError(
+                "need 0 < alpha < 1 and precision > 0, got "
+                f"alpha={self.alpha}, precision={self.precision}"
+            )
         if self.max_pieces < 1:
-            raise InputError(f"{self.max_pieces=} must be >= 1")
+            raise InputError(f"max_pieces={self.max_pieces} must be >= 1")
 
 
 # Outcome of one test, as a string in TestResult.status.

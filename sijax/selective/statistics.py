@@ -141,7 +141,7 @@ class ScalarCovariance(Covariance):
             v = np.asarray(self.variance, np.float64)
             if v.shape != () or not np.isfinite(v) or v <= 0:
                 raise InputError(
-                    f"scalar covariance must be a finite variance > 0, got {v!r}"
+                    f"scalar covariance must be a finite variance > 0, got {v}"
                 )
 
     def tree_flatten(self):
