@@ -149,6 +149,8 @@ def _dal_options(p: argparse.ArgumentParser):
                    metavar="KEY=VALUE", help="override any DALConfig field")
     p.add_argument("--seed", type=int, default=0, help="key of the sampler noises")
     p.add_argument("--out", default="sijax-out", help="output directory")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar of the search")
 
 
 def _sigma(raw: str):
@@ -187,6 +189,7 @@ def _test_run(a: argparse.Namespace) -> int:
     x_ref = load_image(a.reference, shape) if a.reference else None
     result, seconds = run_test(a.checkpoint, x, x_ref, sigma=_sigma(a.sigma),
                                out_dir=a.out, seed=a.seed, config=config,
+                               progress=not a.no_progress,
                                extra={"image": a.image, "reference": a.reference})
     print(format_result(result))
     print(f"{seconds:.1f} s (compilation included); report in {a.out}/")
@@ -211,6 +214,7 @@ def _demo_run(a: argparse.Namespace) -> int:
           f"N(0, 1) noise, an independent N(0, 1) reference), model {checkpoint}")
     result, seconds = run_test(checkpoint, x, x_ref, sigma=1.0, out_dir=a.out,
                                seed=a.seed, config=config,
+                               progress=not a.no_progress,
                                extra={"image": example_paths(a.size)[0],
                                       "reference": example_paths(a.size)[1]})
     print(format_result(result))

@@ -15,6 +15,7 @@ from scipy import stats
 
 from sijax.checkpoint import load_model
 from sijax.detect.dal import (
+    REPORT_EVERY,
     DALConfig,
     dal_test,
     dal_test_batch,
@@ -171,6 +172,29 @@ def test_bad_config_names_the_field_and_value(field, match):
     with pytest.raises(InputError, match=match) as e:
         DALConfig(**field)
     assert "self." not in str(e.value)
+
+
+def test_progress_reports_follow_the_search(model, example, exhaustive):
+    x, x_ref, nz = example
+    seen = []
+    cfg = DALConfig(search="exhaustive")
+    res = dal_test(
+        model,
+        x,
+        x_ref,
+        sigma=1.0,
+        noises=nz,
+        config=cfg,
+        progress=lambda *r: seen.append(r),
+    )
+    assert res.search_count == exhaustive.search_count > REPORT_EVERY
+    assert res.truncated_intervals == exhaustive.truncated_intervals
+    assert res.p_value == exhaustive.p_value
+    counts = [r[0] for r in seen]
+    assert counts == sorted(set(counts)) and counts[-1] == res.search_count
+    assert counts[0] == REPORT_EVERY
+    assert seen[-1][1:3] == res.searched_intervals[0]
+    assert seen[-1][3:] == (res.inf_p, res.sup_p)
 
 
 def test_max_pieces_reports_status_and_bounds(model, example):

@@ -10,7 +10,13 @@ import pytest
 
 from sijax.selective import intervals as iv
 from sijax.selective import pvalues as pv
-from sijax.selective.search import SearchError, SearchStatus, raise_for_status, search
+from sijax.selective.search import (
+    SearchError,
+    SearchStatus,
+    raise_for_status,
+    reporting,
+    search,
+)
 
 INF = math.inf
 M = 120  # breakpoints per oracle
@@ -222,3 +228,39 @@ def test_oracle_failures_give_status_codes():
     assert int(r.status) == SearchStatus.ORACLE_STALLED
     assert int(r.search_count) == 2
     assert float(r.inf_p) <= float(r.p_value) <= float(r.sup_p)
+
+
+def test_progress_reports_do_not_change_the_search():
+    """report_every=k: a report every k pieces and one at the end, whose count and
+    bounds are the result's; the same compiled search serves two reporters."""
+    g, accept = make_oracle(np.random.default_rng(7), 0.3)
+    params = (jnp.asarray(g), jnp.asarray(accept))
+    run = jax.jit(
+        functools.partial(
+            search,
+            grid_oracle,
+            policy="exhaustive",
+            max_pieces=4 * M,
+            report_every=10,
+        )
+    )
+    plain = search(grid_oracle, params, 0.3, policy="exhaustive", max_pieces=4 * M)
+    seen, other = [], []
+    with reporting(lambda *r: seen.append(r)):
+        res = run(params, 0.3)
+        jax.effects_barrier()
+    with reporting(lambda *r: other.append(r)):
+        run(params, 0.3)
+        jax.effects_barrier()
+    run(params, 0.3)  # no reporter installed: reports are dropped
+    jax.effects_barrier()
+    n = int(res.search_count)
+    assert n == int(plain.search_count) and n > 10
+    assert [r[0] for r in seen] == [*range(10, n + 1, 10)] + ([n] if n % 10 else [])
+    assert other == seen
+    last = seen[-1]
+    assert (last[1], last[2]) == tuple(np.asarray(res.searched.bounds[0]))
+    assert (last[3], last[4]) == (float(res.inf_p), float(res.sup_p))
+    np.testing.assert_array_equal(res.truncated.bounds, plain.truncated.bounds)
+    with pytest.raises(Exception, match="report_every"):
+        search(grid_oracle, params, 0.3, report_every=-1)

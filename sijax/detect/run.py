@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 
 import jax
@@ -26,6 +28,7 @@ def run_test(
     seed: int = 0,
     config: DALConfig | None = None,
     extra: dict | None = None,
+    progress: bool = False,
 ):
     """Loads the model, runs :func:`sijax.detect.dal.dal_test`, writes the report.
 
@@ -37,6 +40,7 @@ def run_test(
       seed: the key of the sampler noises (drawn once, fixed along the line).
       config: :class:`DALConfig`.
       extra: more fields for report.json.
+      progress: show a progress bar of the search on stderr (:func:`search_bar`).
 
     Returns:
       (TestResult, seconds of the test including compilation).
@@ -51,7 +55,10 @@ def run_test(
     model = load_model(checkpoint)
     noises = draw_noises(jax.random.key(seed), model.image_shape, config)
     t0 = time.perf_counter()
-    result = dal_test(model, x, x_ref, sigma=sigma, noises=noises, config=config)
+    with search_bar(progress) as report:
+        result = dal_test(
+            model, x, x_ref, sigma=sigma, noises=noises, config=config, progress=report
+        )
     seconds = time.perf_counter() - t0
     write_report(
         out_dir,
@@ -68,6 +75,31 @@ def run_test(
         },
     )
     return result, seconds
+
+
+@contextlib.contextmanager
+def search_bar(enabled: bool = True):
+    """A tqdm bar for ``dal_test(progress=...)``: pieces searched, the searched range
+    of z and the current bounds of the p-value. Yields the reporter (None if not
+    ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc="search", unit="piece", dynamic_ncols=True, file=sys.stderr)
+
+    def report(pieces, lo, hi, inf_p, sup_p):
+        bar.set_postfix_str(
+            f"z in [{lo:.3f}, {hi:.3f}], p in [{inf_p:.4g}, {sup_p:.4g}]",
+            refresh=False,
+        )
+        bar.update(pieces - bar.n)
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def format_result(result) -> str:

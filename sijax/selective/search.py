@@ -38,11 +38,17 @@ the exact one) lies in [inf_p, sup_p].
 
 Everything runs in one capped ``lax.while_loop`` with a single call site of
 ``piece_fn`` (the oracle is compiled once), so the search is jit- and vmap-compatible.
+
+Progress: with ``report_every=k`` the loop sends (pieces, L, R, inf_p, sup_p) to the
+host every k pieces and when it ends (``jax.debug.callback``), to the function
+installed by :func:`reporting` (none installed: the reports are dropped). The
+reporter is looked up at run time, so one compiled search serves every reporter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +72,7 @@ __all__ = [
     "SearchResult",
     "SearchStatus",
     "raise_for_status",
+    "reporting",
     "search",
 ]
 
@@ -151,6 +158,34 @@ class _State(NamedTuple):
     memo_left: Any  # ... to the left
 
 
+# Installed reporters, innermost last. Process-wide, not per thread: the callbacks
+# run on XLA's runtime threads, not on the thread that started the search.
+_REPORTERS: list[Callable] = []
+
+
+@contextlib.contextmanager
+def reporting(fn: Callable[[int, float, float, float, float], None]) -> Iterator[None]:
+    """Sends the progress reports of searches run inside the block to ``fn``.
+
+    ``fn(pieces, lo, hi, inf_p, sup_p)`` receives the pieces evaluated so far, the
+    searched component [lo, hi] and the current p-value bounds; only searches
+    compiled with ``report_every > 0`` report. Reporters nest (the innermost gets the
+    reports); they are process-wide. The block should end with the results on the
+    host (``jax.device_get`` or ``jax.effects_barrier()``), so that every report has
+    arrived.
+    """
+    _REPORTERS.append(fn)
+    try:
+        yield
+    finally:
+        _REPORTERS.pop()
+
+
+def _report(i, lo, hi, inf_p, sup_p) -> None:
+    if _REPORTERS:
+        _REPORTERS[-1](int(i), float(lo), float(hi), float(inf_p), float(sup_p))
+
+
 def _check_options(policy, termination, alternative, max_pieces):
     if policy not in POLICIES:
         raise InputError(f"{policy=} must be one of {POLICIES}")
@@ -175,6 +210,7 @@ def search(
     margin: float = 10.0,
     throw: bool = False,
     memo: Any = None,
+    report_every: int = 0,
 ) -> SearchResult:
     """Search the line for Zset and compute the selective p-value (spec section 5).
 
@@ -204,11 +240,16 @@ def search(
         search keeps one memo per side (the walks right and left each continue from
         their own), e.g. the step memo of :func:`sijax.tracking.track_memo`. The
         pieces, and so the result, are those of the oracle without memo.
+      report_every: static; > 0 sends a progress report every this many pieces and
+        at the end (see :func:`reporting`); 0 (default) compiles no report.
 
     Returns:
       :class:`SearchResult`.
     """
     _check_options(policy, termination, alternative, max_pieces)
+    report_every = int(report_every)
+    if report_every < 0:
+        raise InputError(f"report_every={report_every} must be >= 0")
     p_max = int(max_pieces)
     z_obs = jnp.asarray(z_obs, jnp.float64)
     inf = jnp.inf
@@ -313,6 +354,14 @@ def search(
         bounds = bounds_from_log_masses(new.t_in, new.t_out, u_in, u_out, alternative)
         done = new.done | finished(new, bounds)
         capped = ~done & (new.i >= p_max)
+        if report_every:
+            lax.cond(
+                (new.i % report_every == 0) | done | capped,
+                lambda: jax.debug.callback(
+                    _report, new.i, lo_new, hi_new, bounds.inf_p, bounds.sup_p
+                ),
+                lambda: None,
+            )
         return new._replace(
             done=done | capped,
             status=jnp.where(capped, SearchStatus.MAX_PIECES, new.status).astype(
