@@ -87,19 +87,24 @@ def search_bar(enabled: bool = True):
         return
     from tqdm import tqdm
 
-    bar = tqdm(desc="search", unit="piece", dynamic_ncols=True, file=sys.stderr)
+    bars = []  # made at the first report, so that compiling is not timed as search
 
     def report(pieces, lo, hi, inf_p, sup_p):
-        bar.set_postfix_str(
+        if not bars:
+            bars.append(
+                tqdm(desc="search", unit="piece", dynamic_ncols=True, file=sys.stderr)
+            )
+        bars[0].set_postfix_str(
             f"z in [{lo:.3f}, {hi:.3f}], p in [{inf_p:.4g}, {sup_p:.4g}]",
             refresh=False,
         )
-        bar.update(pieces - bar.n)
+        bars[0].update(pieces - bars[0].n)
 
     try:
         yield report
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 def format_result(result) -> str:
