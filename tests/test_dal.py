@@ -4,6 +4,7 @@ Oracles: a dense z-grid of direct detections for the truncation set, the bracket
 promises of the search policies, and statistical checks under the null.
 """
 
+import json
 import os
 
 import jax
@@ -22,6 +23,7 @@ from sijax.detect.dal import (
     detect_region,
     draw_noises,
 )
+from sijax.detect.report import write_report
 from sijax.diffusion.sampler import reconstruct
 from sijax.errors import InputError, NotPiecewiseLinearError
 from sijax.selective.statistics import line_statistic
@@ -140,7 +142,7 @@ def test_over_conditioning_is_a_subset(model, example, exhaustive):
     assert _inside(exhaustive.truncated_intervals, np.linspace(lo, hi, 101)).all()
 
 
-def test_empty_region_is_a_status_not_a_crash(model, example):
+def test_empty_region_is_a_status_not_a_crash(model, example, tmp_path):
     x, x_ref, nz = example
     res = dal_test(
         model,
@@ -153,6 +155,25 @@ def test_empty_region_is_a_status_not_a_crash(model, example):
     assert res.status == "no region"
     assert np.isnan(res.p_value) and not res.mask.any()
     assert "empty region" in res.message
+    _check_report(tmp_path / "none", res, example, rows=1)
+
+
+def _check_report(out, res, example, rows):
+    """report.json round-trips; report.png has the image row, plus the line if any."""
+    import matplotlib.image
+
+    x, x_ref, _ = example
+    write_report(out, res, x, x_ref, config=DALConfig(), checkpoint=TINY)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["result"]["status"] == res.status
+    np.testing.assert_array_equal(np.load(out / "mask.npy"), res.mask)
+    height, width = matplotlib.image.imread(out / "report.png").shape[:2]
+    assert (height > 0.37 * width) == (rows == 2), (height, width)  # 0.45 vs 0.28
+
+
+def test_report_shows_the_line(tmp_path, exhaustive, example):
+    assert exhaustive.status == "ok" and exhaustive.truncated_intervals
+    _check_report(tmp_path, exhaustive, example, rows=2)
 
 
 @pytest.mark.parametrize(

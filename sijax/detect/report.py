@@ -97,8 +97,48 @@ def _fmt_p(p: float) -> str:
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
 
 
+def _plot_line(ax, result) -> None:
+    """The test along the line: log10 of the N(0, 1) density over the searched range,
+    with Zset (the z whose detected region equals the observed one) shaded, the
+    searched range's ends and the observed statistic marked."""
+    from scipy import stats
+
+    (lo, hi), *_ = result.searched_intervals
+    z_obs = float(result.stat)
+    pad = 0.05 * max(hi - lo, 1e-3)
+    a = lo - pad if np.isfinite(lo) else min(z_obs, 0.0) - 5.0
+    b = hi + pad if np.isfinite(hi) else max(z_obs, 0.0) + 5.0
+    z = np.linspace(a, b, 800)
+    ax.plot(z, stats.norm.logpdf(z) / np.log(10), color="0.3", lw=1)
+    for k, (u, v) in enumerate(result.truncated_intervals):
+        ax.axvspan(
+            max(u, a),
+            min(v, b),
+            color="cyan",
+            alpha=0.5,
+            lw=0,
+            label="Zset: same region" if k == 0 else None,
+        )
+    for end, side in ((lo, (a, lo)), (hi, (hi, b))):
+        if np.isfinite(end):
+            ax.axvspan(*side, color="0.85", lw=0)
+    ax.axvline(z_obs, color="crimson", lw=1.2, label=f"z_obs = {z_obs:.3f}")
+    if result.alternative == "abs":
+        ax.axvline(-z_obs, color="crimson", lw=1.2, ls="--", label="-z_obs")
+    ax.set_xlim(a, b)
+    ax.set_xlabel(
+        f"z along the line (searched [{lo:.3f}, {hi:.3f}] in "
+        f"{result.search_count} pieces; grey: not searched)",
+        fontsize=8,
+    )
+    ax.set_ylabel("log10 N(0,1) density", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower center", ncols=3, frameon=False)
+
+
 def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
-    """Input, reference, reconstruction and score map with the region outlined."""
+    """Input, reference, reconstruction and score map with the region outlined,
+    and below them the truncation set along the line (when there is a region)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +155,12 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
         ("reconstruction D(X)", show(result.reconstruction)),
         (f"score (region: > {threshold})", result.score_map),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    line = result.status != "no region" and bool(result.searched_intervals)
+    fig = plt.figure(figsize=(3.2 * len(panels), 5.8 if line else 3.6))
+    grid = fig.add_gridspec(
+        2 if line else 1, len(panels), height_ratios=((3.6, 2.0) if line else None)
+    )
+    axes = [fig.add_subplot(grid[0, k]) for k in range(len(panels))]
     lim = max(float(np.max(np.abs(p[1]))) for p in panels[:-1]) or 1.0
     for ax, (title, img) in zip(axes, panels, strict=True):
         last = ax is axes[-1]
@@ -135,6 +180,8 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
             )
         if last:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if line:
+        _plot_line(fig.add_subplot(grid[1, :]), result)
     fig.suptitle(
         f"selective p = {_fmt_p(result.p_value)} [{_fmt_p(result.inf_p)}, "
         f"{_fmt_p(result.sup_p)}]   naive p = {_fmt_p(result.naive_p_value)}   "
