@@ -138,3 +138,18 @@ def test_subprocess_no_traceback(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == ("error: unknown preset 'dal_v6'; valid presets: "
                                 "dal_v5, tiny")
+
+
+def test_search_bar_shows_pieces_range_and_bounds(capsys):
+    from sijax.detect.run import search_bar
+
+    with search_bar(False) as report:
+        assert report is None
+    assert capsys.readouterr().err == ""  # no bar before the first report either
+    with search_bar() as report:
+        assert capsys.readouterr().err == ""
+        report(10, -0.5, 2.25, 0.01, 0.3)
+        report(17, -0.75, 2.5, 0.02, 0.04)
+    err = capsys.readouterr().err
+    assert "search: " in err and "17piece" in err
+    assert "z in [-0.750, 2.500], p in [0.02, 0.04]" in err
