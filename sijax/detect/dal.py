@@ -607,7 +607,8 @@ def dal_test(
                 report_every=REPORT_EVERY if progress else 0,
             )
         )
-        jax.effects_barrier()  # every report has arrived
+        if progress:
+            jax.effects_barrier()  # every report has arrived
     code = int(_status_code(core))
     res = core.search
     if code == 3:
