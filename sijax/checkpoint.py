@@ -199,7 +199,8 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
             "load_model(dtype=float64) needs x64: call "
             "jax.config.update('jax_enable_x64', True) first"
         )
-    directory = _resolve(os.fspath(directory))
+    # Absolute: Orbax refuses a relative path (as "corrupt state" below).
+    directory = os.path.abspath(_resolve(os.fspath(directory)))
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     cfg_path = os.path.join(directory, "config.json")

@@ -38,6 +38,19 @@ def test_tiny_model_predicts_noise():
     assert abs(np.std(eps_hat) / np.std(x_t) - np.sqrt(1 - ab)) < 0.15
 
 
+def test_relative_paths(tmp_path, monkeypatch):
+    """A model directory given relative to the working directory loads (Orbax itself
+    refuses relative paths; the README's commands use them)."""
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", tmp_path / "models" / "m")
+    monkeypatch.chdir(tmp_path)
+    model = load_model("models/m")
+    reference = load_model("tiny_8")
+    for a, b in zip(jax.tree.leaves(model.state), jax.tree.leaves(reference.state),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert read_summary("models/m") == read_summary("tiny_8")
+
+
 def test_missing_and_corrupt(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope")
