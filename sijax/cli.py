@@ -159,12 +159,12 @@ def _sigma(raw: str):
     try:
         return float(raw)
     except ValueError:
-        import numpy as np
+        from sijax.data.images import load_npy
 
         if not os.path.exists(raw):
             raise InputError(f"--sigma {raw!r} is neither a number, iid, corr nor a "
                              "file") from None
-        return np.load(raw)
+        return load_npy(raw, "--sigma")
 
 
 def _test_args(p: argparse.ArgumentParser):

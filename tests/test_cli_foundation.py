@@ -10,6 +10,7 @@ import pytest
 from sijax.cli import COMMANDS, main
 from sijax.config import TrainConfig, apply_overrides
 from sijax.configs import get_config
+from sijax.data.examples import EXAMPLES_DIR
 from sijax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +61,21 @@ def test_overrides_and_presets():
     (["experiment", "fpr", "--sizes", "8", "--checkpoint", "tiny_8", "--trials", "1",
       "--out", "F/o"], "cannot write to the"),
     (["train", "--config", "tiny", "--workdir", "F/o"], "cannot write to the"),
+    # Files that are not .npy arrays, and a directory, as image or covariance.
+    (["test", "--checkpoint", "tiny_8", "--image", "G.npy", "--sigma", "1", "--out",
+      "o"], "not a NumPy .npy file"),
+    (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "G.npy", "--out",
+      "o"], "cannot read --sigma"),
+    (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "D", "--out",
+      "o"], "--sigma file not found"),
 ])
 def test_errors_print_cleanly(capsys, tmp_path, argv, match):
     (tmp_path / "F").write_text("a file, not a directory")
-    argv = [str(tmp_path / a) if a in ("W", "x.npy", "o", "F/o") else a for a in argv]
+    (tmp_path / "G.npy").write_bytes(b"not an array")
+    (tmp_path / "D").mkdir()
+    named = ("W", "x.npy", "o", "F/o", "G.npy", "D")
+    argv = [str(tmp_path / a) if a in named else a for a in argv]
+    argv = [os.path.join(EXAMPLES_DIR, "demo_8.npy") if a == "EX" else a for a in argv]
     rc, out, err = run_main(capsys, *argv)
     assert rc == 2
     assert err.startswith("error: ") and match in err, err

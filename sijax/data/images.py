@@ -53,6 +53,27 @@ def validate_image(x, image_shape: tuple[int, int, int] | None = None) -> np.nda
     return x
 
 
+def load_npy(path: str | os.PathLike, what: str = "array") -> np.ndarray:
+    """Reads a ``.npy`` file of numbers (no pickled objects).
+
+    Raises:
+        InputError: missing file, a directory, or a file that is not a numeric .npy
+            (``what`` names it in the message).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001  (numpy raises several types on bad files)
+        # Without the .npy header numpy takes the file for a pickle and says so.
+        why = "not a NumPy .npy file" if "pickle" in str(e) else str(e)
+        raise InputError(f"cannot read {what} {path}: {why}") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        raise InputError(f"cannot read {what} {path}: an .npz archive, not an .npy")
+    return x
+
+
 def load_image(path: str | os.PathLike,
                image_shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """Reads a ``.npy``, PNG or JPEG image as float64 (H, W, C) and validates it.
@@ -62,13 +83,13 @@ def load_image(path: str | os.PathLike,
             :func:`validate_image`).
     """
     path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        return validate_image(load_npy(path, "image"), image_shape)
     if not os.path.isfile(path):
         raise InputError(f"image file not found: {path}")
-    suffix = os.path.splitext(path)[1].lower()
     try:
-        if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif suffix in _PIL_SUFFIXES:
+        if suffix in _PIL_SUFFIXES:
             from PIL import Image
 
             with Image.open(path) as im:
