@@ -185,7 +185,7 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
     Args:
         directory: a model directory, a training workdir (uses ``WORKDIR/model``),
             or the name of a committed checkpoint (``"dal_v5_8"``, ``"dal_v5_16"``,
-            ``"tiny_8"``).
+            ``"dal_v5_32"``, ``"tiny_8"``).
         dtype: float dtype of the loaded state; float64 (the default, the test
             path) needs ``jax_enable_x64``.
 

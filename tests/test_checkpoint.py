@@ -14,7 +14,7 @@ from sijax.errors import CheckpointError, InputError, SijaxError
 
 @pytest.mark.parametrize("name,size,channels", [
     ("tiny_8", 8, (4, 8, 16)), ("dal_v5_8", 8, (32, 64, 128, 256)),
-    ("dal_v5_16", 16, (32, 64, 128, 256))])
+    ("dal_v5_16", 16, (32, 64, 128, 256)), ("dal_v5_32", 32, (32, 64, 128, 256))])
 def test_committed_checkpoints(name, size, channels):
     model = load_model(name)
     assert model.image_shape == (size, size, 1)

@@ -3,7 +3,8 @@
     sijax train --config dal_v5 --set size=8 --set epochs=100 --workdir runs/dal_v5_8
 
 trains the 8x8 model; the paper uses 1000 epochs, and the committed checkpoints use
-fewer (400 epochs at size 8, 100 at size 16; see ``sijax/checkpoints/README.md``).
+fewer (400 epochs at size 8, 100 at size 16, 50 at size 32; see
+``sijax/checkpoints/README.md``).
 Expected result: the noise-prediction MSE falls from about 1.0 to about 0.28 within
 the first epochs; the Bayes risk for N(0, 1) images is mean_t alpha_bar_t = 0.2755.
 """
