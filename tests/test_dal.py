@@ -186,6 +186,8 @@ def test_report_shows_the_line(tmp_path, exhaustive, example):
         (dict(precision=0.0), r"got alpha=0.05, precision=0.0$"),
         (dict(alpha=1.5), r"got alpha=1.5, precision="),
         (dict(max_pieces=0), r"^max_pieces=0 must be >= 1$"),
+        (dict(threshold=-0.8), r"^threshold=-0.8 must be a finite number >= 0"),
+        (dict(threshold=float("nan")), r"^threshold=nan must be a finite"),
         (dict(steps=(400, 0)), r"steps=\(400, 0\), t_start=460$"),
     ],
 )

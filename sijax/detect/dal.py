@@ -131,6 +131,12 @@ class DALConfig:
             )
         if self.max_pieces < 1:
             raise InputError(f"max_pieces={self.max_pieces} must be >= 1")
+        if not 0.0 <= self.threshold < math.inf:
+            raise InputError(
+                f"threshold={self.threshold} must be a finite number >= 0: the score"
+                " sum_c |filter(D(X) - X)_c| is never negative, so a negative"
+                " threshold would put every pixel in the region"
+            )
 
 
 # Outcome of one test, as a string in TestResult.status.
