@@ -197,7 +197,9 @@ def _test_run(a: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser):
-    p.add_argument("--size", type=int, default=8, choices=(8, 16),
+    from sijax.data.examples import SIZES
+
+    p.add_argument("--size", type=int, default=8, choices=SIZES,
                    help="example and committed checkpoint size")
     _dal_options(p)
 

@@ -165,3 +165,18 @@ def test_search_bar_shows_pieces_range_and_bounds(capsys):
     err = capsys.readouterr().err
     assert "search: " in err and "17piece" in err
     assert "z in [-0.750, 2.500], p in [0.02, 0.04]" in err
+
+
+def test_demo_examples_are_committed_and_reproducible():
+    """Every demo size has its committed example (as make_example makes it) and a
+    committed model of that size."""
+    from sijax.checkpoint import CHECKPOINTS_DIR
+    from sijax.data.examples import SIZES, load_example, make_example
+
+    for d in SIZES:
+        x, x_ref = load_example(d)
+        want_x, want_ref = make_example(d, seed=d)
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(x_ref, want_ref)
+        model_dir = os.path.join(CHECKPOINTS_DIR, f"dal_v5_{d}")
+        assert os.path.isfile(os.path.join(model_dir, "config.json"))

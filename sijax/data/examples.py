@@ -12,6 +12,8 @@ import os
 import numpy as np
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "examples")
+# Sizes with a committed example (and a committed dal_v5_<size> model for the demo).
+SIZES = (8, 16, 32)
 
 
 def make_example(size: int, *, delta: float = 3.0, seed: int = 0):
@@ -46,7 +48,7 @@ def load_example(size: int):
 
 if __name__ == "__main__":  # python -m sijax.data.examples: regenerate the files
     os.makedirs(EXAMPLES_DIR, exist_ok=True)
-    for d in (8, 16):
+    for d in SIZES:
         x, x_ref = make_example(d, seed=d)
         px, pr = example_paths(d)
         np.save(px, x)
