@@ -32,7 +32,7 @@ import socket
 import subprocess
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from sijax.detect.dal import DALConfig, dal_test_batch
+from sijax.detect.dal import DALConfig, dal_test_batch, new_pieces
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
 
@@ -532,6 +532,7 @@ def run_batch(
     mesh=None,
     permutations: int = 1000,
     compiled: set | None = None,
+    progress: Callable | None = None,
 ) -> list[dict]:
     """Runs trials ``indices`` of ``setting`` with every method; one record each.
 
@@ -547,6 +548,7 @@ def run_batch(
       permutations: B of the permutation method.
       compiled: (config, shape) keys already compiled in this process; updated. A
         record's ``compile`` flag says whether its seconds include compilation.
+      progress: reporter of the selective searches (``dal_test_batch``'s).
 
     Returns:
       JSON-ready dicts: setting key, index, status (0 ok, 1 no region, 2 max_pieces,
@@ -584,6 +586,7 @@ def run_batch(
             sigma=setting.covariance,
             noises=noises,
             config=cfg,
+            progress=progress if m == "selective" else None,
         )
         out[m] = _gather(res._replace(truncated=None))
         seconds += time.perf_counter() - t0
@@ -1175,6 +1178,32 @@ def _exclusive(out_dir: str):
         f.close()  # releases the flock
 
 
+class _SearchPostfix:
+    """Shows the pieces searched so far in the running batch on the trial bar.
+
+    A batch of 16x16 images runs for minutes between two updates of the trial count;
+    its searches' progress reports (interleaved, see ``dal_test_batch``) are summed
+    with :func:`new_pieces` and shown before the running estimates, at most twice a
+    second.
+    """
+
+    def __init__(self, bar):
+        self.bar, self.text, self.pieces, self.shown = bar, "", 0, 0.0
+
+    def start(self) -> None:
+        self.pieces = 0
+
+    def report(self, pieces, lo, hi, inf_p, sup_p) -> None:
+        self.pieces += new_pieces(pieces)
+        now = time.monotonic()
+        if now - self.shown >= 0.5:
+            self.shown = now
+            text = f"batch: {self.pieces} pieces"
+            if self.text:
+                text = f"{text} | {self.text}"
+            self.bar.set_postfix_str(text[:120])
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out_dir: str,
@@ -1256,6 +1285,7 @@ def run_experiment(
         batches = 0
         last_summary = time.monotonic()
         pending = list(settings)
+        searching = _SearchPostfix(bar)
         while pending and (max_batches is None or batches < max_batches):
             for s in list(pending):
                 if max_batches is not None and batches >= max_batches:
@@ -1268,6 +1298,7 @@ def run_experiment(
                 # Always a full batch of fresh indices: padding would cost the same.
                 idx = [i for i in range(limit) if i not in done][:batch]
                 model = models[(s.checkpoint, s.activation)]
+                searching.start()
                 new = run_batch(
                     model,
                     s,
@@ -1277,6 +1308,7 @@ def run_experiment(
                     mesh=mesh,
                     permutations=spec.permutations,
                     compiled=compiled,
+                    progress=searching.report if bar is not None else None,
                 )
                 batches += 1
                 if writer:
@@ -1293,9 +1325,8 @@ def run_experiment(
                         min(valid + sum(r["valid"] for r in new), spec.trials)
                         - min(valid, spec.trials)
                     )
-                    bar.set_postfix_str(
-                        _progress_text(summarize(spec, records), s)[:120]
-                    )
+                    searching.text = _progress_text(summarize(spec, records), s)
+                    bar.set_postfix_str(searching.text[:120])
         if bar is not None:
             bar.close()
         rows = summarize(spec, records)

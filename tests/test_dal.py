@@ -22,6 +22,7 @@ from sijax.detect.dal import (
     dal_test_batch,
     detect_region,
     draw_noises,
+    new_pieces,
 )
 from sijax.detect.report import write_report
 from sijax.diffusion.sampler import reconstruct
@@ -344,6 +345,31 @@ def test_batch_equals_single(model, example, exhaustive):
         np.testing.assert_array_equal(np.asarray(out.status), 0)
     with pytest.raises(InputError, match="divisor"):
         dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=3)
+
+
+def test_batch_progress_counts_every_piece(model, example, exhaustive):
+    """The reports of a batch's searches add up to their pieces; same results."""
+    x, x_ref, nz = example
+    x2 = x + 0.3 * np.random.default_rng(5).standard_normal(x.shape)
+    xs, refs = np.stack([x, x2]), np.stack([x_ref, x_ref])
+    nzs = jax.tree.map(lambda a: jnp.stack([a, a]), nz)
+    cfg = DALConfig(search="exhaustive")
+    reports = []
+    out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=1, config=cfg,
+                         progress=lambda *r: reports.append(r))  # fmt: skip
+    counts = np.asarray(out.search_count)
+    assert counts[0] == exhaustive.search_count and counts[1] > 0
+    assert sum(new_pieces(r[0]) for r in reports) == counts.sum()
+    assert {r[0] for r in reports} >= set(counts.tolist())  # each search's last
+    np.testing.assert_allclose(np.asarray(out.p_value)[0], exhaustive.p_value,
+                               rtol=1e-12)  # fmt: skip
+    # Lockstep lanes send no reports (and the same results).
+    reports.clear()
+    out2 = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=2, config=cfg,
+                          progress=lambda *r: reports.append(r))  # fmt: skip
+    assert reports == []
+    np.testing.assert_allclose(np.asarray(out2.p_value), np.asarray(out.p_value),
+                               rtol=1e-12)  # fmt: skip
 
 
 def _null_batch(model, n, seed, delta=0.0):

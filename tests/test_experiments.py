@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -351,7 +352,7 @@ def test_cli_splits_the_cpu_into_devices():
 # ----------------------------------------------------------- the other experiments
 
 
-def test_power_run(tmp_path, models):
+def test_power_run(tmp_path, models, capsys):
     spec = ex.default_spec(
         "power",
         covariances=("iid",),
@@ -361,7 +362,11 @@ def test_power_run(tmp_path, models):
         **COMMON,
     )
     out = str(tmp_path)
-    rows = ex.run_experiment(spec, out, models=models, progress=False)
+    rows = ex.run_experiment(spec, out, models=models)
+    # The bar shows the pieces of the running batch (reported by its 4 devices'
+    # searches) before the running estimates.
+    err = capsys.readouterr().err
+    assert re.search(r"batch: [1-9]\d* pieces", err), err[-500:]
     assert {r.delta for r in rows} == {4.0}
     _check_rows([r.to_json() for r in rows], 4)
     assert _is_png(os.path.join(out, "power.png"))

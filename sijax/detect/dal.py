@@ -57,6 +57,7 @@ __all__ = [
     "STATUS",
     "dal_test",
     "dal_test_batch",
+    "new_pieces",
     "default_lanes",
     "detect_region",
     "draw_noises",
@@ -350,33 +351,48 @@ _core_jit = jax.jit(_core, static_argnames=("config", "report_every"))
 REPORT_EVERY = 10
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lanes"))
-def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=None):
+def new_pieces(pieces: int) -> int:
+    """Pieces that one progress report of a search adds to those reported before it.
+
+    A search reports at every multiple of :data:`REPORT_EVERY` pieces and once more
+    when it ends elsewhere, so ``sum(new_pieces(p) for each report)`` over any
+    interleaving of searches is the number of pieces they evaluated.
+    """
+    return REPORT_EVERY if pieces % REPORT_EVERY == 0 else pieces % REPORT_EVERY
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lanes", "report_every"))
+def _core_batch(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=None,
+                report_every=0):  # fmt: skip
     """_core over a batch: ``lanes`` images advance together (vmap), the rest in turn.
 
     The batch (B, ...) is viewed as (lanes, B // lanes, ...): the lanes are vmapped
     (and stay sharded when B is sharded over devices in contiguous blocks), and each
     lane runs its images one after another with ``lax.map``. A vmapped search runs in
     lockstep until its slowest lane is done, so lanes = B costs B x the most pieces
-    of any image, lanes = 1 the sum of the pieces.
+    of any image, lanes = 1 the sum of the pieces. Only a single lane reports
+    progress (``report_every``).
     """
     b = xs.shape[0]
     lanes = b if lanes is None else lanes
 
-    def lane(xs_l, refs_l, nz_l, cfg):
+    def lane(xs_l, refs_l, nz_l, cfg, every=0):
         return jax.lax.map(
-            lambda args: _core(model, *args, cov, cov_ref, nums, cfg),
+            lambda args: _core(model, *args, cov, cov_ref, nums, cfg, every),
             (xs_l, refs_l, nz_l),
         )
 
     if lanes == 1:
         # No vmap over a single lane, so that the step memo's lax.cond (skip the
         # sampler steps that still hold) stays a branch.
-        out = jax.tree.map(lambda a: a[None], lane(xs, x_refs, noises, config))
+        out = jax.tree.map(
+            lambda a: a[None], lane(xs, x_refs, noises, config, report_every)
+        )
     else:
         # Lockstep lanes: a batched predicate turns the memo's branch into a select
         # that computes both sides (and JAX's batching of it broadcasts the weights,
-        # which some convolutions do not support), so the memo is off.
+        # which some convolutions do not support), so the memo is off; for the same
+        # reason a progress report would be sent at every piece, so there is none.
         split = functools.partial(
             jax.tree.map, lambda a: a.reshape(lanes, b // lanes, *a.shape[1:])
         )
@@ -398,9 +414,11 @@ def _batch_mesh(xs):
     return sharding.mesh, axis
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lanes", "mesh", "axis"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "lanes", "mesh", "axis", "report_every")
+)
 def _core_sharded(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes, mesh,
-                  axis):  # fmt: skip
+                  axis, report_every=0):  # fmt: skip
     """_core_batch on each device's block of the batch, the devices independent.
 
     Under `shard_map` every device runs its own search loop (``lanes`` lanes of its
@@ -411,8 +429,9 @@ def _core_sharded(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes, 
 
     def local(model, xs, x_refs, noises, cov, cov_ref, nums):
         return _core_batch(
-            model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=lanes
-        )
+            model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes=lanes,
+            report_every=report_every,
+        )  # fmt: skip
 
     return jax.shard_map(
         local,
@@ -661,6 +680,7 @@ def dal_test_batch(
     sigma_ref=None,
     config: DALConfig = DALConfig(),
     lanes: int | None = None,
+    progress: Callable[[int, float, float, float, float], None] | None = None,
 ) -> BatchResult:
     """:func:`dal_test` over a batch of images in one compiled call.
 
@@ -674,6 +694,11 @@ def dal_test_batch(
         ``xs`` is split over several devices along its batch axis (a
         ``NamedSharding``), each device runs its own block with lanes / devices
         lanes, independently of the others (``shard_map``).
+      progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)`` as in :func:`dal_test`,
+        called by every image's search (the images' reports interleave and do not
+        say which image; :func:`new_pieces` turns a report into the pieces it
+        adds). Only with one lane per device (the CPU default): lockstep lanes send
+        no reports. The call then waits for the results.
 
     Returns:
       :class:`BatchResult` of device arrays.
@@ -703,17 +728,26 @@ def dal_test_batch(
     if lanes < 1 or b % lanes:
         raise InputError(f"{lanes=} must be a positive divisor of the batch size {b}")
     mesh = _batch_mesh(xs)
-    if mesh is None:
-        core = _core_batch(
-            model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes
-        )
-    else:
-        n = mesh[0].shape[mesh[1]]
-        if lanes % n:
-            raise InputError(f"{lanes=} must be a multiple of the {n} devices")
-        core = _core_sharded(
-            model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes // n, *mesh
-        )
+    per_device = lanes if mesh is None else lanes // mesh[0].shape[mesh[1]]
+    # Lockstep lanes cannot report (see _core_batch): their program stays the same.
+    every = REPORT_EVERY if progress and per_device == 1 else 0
+    with reporting(progress) if progress else contextlib.nullcontext():
+        if mesh is None:
+            core = _core_batch(
+                model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes,
+                report_every=every,
+            )  # fmt: skip
+        else:
+            n = mesh[0].shape[mesh[1]]
+            if lanes % n:
+                raise InputError(f"{lanes=} must be a multiple of the {n} devices")
+            core = _core_sharded(
+                model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes // n,
+                *mesh, report_every=every,
+            )  # fmt: skip
+        if progress:
+            jax.block_until_ready(core)
+            jax.effects_barrier()  # every report has arrived
     return BatchResult(
         stat=core.z_obs,
         p_value=core.search.p_value,
