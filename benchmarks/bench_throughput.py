@@ -122,7 +122,7 @@ def main():
     for d in args.sizes:
         model, desc = model_for(d)
         xs, refs, nz = batch(model, args.batch, seed=d)
-        lanes = args.lanes or default_lanes(args.batch)
+        lanes = args.lanes or default_lanes(args.batch, jax.device_count())
         mb = memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20
         t0 = time.perf_counter()
         jax.block_until_ready(

@@ -20,6 +20,7 @@ from sijax.detect.dal import (
     DALConfig,
     dal_test,
     dal_test_batch,
+    default_lanes,
     detect_region,
     draw_noises,
     new_pieces,
@@ -355,7 +356,11 @@ def test_batch_progress_counts_every_piece(model, example, exhaustive):
     nzs = jax.tree.map(lambda a: jnp.stack([a, a]), nz)
     cfg = DALConfig(search="exhaustive")
     reports = []
-    out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=1, config=cfg,
+    # Default lanes: a batch that is not split over devices runs in one lane, also on
+    # this 4-device test host (it used to run in lockstep there).
+    assert default_lanes(2) == 1 and default_lanes(8, 4) == 4
+    assert default_lanes(6, 4) == 2
+    out = dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, config=cfg,
                          progress=lambda *r: reports.append(r))  # fmt: skip
     counts = np.asarray(out.search_count)
     assert counts[0] == exhaustive.search_count and counts[1] > 0

@@ -442,15 +442,17 @@ def _core_sharded(model, xs, x_refs, noises, cov, cov_ref, nums, config, lanes, 
     )(model, xs, x_refs, noises, cov, cov_ref, nums)
 
 
-def default_lanes(batch: int) -> int:
+def default_lanes(batch: int, devices: int = 1) -> int:
     """Images advanced in lockstep by :func:`dal_test_batch` when not given.
 
-    On a GPU/TPU all of them (parallel hardware); on a CPU one per local device (the
-    rest run in turn, so no image waits for a slower one in its lane).
+    On a GPU/TPU all of them (parallel hardware); on a CPU one per device that the
+    batch is split over (``devices``; the rest run in turn, so no image waits for a
+    slower one in its lane). A batch that is not split runs in one lane even where
+    there are several CPU devices.
     """
     if jax.default_backend() in ("gpu", "tpu"):
         return batch
-    return math.gcd(batch, jax.local_device_count())
+    return math.gcd(batch, devices)
 
 
 class TestResult(NamedTuple):
@@ -689,7 +691,8 @@ def dal_test_batch(
       noises: Noises with a leading batch axis (``jax.vmap(draw_noises)`` over keys).
       sigma, sigma_ref, config: as :func:`dal_test` (shared by all images).
       lanes: images searched in lockstep (vmapped); must divide B. Default
-        :func:`default_lanes`: B on a GPU/TPU, one per device on a CPU. The results
+        :func:`default_lanes`: B on a GPU/TPU, one per device the batch is split
+        over on a CPU. The results
         do not depend on it (up to the last bits of XLA's matrix products). When
         ``xs`` is split over several devices along its batch axis (a
         ``NamedSharding``), each device runs its own block with lanes / devices
@@ -724,11 +727,12 @@ def dal_test_batch(
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     static, nums = _split(config)
     b = xs.shape[0]
-    lanes = default_lanes(b) if lanes is None else int(lanes)
+    mesh = _batch_mesh(xs)
+    n_dev = 1 if mesh is None else mesh[0].shape[mesh[1]]
+    lanes = default_lanes(b, n_dev) if lanes is None else int(lanes)
     if lanes < 1 or b % lanes:
         raise InputError(f"{lanes=} must be a positive divisor of the batch size {b}")
-    mesh = _batch_mesh(xs)
-    per_device = lanes if mesh is None else lanes // mesh[0].shape[mesh[1]]
+    per_device = lanes // n_dev
     # Lockstep lanes cannot report (see _core_batch): their program stays the same.
     every = REPORT_EVERY if progress and per_device == 1 else 0
     with reporting(progress) if progress else contextlib.nullcontext():
@@ -738,11 +742,10 @@ def dal_test_batch(
                 report_every=every,
             )  # fmt: skip
         else:
-            n = mesh[0].shape[mesh[1]]
-            if lanes % n:
-                raise InputError(f"{lanes=} must be a multiple of the {n} devices")
+            if lanes % n_dev:
+                raise InputError(f"{lanes=} must be a multiple of the {n_dev} devices")
             core = _core_sharded(
-                model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes // n,
+                model, xs, x_refs, noises, cov, cov_ref, nums, static, per_device,
                 *mesh, report_every=every,
             )  # fmt: skip
         if progress:
