@@ -692,8 +692,8 @@ def dal_test_batch(
       sigma, sigma_ref, config: as :func:`dal_test` (shared by all images).
       lanes: images searched in lockstep (vmapped); must divide B. Default
         :func:`default_lanes`: B on a GPU/TPU, one per device the batch is split
-        over on a CPU. The results
-        do not depend on it (up to the last bits of XLA's matrix products). When
+        over on a CPU. The results do not depend on it (up to the last bits of
+        XLA's matrix products). When
         ``xs`` is split over several devices along its batch axis (a
         ``NamedSharding``), each device runs its own block with lanes / devices
         lanes, independently of the others (``shard_map``).
