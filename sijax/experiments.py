@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from sijax.detect.dal import DALConfig, dal_test_batch, new_pieces
+from sijax.detect.dal import REPORT_EVERY, DALConfig, dal_test_batch
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
+from sijax.selective.search import new_pieces
 
 __all__ = [
     "EXPERIMENTS",
@@ -1183,7 +1184,7 @@ class _SearchPostfix:
 
     A batch of 16x16 images runs for minutes between two updates of the trial count;
     its searches' progress reports (interleaved, see ``dal_test_batch``) are summed
-    with :func:`new_pieces` and shown before the running estimates, at most twice a
+    with ``search.new_pieces`` and shown before the running estimates, at most twice a
     second.
     """
 
@@ -1194,7 +1195,7 @@ class _SearchPostfix:
         self.pieces = 0
 
     def report(self, pieces, lo, hi, inf_p, sup_p) -> None:
-        self.pieces += new_pieces(pieces)
+        self.pieces += new_pieces(pieces, REPORT_EVERY)
         now = time.monotonic()
         if now - self.shown >= 0.5:
             self.shown = now

@@ -67,7 +67,7 @@ def test_overrides_and_presets():
     (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "G.npy", "--out",
       "o"], "cannot read --sigma"),
     (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "D", "--out",
-      "o"], "--sigma file not found"),
+      "o"], "is a directory, not an .npy file"),
 ])
 def test_errors_print_cleanly(capsys, tmp_path, argv, match):
     (tmp_path / "F").write_text("a file, not a directory")

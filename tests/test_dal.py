@@ -23,11 +23,11 @@ from sijax.detect.dal import (
     default_lanes,
     detect_region,
     draw_noises,
-    new_pieces,
 )
 from sijax.detect.report import write_report
 from sijax.diffusion.sampler import reconstruct
 from sijax.errors import InputError, NotPiecewiseLinearError
+from sijax.selective.search import new_pieces
 from sijax.selective.statistics import line_statistic
 
 TINY = os.environ.get("SIJAX_TINY") or os.path.join(
@@ -364,7 +364,7 @@ def test_batch_progress_counts_every_piece(model, example, exhaustive):
                          progress=lambda *r: reports.append(r))  # fmt: skip
     counts = np.asarray(out.search_count)
     assert counts[0] == exhaustive.search_count and counts[1] > 0
-    assert sum(new_pieces(r[0]) for r in reports) == counts.sum()
+    assert sum(new_pieces(r[0], REPORT_EVERY) for r in reports) == counts.sum()
     assert {r[0] for r in reports} >= set(counts.tolist())  # each search's last
     np.testing.assert_allclose(np.asarray(out.p_value)[0], exhaustive.p_value,
                                rtol=1e-12)  # fmt: skip

@@ -13,6 +13,7 @@ from sijax.selective import pvalues as pv
 from sijax.selective.search import (
     SearchError,
     SearchStatus,
+    new_pieces,
     raise_for_status,
     reporting,
     search,
@@ -258,6 +259,7 @@ def test_progress_reports_do_not_change_the_search():
     assert n == int(plain.search_count) and n > 10
     assert [r[0] for r in seen] == [*range(10, n + 1, 10)] + ([n] if n % 10 else [])
     assert other == seen
+    assert sum(new_pieces(r[0], 10) for r in seen) == n
     last = seen[-1]
     assert (last[1], last[2]) == tuple(np.asarray(res.searched.bounds[0]))
     assert (last[3], last[4]) == (float(res.inf_p), float(res.sup_p))

@@ -61,6 +61,8 @@ def load_npy(path: str | os.PathLike, what: str = "array") -> np.ndarray:
             (``what`` names it in the message).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a directory, not an .npy file")
     if not os.path.isfile(path):
         raise InputError(f"{what} file not found: {path}")
     try:

@@ -57,7 +57,6 @@ __all__ = [
     "STATUS",
     "dal_test",
     "dal_test_batch",
-    "new_pieces",
     "default_lanes",
     "detect_region",
     "draw_noises",
@@ -349,16 +348,6 @@ _core_jit = jax.jit(_core, static_argnames=("config", "report_every"))
 # Pieces between two progress reports of dal_test(progress=...): a host callback
 # costs far less than one piece (tens of ms at 16x16).
 REPORT_EVERY = 10
-
-
-def new_pieces(pieces: int) -> int:
-    """Pieces that one progress report of a search adds to those reported before it.
-
-    A search reports at every multiple of :data:`REPORT_EVERY` pieces and once more
-    when it ends elsewhere, so ``sum(new_pieces(p) for each report)`` over any
-    interleaving of searches is the number of pieces they evaluated.
-    """
-    return REPORT_EVERY if pieces % REPORT_EVERY == 0 else pieces % REPORT_EVERY
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lanes", "report_every"))
@@ -699,9 +688,10 @@ def dal_test_batch(
         lanes, independently of the others (``shard_map``).
       progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)`` as in :func:`dal_test`,
         called by every image's search (the images' reports interleave and do not
-        say which image; :func:`new_pieces` turns a report into the pieces it
-        adds). Only with one lane per device (the CPU default): lockstep lanes send
-        no reports. The call then waits for the results.
+        say which image; ``sijax.selective.search.new_pieces(pieces,
+        REPORT_EVERY)`` turns a report into the pieces it adds). Only with one lane
+        per device (the CPU default): lockstep lanes send no reports. The call then
+        waits for the results.
 
     Returns:
       :class:`BatchResult` of device arrays.
@@ -732,6 +722,8 @@ def dal_test_batch(
     lanes = default_lanes(b, n_dev) if lanes is None else int(lanes)
     if lanes < 1 or b % lanes:
         raise InputError(f"{lanes=} must be a positive divisor of the batch size {b}")
+    if lanes % n_dev:
+        raise InputError(f"{lanes=} must be a multiple of the {n_dev} devices")
     per_device = lanes // n_dev
     # Lockstep lanes cannot report (see _core_batch): their program stays the same.
     every = REPORT_EVERY if progress and per_device == 1 else 0
@@ -742,8 +734,6 @@ def dal_test_batch(
                 report_every=every,
             )  # fmt: skip
         else:
-            if lanes % n_dev:
-                raise InputError(f"{lanes=} must be a multiple of the {n_dev} devices")
             core = _core_sharded(
                 model, xs, x_refs, noises, cov, cov_ref, nums, static, per_device,
                 *mesh, report_every=every,

@@ -71,6 +71,7 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "SearchStatus",
+    "new_pieces",
     "raise_for_status",
     "reporting",
     "search",
@@ -179,6 +180,18 @@ def reporting(fn: Callable[[int, float, float, float, float], None]) -> Iterator
         yield
     finally:
         _REPORTERS.pop()
+
+
+def new_pieces(pieces: int, report_every: int) -> int:
+    """Pieces that one progress report of a search adds to those reported before it.
+
+    A search reports at every multiple of ``report_every`` pieces and once more when
+    it ends elsewhere (see the loop body of :func:`search`), so the sum of
+    ``new_pieces`` over the reports of any interleaving of searches is the number of
+    pieces they evaluated.
+    """
+    rest = pieces % report_every
+    return rest if rest else report_every
 
 
 def _report(i, lo, hi, inf_p, sup_p) -> None:
