@@ -8,8 +8,11 @@ directly (``sijax.detect_region`` on the image at that point of the line, no
 tracker), must give the observed region just inside the endpoint and another region
 just outside (``--eps`` in z units). A wrong breakpoint, a missed piece or a wrong
 accept/reject of a piece next to the observed region shows as a "wrong" endpoint,
-however narrow the set is; a dense grid could miss it. It also reports whether the
-re-run reproduces the recorded sup_p and decision.
+however narrow the set is; a dense grid could miss it. A whole interval missed far
+from the found ones has no endpoint to check: ``--grid N`` also evaluates the detector
+at N evenly spaced points of the searched range (batched, no tracker) and reports
+every point whose membership in the truncation set disagrees with the direct region.
+It also reports whether the re-run reproduces the recorded sup_p and decision.
 
     python benchmarks/check_truncation.py --run benchmarks/results/fpr_dal_v5_16 \\
         --covariance iid --sample 30
@@ -27,7 +30,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 import sijax  # noqa: E402
-from sijax.detect.dal import _prepare  # noqa: E402
+from sijax.detect.dal import _detect_jit, _prepare, _split  # noqa: E402
 from sijax.diffusion.sampler import Noises  # noqa: E402
 from sijax.experiments import (  # noqa: E402
     TRIALS_FILE,
@@ -52,8 +55,35 @@ def _records(run: str) -> dict:
     }
 
 
-def check_trial(model, setting: Setting, index: int, eps: float) -> dict:
-    """Endpoint check of one trial's truncation set (see the module docstring)."""
+def grid_disagreements(model, line, noises, cfg, res, n: int, eps: float) -> list:
+    """Points of an n-point grid over the searched range where the direct region's
+    agreement with the observed one differs from membership in the truncation set
+    (points within eps of an endpoint are skipped)."""
+    (s_lo, s_hi), *_ = res.searched_intervals
+    step = (s_hi - s_lo) / n
+    zs = s_lo + step * (np.arange(n) + 0.5)
+    ends = np.array([e for iv in res.truncated_intervals for e in iv])
+    zs = zs[np.min(np.abs(zs[:, None] - ends[None, :]), axis=1) > eps]
+    static, nums = _split(cfg)
+
+    def mask(z):
+        return _detect_jit(model, line.a + line.b * z, noises, nums, static)[2]
+
+    masks = jax.jit(jax.vmap(mask))
+    chunk, bad = 32, []
+    for start in range(0, len(zs), chunk):
+        z = zs[start : start + chunk]
+        pad = np.concatenate([z, np.full(chunk - len(z), z[-1])])
+        same = np.all(np.asarray(masks(pad)) == res.mask, axis=(1, 2))[: len(z)]
+        inside = np.any(
+            [(lo <= z) & (z <= hi) for lo, hi in res.truncated_intervals], axis=0
+        )
+        bad += [round(float(v), 9) for v in z[same != inside]]
+    return bad
+
+
+def check_trial(model, setting: Setting, index: int, eps: float, grid: int = 0) -> dict:
+    """Endpoint (and grid) check of one trial's truncation set (module docstring)."""
     data = trial_data(setting, index, model.image_shape[2])
     noises = Noises(eps0=data.eps0, eps=data.eps)
     cfg = setting.dal_config("selective")
@@ -84,7 +114,7 @@ def check_trial(model, setting: Setting, index: int, eps: float) -> dict:
                 _, mask = sijax.detect_region(model, line.a + line.b * z, noises, cfg)
                 if bool(np.array_equal(np.asarray(mask), res.mask)) != want:
                     wrong.append(round(float(z), 9))
-    return {
+    out = {
         "index": index,
         "z": res.stat,
         "sup_p": res.sup_p,
@@ -93,7 +123,15 @@ def check_trial(model, setting: Setting, index: int, eps: float) -> dict:
         "intervals": len(res.truncated_intervals),
         "endpoints": endpoints,
         "wrong": wrong,
+        "searched": [round(float(v), 6) for v in res.searched_intervals[0]],
+        "truncation": [
+            [round(float(v), 6) for v in iv] for iv in res.truncated_intervals
+        ],
     }
+    if grid:
+        out["grid"] = grid
+        out["grid_wrong"] = grid_disagreements(model, line, noises, cfg, res, grid, eps)
+    return out
 
 
 def main():
@@ -106,6 +144,8 @@ def main():
     ap.add_argument("--no-rejected", action="store_true")
     ap.add_argument("--eps", type=float, default=1e-7)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--grid", type=int, default=0, help="also check N grid points")
+    ap.add_argument("--indices", type=int, nargs="*", help="check these trials only")
     args = ap.parse_args()
     records = _records(args.run)
     settings = {}
@@ -127,13 +167,17 @@ def main():
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(others, min(args.sample, len(others)), replace=False))
     chosen = ([] if args.no_rejected else rejected) + [int(i) for i in sample]
+    if args.indices:
+        chosen = [i for i in args.indices if i in trials]
     print(f"{setting.label()}: {len(trials)} valid trials, {len(rejected)} rejected; "
           f"checking {len(chosen)}", flush=True)  # fmt: skip
     (model,) = _load_models([setting]).values()
     t0 = time.perf_counter()
     total = {"trials": 0, "endpoints": 0, "wrong": 0, "decision_changed": 0}
+    if args.grid:
+        total["grid_wrong"] = 0
     for index in chosen:
-        out = check_trial(model, setting, index, args.eps)
+        out = check_trial(model, setting, index, args.eps, args.grid)
         recorded = trials[index]["methods"]["selective"]
         out["recorded_sup_p"] = recorded["sup_p"]
         print(json.dumps(out), flush=True)
@@ -141,6 +185,8 @@ def main():
         total["endpoints"] += out["endpoints"]
         total["wrong"] += len(out["wrong"])
         total["decision_changed"] += out["reject"] != recorded["reject"]
+        if args.grid:
+            total["grid_wrong"] += len(out["grid_wrong"])
     total["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(total))
 
