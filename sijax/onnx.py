@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sijax.diffusion.conv import conv2d
 from sijax.errors import InputError
 
 __all__ = ["OnnxFunction", "UnsupportedOperatorError", "load", "SUPPORTED_OPS"]
@@ -287,9 +288,9 @@ class OnnxFunction:
 class _ChannelsLast:
     """An NCHW tensor of the graph held channels-last, as ``data`` (N, H, W, C).
 
-    Convolutions compute channels-last (:func:`_im2col_conv2d`) and return this;
-    element-wise operators, batch-norm, pooling, Resize and Concat keep it,
-    and any other operator gets the NCHW array (one transpose, :func:`_apply`). So a
+    Convolutions compute channels-last (:func:`sijax.diffusion.conv.conv2d`) and
+    return this; element-wise operators, batch-norm, pooling, Resize and Concat keep
+    it, and any other operator gets the NCHW array (one transpose, :func:`_apply`). So a
     U-Net's chain of convolutions, activations, pooling, upsampling and skip
     concatenations runs without the transposes that an NCHW result of every
     convolution would put before and after it. ``shape`` is the logical (NCHW)
@@ -953,43 +954,6 @@ def _conv_pads(ctx, in_sizes, kernel, strides, dilations) -> list[tuple[int, int
     return out
 
 
-def _im2col_conv2d(xt, w, pads, strides, dilations):
-    """2D convolution (one group) of a channels-last image as one matrix product.
-
-    Faster than ``lax.conv`` on CPUs at the small sizes of the DAL models, and made
-    of pad/slice/concatenate/dot_general only. The product runs channels-last (NHWC
-    slices, kernel as (kh kw c, o)): with the input as the left operand its free
-    dimensions come first, so the tracker's stacked value-and-slope product needs no
-    transpose of the im2col matrix. Input and output are NHWC (see
-    :class:`_ChannelsLast`), so consecutive convolutions need no transposes either.
-    """
-    o, c, kh, kw = w.shape
-    xp = lax.pad(
-        xt,
-        jnp.zeros((), xt.dtype),
-        [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)],
-    )
-    (sh, sw), (dh, dw) = strides, dilations
-    n, hp, wp, _ = xp.shape
-    ho = (hp - (kh - 1) * dh - 1) // sh + 1
-    wo = (wp - (kw - 1) * dw - 1) // sw + 1
-    cols = jnp.concatenate(
-        [
-            lax.slice(
-                xp,
-                (0, i * dh, j * dw, 0),
-                (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                (1, sh, sw, 1),
-            )
-            for i in range(kh)
-            for j in range(kw)
-        ],
-        axis=-1,
-    )
-    k = jnp.transpose(w, (2, 3, 1, 0)).reshape(kh * kw * c, o)
-    return jnp.einsum("nhwk,ko->nhwo", cols, k, precision=_HIGHEST)
-
-
 @_op("Conv")
 def _conv(ctx, x, w, bias=None):
     nd = np.ndim(w) - 2
@@ -1005,7 +969,8 @@ def _conv(ctx, x, w, bias=None):
     pads = _conv_pads(ctx, np.shape(x)[2:], kernel, strides, dilations)
     w = jnp.asarray(w)
     if nd == 2 and group == 1:
-        y = _im2col_conv2d(_nhwc_data(x), w, pads, strides, dilations)
+        hwio = jnp.transpose(w, (2, 3, 1, 0))
+        y = conv2d(_nhwc_data(x), hwio, pads, strides, dilations, _HIGHEST)
         if bias is not None:
             y = y + jnp.reshape(bias, (1, 1, 1, -1))
         return _ChannelsLast(y)

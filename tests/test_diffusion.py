@@ -9,6 +9,7 @@ from diffusion_helpers import TINY, random_model
 from flax import nnx
 
 from sijax.checkpoint import load_model
+from sijax.diffusion.conv import conv2d
 from sijax.diffusion.schedule import alpha_bar, linear_schedule
 from sijax.diffusion.unet import (
     UNet,
@@ -51,15 +52,43 @@ def test_upsample_matches_torch_semantics(shape):
     np.testing.assert_allclose(got[:, -1, -1], x[:, -1, -1], atol=1e-15)
 
 
-def test_conv3x3_equals_lax_conv():
+def _conv_loops(x, k, pads, strides, dilations):
+    """Cross-correlation by plain loops over output pixels and taps."""
+    kh, kw, _, cout = k.shape
+    (sh, sw), (dh, dw) = strides, dilations
+    xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+    ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    out = np.zeros((x.shape[0], ho, wo, cout))
+    for p in range(ho):
+        for q in range(wo):
+            for i in range(kh):
+                for j in range(kw):
+                    out[:, p, q] += xp[:, p * sh + i * dh, q * sw + j * dw] @ k[i, j]
+    return out
+
+
+@pytest.mark.parametrize("hw,kernel,pads,strides,dilations", [
+    ((6, 5), (3, 3), ((1, 1), (1, 1)), (1, 1), (1, 1)),  # 30 pixels: tap products
+    ((12, 10), (3, 3), ((1, 1), (1, 1)), (1, 1), (1, 1)),  # 120: XLA's convolution
+    ((7, 9), (3, 2), ((2, 0), (1, 3)), (2, 1), (1, 2)),  # 4x11 out, strided, dilated
+    ((20, 18), (3, 3), ((0, 1), (2, 1)), (1, 2), (2, 1)),  # 17x10 out
+])
+def test_conv2d_equals_loops_in_both_formulations(hw, kernel, pads, strides, dilations):
     rng = np.random.default_rng(2)
-    x, k, b = rng.normal(size=(3, 6, 5, 4)), rng.normal(size=(3, 3, 4, 7)), \
-        rng.normal(size=(7,))
-    ref = jax.lax.conv_general_dilated(
-        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ref = ref + b[None, None, None]
-    np.testing.assert_allclose(conv3x3(jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)),
-                               ref, rtol=1e-12, atol=1e-12)
+    x, k = rng.normal(size=(3, *hw, 4)), rng.normal(size=(*kernel, 4, 7))
+    got = conv2d(jnp.asarray(x), jnp.asarray(k), pads, strides, dilations)
+    np.testing.assert_allclose(got, _conv_loops(x, k, pads, strides, dilations),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_conv3x3_adds_bias_and_keeps_size():
+    rng = np.random.default_rng(3)
+    x, k, b = rng.normal(size=(2, 4, 4, 3)), rng.normal(size=(3, 3, 3, 5)), \
+        rng.normal(size=(5,))
+    got = conv3x3(jnp.asarray(x), jnp.asarray(k), jnp.asarray(b))
+    np.testing.assert_allclose(got, _conv_loops(x, k, ((1, 1), (1, 1)), (1, 1), (1, 1))
+                               + b, rtol=1e-12, atol=1e-12)
 
 
 def test_avg_pool_and_time_embedding():

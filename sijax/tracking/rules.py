@@ -88,8 +88,9 @@ def bilinear_rule(ctx, eqn, invals) -> list:
 
 # Products whose value and slope go through one product with twice the rows. Not
 # conv_general_dilated: under an outer vmap (lanes) its batching rule folds the lanes
-# into feature groups, which fails for a 1x1 conv with one output channel; the
-# U-Net's 3x3 convolutions and the ONNX import's are im2col dot_generals anyway.
+# into feature groups, which fails for a 1x1 conv with one output channel; and value
+# and slope concatenated as twice the batch of one convolution measured no faster
+# than two (16x16: 26.9 vs 26.4 ms per tracked piece, 32x32: 81.6 vs 84.9).
 STACKED = ("dot_general",)
 
 
