@@ -74,10 +74,13 @@ def _conv_loops(x, k, pads, strides, dilations):
     ((7, 9), (3, 2), ((2, 0), (1, 3)), (2, 1), (1, 2)),  # 4x11 out, strided, dilated
     ((20, 18), (3, 3), ((0, 1), (2, 1)), (1, 2), (2, 1)),  # 17x10 out
 ])
-def test_conv2d_equals_loops_in_both_formulations(hw, kernel, pads, strides, dilations):
+@pytest.mark.parametrize("lax_min_pixels", [64, 0, 2**62])  # the rule, lax, taps
+def test_conv2d_equals_loops_in_both_formulations(hw, kernel, pads, strides, dilations,
+                                                  lax_min_pixels):
     rng = np.random.default_rng(2)
     x, k = rng.normal(size=(3, *hw, 4)), rng.normal(size=(*kernel, 4, 7))
-    got = conv2d(jnp.asarray(x), jnp.asarray(k), pads, strides, dilations)
+    got = conv2d(jnp.asarray(x), jnp.asarray(k), pads, strides, dilations,
+                 lax_min_pixels=lax_min_pixels)
     np.testing.assert_allclose(got, _conv_loops(x, k, pads, strides, dilations),
                                rtol=1e-12, atol=1e-12)
 

@@ -23,7 +23,15 @@ from jax import lax
 LAX_CONV_MIN_PIXELS = 64  # output pixels from which XLA's convolution is used
 
 
-def conv2d(x, kernel, pads, strides=(1, 1), dilations=(1, 1), precision=None):
+def conv2d(
+    x,
+    kernel,
+    pads,
+    strides=(1, 1),
+    dilations=(1, 1),
+    precision=None,
+    lax_min_pixels=LAX_CONV_MIN_PIXELS,
+):
     """Cross-correlation of a channels-last batch (as PyTorch's and ONNX's Conv).
 
     Args:
@@ -32,6 +40,8 @@ def conv2d(x, kernel, pads, strides=(1, 1), dilations=(1, 1), precision=None):
         pads: ((top, bottom), (left, right)) zero padding, non-negative.
         strides, dilations: (sh, sw) and (dh, dw).
         precision: of the products (``lax.Precision``), None for the default.
+        lax_min_pixels: output pixels from which XLA's convolution is used (0: always,
+            a huge number: never).
 
     Returns:
         (N, Ho, Wo, cout), without bias.
@@ -42,7 +52,7 @@ def conv2d(x, kernel, pads, strides=(1, 1), dilations=(1, 1), precision=None):
     (pt, pb), (pl, pr) = pads
     ho = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     wo = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    if ho * wo >= LAX_CONV_MIN_PIXELS:
+    if ho * wo >= lax_min_pixels:
         return lax.conv_general_dilated(
             x,
             kernel,
