@@ -5,16 +5,16 @@ between two formulations by the size of the output image, both linear in the inp
 (so the tracker follows either with no rule of its own):
 
 - at least ``LAX_CONV_MIN_PIXELS`` output pixels: XLA's own convolution;
-- smaller: one matrix product of the input against all kernel taps at once,
+- smaller, where XLA's convolution is slow (10-15x slower at 2x2 with 128 -> 256
+  channels): one matrix product of the input against all kernel taps at once,
   (pixels, cin) x (cin, taps * cout), then the taps' outputs shifted into place and
-  added. XLA's convolution is slow on tiny images (14x slower than this at 2x2 with
-  128 -> 256 channels), and the product's wide right operand keeps it efficient
-  where an im2col matrix would be (pixels, taps * cin) with few rows.
+  added.
 
-Measured in float64 on one core (benchmarks/README.md, "Convolution"): the seven 3x3
-convolutions of one dal_v5 U-Net call at 16x16, on a batch of two (the tracker's value
-and slope), take 5.5 ms as im2col products (the formulation used before) and 8.0 ms
-with XLA's convolution everywhere.
+Measured in float64 on one core (benchmarks/README.md, "Convolution"): per tracked
+piece of the 5-step dal_v5 pipeline 1.27x faster at 16x16 and 1.35x at 32x32 than
+im2col products everywhere (the formulation used before), and the taps beat im2col
+on the small layers within the pipeline (23.4 against 28.6 ms per piece at 16x16),
+although not always in isolation.
 """
 
 import jax.numpy as jnp
