@@ -56,12 +56,16 @@ def _records(run: str) -> dict:
 
 
 def grid_disagreements(model, line, noises, cfg, res, n: int, eps: float) -> list:
-    """Points of an n-point grid over the searched range where the direct region's
+    """Points of an n-point grid over the searched intervals where the direct region's
     agreement with the observed one differs from membership in the truncation set
     (points within eps of an endpoint are skipped)."""
-    (s_lo, s_hi), *_ = res.searched_intervals
-    step = (s_hi - s_lo) / n
-    zs = s_lo + step * (np.arange(n) + 0.5)
+    searched = np.asarray(res.searched_intervals, float).reshape(-1, 2)
+    total = float(np.sum(searched[:, 1] - searched[:, 0]))
+    zs = np.concatenate([
+        lo + (hi - lo) / k * (np.arange(k) + 0.5)
+        for lo, hi in searched
+        if (k := max(1, round(n * (hi - lo) / total)))
+    ])  # fmt: skip
     ends = np.array([e for iv in res.truncated_intervals for e in iv])
     zs = zs[np.min(np.abs(zs[:, None] - ends[None, :]), axis=1) > eps]
     static, nums = _split(cfg)
@@ -169,6 +173,9 @@ def main():
     chosen = ([] if args.no_rejected else rejected) + [int(i) for i in sample]
     if args.indices:
         chosen = [i for i in args.indices if i in trials]
+        if len(chosen) < len(args.indices):
+            print(f"not valid trials of this setting, skipped: "
+                  f"{sorted(set(args.indices) - set(chosen))}")  # fmt: skip
     print(f"{setting.label()}: {len(trials)} valid trials, {len(rejected)} rejected; "
           f"checking {len(chosen)}", flush=True)  # fmt: skip
     (model,) = _load_models([setting]).values()
