@@ -4,6 +4,7 @@ Oracles: a dense z-grid of direct detections for the truncation set, the bracket
 promises of the search policies, and statistical checks under the null.
 """
 
+import dataclasses
 import json
 import os
 
@@ -89,6 +90,63 @@ def test_exhaustive_truncation_set_matches_dense_grid(model, example, exhaustive
     ((s_lo, s_hi),) = res.searched_intervals
     assert s_lo <= -r and s_hi >= r
     assert _inside(res.truncated_intervals, z_obs)
+
+
+@pytest.mark.parametrize(
+    "search,termination",
+    [
+        ("exhaustive", "precision"),
+        ("parametric", "precision"),
+        ("parametric", "decision"),
+    ],
+)
+def test_propagate_engine_gives_the_walking_result(
+    model, example, exhaustive, search, termination
+):
+    """engine="propagate" (stretches by breakpoint propagation, search on the host)
+    finds the same pieces as walking: same count, same truncation set (to the tie
+    tolerance), same p-value and bounds, same progress contract."""
+    x, x_ref, nz = example
+    config = DALConfig(search=search, termination=termination)
+    walk = (
+        exhaustive
+        if search == "exhaustive"
+        else dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=config)
+    )
+    seen = []
+    prop = dal_test(
+        model, x, x_ref, sigma=1.0, noises=nz,
+        config=dataclasses.replace(config, engine="propagate"),
+        progress=lambda *r: seen.append(r),
+    )  # fmt: skip
+    assert prop.status == walk.status == "ok"
+    assert prop.search_count == walk.search_count >= 5
+    for field in ("p_value", "inf_p", "sup_p"):
+        assert getattr(prop, field) == pytest.approx(getattr(walk, field), abs=1e-12)
+    searched = np.array(prop.searched_intervals)
+    want = np.array(walk.searched_intervals)
+    if search == "exhaustive":  # the end pieces are cut at the ends of the range
+        r = 10.0 + abs(prop.stat)
+        np.testing.assert_array_equal(searched, [[-r, r]])
+        assert want[0, 0] <= -r and want[0, 1] >= r
+        searched = want = np.clip(want, -r, r)
+    np.testing.assert_allclose(searched, want, rtol=0, atol=1e-9)
+    trunc = [np.clip(iv, *searched[0]) for iv in walk.truncated_intervals]
+    assert len(prop.truncated_intervals) == len(trunc)
+    np.testing.assert_allclose(prop.truncated_intervals, trunc, rtol=0, atol=1e-9)
+    assert seen[-1][0] == prop.search_count
+    assert sum(new_pieces(r[0], REPORT_EVERY) for r in seen) == prop.search_count
+
+
+def test_engine_is_checked(model):
+    with pytest.raises(InputError, match="engine"):
+        DALConfig(engine="fast")
+    xs = np.zeros((2, *model.image_shape))
+    with pytest.raises(InputError, match="use dal_test per image"):
+        dal_test_batch(
+            model, xs, xs, sigma=1.0, noises=None,
+            config=DALConfig(engine="propagate"),
+        )  # fmt: skip
 
 
 def detect_region_core(model, x, nz):

@@ -17,6 +17,7 @@ from sijax.selective.search import (
     raise_for_status,
     reporting,
     search,
+    search_host,
 )
 
 INF = math.inf
@@ -266,3 +267,45 @@ def test_progress_reports_do_not_change_the_search():
     np.testing.assert_array_equal(res.truncated.bounds, plain.truncated.bounds)
     with pytest.raises(Exception, match="report_every"):
         search(grid_oracle, params, 0.3, report_every=-1)
+
+
+@pytest.mark.parametrize(
+    "policy,termination",
+    [
+        ("parametric", "precision"),
+        ("parametric", "decision"),
+        ("exhaustive", "precision"),
+        ("over_conditioning", "precision"),
+    ],
+)
+def test_search_host_equals_the_jitted_search(policy, termination):
+    """The host-driven loop (for oracles that cannot be jitted) absorbs the same
+    pieces through the same state machine: identical results, progress reported."""
+    params, zs, oracles, _ = batch(11)
+    for k in (0, 1, 3):
+        g, accept = oracles[k]
+        pk = (jnp.asarray(g), jnp.asarray(accept))
+        want = SINGLE(
+            grid_oracle, pk, zs[k], policy=policy, termination=termination,
+            max_pieces=256,
+        )  # fmt: skip
+
+        def source(z, direction, pk=pk):
+            lo, hi, acc = grid_oracle(pk, jnp.asarray(z), jnp.asarray(direction))
+            return float(lo), float(hi), bool(acc)
+
+        seen = []
+        got = search_host(
+            source, float(zs[k]), policy=policy, termination=termination,
+            max_pieces=256, progress=lambda *r, seen=seen: seen.append(r),
+            report_every=7,
+        )  # fmt: skip
+        for field in ("search_count", "status", "p_value", "inf_p", "sup_p"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+        np.testing.assert_array_equal(got.truncated.bounds, want.truncated.bounds)
+        n = int(got.search_count)
+        assert seen[-1][0] == n and seen[-1][3:] == (float(got.inf_p), float(got.sup_p))
+    stuck = search_host(lambda z, d: (-1.0, 1.0, True), 0.5, max_pieces=16)
+    assert int(stuck.status) == SearchStatus.ORACLE_STALLED
+    with pytest.raises(SearchError, match="max_pieces"):
+        search_host(source, float(zs[3]), policy="exhaustive", max_pieces=3, throw=True)

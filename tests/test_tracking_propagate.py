@@ -23,7 +23,7 @@ from test_tracking_oracles import N_GRID, _enumerate, direct
 from test_tracking_properties import _normal, _settings, convnets, mlps, scan_loops
 
 from sijax.errors import NotPiecewiseLinearError
-from sijax.tracking import enumerate_line
+from sijax.tracking import LineCache, enumerate_line, track
 from sijax.tracking.propagate import ENDS, LineDependentControlError
 
 RTOL = 1e-9  # breakpoints, relative to the stretch length
@@ -213,6 +213,72 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
     assert whole.count > 8 and chunked.count == whole.count
     np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
     np.testing.assert_array_equal(chunked.summary, whole.summary)
+
+
+def _mlp_with_params(params, x):
+    w1, w2, w3 = params
+    y = jnp.abs(jax.nn.relu(x @ w1) @ w2) @ w3
+    return {"score": y, "mask": y > 0.1}
+
+
+def test_params_are_inputs_of_one_trace():
+    """f(params, x): other weights reuse the trace (the same jaxpr object) and give
+    the pieces of the function with those weights closed over."""
+    from sijax.tracking.propagate import _JAXPRS
+
+    rng = np.random.default_rng(8)
+    a, b = _normal(rng, 4), _normal(rng, 4)
+    for seed in (2, 3):
+        w = _mlp_weights(seed, width=10)
+        got = enumerate_line(
+            _mlp_with_params, a, b, -3.0, 3.0, params=w, summary=lambda o: o["mask"]
+        )
+        want = enumerate_line(
+            lambda x, w=w: _mlp_with_params(w, x), a, b, -3.0, 3.0,
+            summary=lambda o: o["mask"],
+        )  # fmt: skip
+        assert got.count == want.count > 5
+        np.testing.assert_array_equal(got.z, want.z)
+        np.testing.assert_array_equal(got.summary, want.summary)
+    assert len(_JAXPRS[_mlp_with_params]) == 1
+
+
+@pytest.mark.parametrize("window_pieces", [3, 1000])
+def test_line_cache_serves_the_pieces_of_the_whole_line(window_pieces):
+    """Queries walking right and left from a point, as a search does, get the pieces
+    of `enumerate_line` over the whole range (windows joined, no piece cut at a
+    window end), with the walking tracker's convention at breakpoints; the ends of
+    z_range cut the end pieces."""
+    w = _mlp_weights(2, width=10)
+    rng = np.random.default_rng(3)
+    a, b = _normal(rng, 4), _normal(rng, 4)
+    summary = lambda o: o["mask"]  # noqa: E731
+    whole = enumerate_line(_mlp_with_params, a, b, -3.0, 3.0, params=w, summary=summary)
+    cache = LineCache(
+        _mlp_with_params, a, b, params=w, summary=summary, z_range=(-3.0, 3.0),
+        width=0.1, window_pieces=window_pieces,
+    )  # fmt: skip
+    start = 0.5 * (whole.z[4] + whole.z[5])
+    lo, hi, m = cache.piece(start, 1)
+    got = [(lo, hi, m)]
+    walk = track(lambda x: _mlp_with_params(w, x)["mask"])
+    at = walk(a, b, start, 1)
+    np.testing.assert_allclose([lo, hi], [at.lo, at.hi], rtol=0, atol=1e-9)
+    while hi < 3.0:  # to the right, asking at each breakpoint
+        lo, hi, m = cache.piece(hi, 1)
+        got.append((lo, hi, m))
+    lo = got[0][0]
+    while lo > -3.0:
+        lo, hi, m = cache.piece(lo, -1)
+        got.insert(0, (lo, hi, m))
+    z = np.array([p[0] for p in got] + [got[-1][1]])
+    assert len(z) == len(whole.z)
+    np.testing.assert_allclose(z, whole.z, rtol=0, atol=RTOL * 6.0)
+    np.testing.assert_array_equal(np.stack([p[2] for p in got]), whole.summary)
+    assert cache.windows > (5 if window_pieces == 3 else 0)
+    assert cache.count == whole.count
+    with pytest.raises(ValueError, match="outside z_range"):
+        cache.piece(3.5, 1)
 
 
 def test_degenerate_stretch_and_bad_input():

@@ -41,6 +41,7 @@ from sijax.selective.search import (
     SearchStatus,
     reporting,
     search,
+    search_host,
 )
 from sijax.selective.statistics import (
     HYPOTHESES,
@@ -48,7 +49,10 @@ from sijax.selective.statistics import (
     as_covariance,
     line_statistic,
 )
-from sijax.tracking import memo_init, track, track_memo
+from sijax.tracking import LineCache, memo_init, track, track_memo
+
+# How the DAL test finds the pieces of the line (DALConfig.engine).
+ENGINES: tuple[str, ...] = ("walk", "propagate")
 
 __all__ = [
     "DALConfig",
@@ -84,6 +88,16 @@ class DALConfig:
       margin: "exhaustive" covers [-margin - |z_obs|, margin + |z_obs|].
       memo: reuse the sampler steps whose piece still holds while walking the line
         (:func:`sijax.tracking.track_memo`); same pieces and p-values, less work.
+      engine: how the pieces are found. "walk" (default): one value-and-slope pass
+        per piece inside one compiled search (jit, vmap, sharding; the only engine
+        of :func:`dal_test_batch`). "propagate": stretches of the line enumerated
+        by batched breakpoint propagation (:class:`sijax.tracking.LineCache`,
+        driven from the host by :func:`sijax.selective.search.search_host`): the
+        same pieces (breakpoints within the tie tolerance) for about one forward
+        pass each, on batches of points; :func:`dal_test` only. With "exhaustive"
+        its two end pieces stop at the ends of the range instead of running on to
+        their breakpoints (which changes the p-value by the N(0, 1) mass beyond
+        ``margin`` + |z_obs|, below 1e-23 of it).
     """
 
     t_start: int = 460
@@ -101,6 +115,7 @@ class DALConfig:
     max_pieces: int = 20_000
     margin: float = 10.0
     memo: bool = True
+    engine: str = "walk"
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
@@ -113,6 +128,8 @@ class DALConfig:
             raise InputError(
                 f"hypothesis={self.hypothesis!r} must be one of {HYPOTHESES[:3]}"
             )
+        if self.engine not in ENGINES:
+            raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
         if self.search not in POLICIES:
             raise InputError(f"search={self.search!r} must be one of {POLICIES}")
         if self.termination not in TERMINATIONS:
@@ -344,6 +361,80 @@ def _core(
 
 
 _core_jit = jax.jit(_core, static_argnames=("config", "report_every"))
+
+
+@functools.cache
+def _line_mask(steps: tuple[int, ...], eta: float, filter_size: int):
+    """params -> x -> mask as one function per detector setting, so that the
+    propagation engine traces and compiles it once (its cache is per function)."""
+    config = DALConfig(t_start=steps[0], steps=steps, eta=eta, filter_size=filter_size)
+
+    def mask(params, x):
+        model, noises, threshold = params
+        return _detector(model, noises, config, threshold)(x)[2]
+
+    return mask
+
+
+_front_jit = jax.jit(_detect_and_line, static_argnames=("config",))
+
+# Window sizes of the propagation engine (LineCache): the first window's width in z
+# and the pieces aimed at per window after it.
+PROPAGATE_WIDTH = 0.25
+PROPAGATE_PIECES = 128
+
+
+def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=None):
+    """_core with the "propagate" engine: detection compiled, the search on the host."""
+    rec, score, mask, line = _front_jit(
+        model, x, x_ref, noises, cov, cov_ref, nums, config
+    )
+    ok = int(line.status) == StatStatus.OK
+    z = float(line.z_obs) if ok else math.nan
+    r = math.inf
+    if config.search == "exhaustive" and ok:
+        r = float(nums.margin) + abs(z)
+    mask_obs = mask
+    cache = LineCache(
+        _line_mask(config.steps, config.eta, config.filter_size),
+        line.a,
+        line.b,
+        params=(model, noises, nums.threshold),
+        summary=lambda m: jnp.all(m == mask_obs),
+        z_range=(-r, r),
+        width=PROPAGATE_WIDTH,
+        window_pieces=PROPAGATE_PIECES,
+    )
+
+    def source(zq, direction):
+        lo, hi, accept = cache.piece(zq, direction)
+        return lo, hi, bool(accept)
+
+    res = search_host(
+        source,
+        z,
+        policy=config.search,
+        termination=config.termination,
+        alternative=config.alternative,
+        precision=nums.precision,
+        alpha=nums.alpha,
+        max_pieces=config.max_pieces,
+        margin=nums.margin,
+        progress=progress,
+        report_every=REPORT_EVERY,
+    )
+    z_or_0 = jnp.where(ok, line.z_obs, 0.0)
+    return _Core(
+        rec,
+        score,
+        mask,
+        line.status,
+        line.z_obs,
+        line.stat,
+        line.sd,
+        naive_p_value(z_or_0, config.alternative),
+        res,
+    )
 
 # Pieces between two progress reports of dal_test(progress=...): a host callback
 # costs far less than one piece (tens of ms at 16x16).
@@ -609,22 +700,12 @@ def dal_test(
     x, x_ref, cov, cov_ref = _prepare(model, x, x_ref, sigma, sigma_ref, config)
     _check_noises(noises, x.shape, config)
     static, nums = _split(config)
-    with reporting(progress) if progress else contextlib.nullcontext():
+    if config.engine == "propagate":
         core = jax.device_get(
-            _core_jit(
-                model,
-                x,
-                x_ref,
-                noises,
-                cov,
-                cov_ref,
-                nums,
-                static,
-                report_every=REPORT_EVERY if progress else 0,
-            )
+            _core_host(model, x, x_ref, noises, cov, cov_ref, nums, static, progress)
         )
-        if progress:
-            jax.effects_barrier()  # every report has arrived
+    else:
+        core = _walk(model, x, x_ref, noises, cov, cov_ref, nums, static, progress)
     code = int(_status_code(core))
     res = core.search
     if code == 3:
@@ -659,6 +740,27 @@ def dal_test(
         raw_stat=float(core.stat) if has else nan,
         sd=float(core.sd) if has else nan,
     )
+
+
+def _walk(model, x, x_ref, noises, cov, cov_ref, nums, static, progress):
+    """The host copy of _core_jit's result ("walk" engine), reporting progress."""
+    with reporting(progress) if progress else contextlib.nullcontext():
+        core = jax.device_get(
+            _core_jit(
+                model,
+                x,
+                x_ref,
+                noises,
+                cov,
+                cov_ref,
+                nums,
+                static,
+                report_every=REPORT_EVERY if progress else 0,
+            )
+        )
+        if progress:
+            jax.effects_barrier()  # every report has arrived
+    return core
 
 
 def dal_test_batch(
@@ -697,6 +799,11 @@ def dal_test_batch(
       :class:`BatchResult` of device arrays.
     """
     _check_model(model)
+    if config.engine != "walk":
+        raise InputError(
+            f"dal_test_batch runs the 'walk' engine only (engine={config.engine!r}"
+            " drives each search from the host): use dal_test per image"
+        )
     xs = jnp.asarray(xs, jnp.float64)
     shape = tuple(model.image_shape)
     if xs.ndim != 4 or xs.shape[1:] != shape:

@@ -48,6 +48,7 @@ reporter is looked up at run time, so one compiled search serves every reporter.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -68,6 +69,7 @@ __all__ = [
     "POLICIES",
     "TERMINATIONS",
     "PieceFn",
+    "PieceSource",
     "SearchError",
     "SearchResult",
     "SearchStatus",
@@ -75,6 +77,7 @@ __all__ = [
     "raise_for_status",
     "reporting",
     "search",
+    "search_host",
 ]
 
 POLICIES: tuple[str, ...] = ("parametric", "exhaustive", "over_conditioning")
@@ -263,42 +266,13 @@ def search(
     report_every = int(report_every)
     if report_every < 0:
         raise InputError(f"report_every={report_every} must be >= 0")
-    p_max = int(max_pieces)
-    z_obs = jnp.asarray(z_obs, jnp.float64)
-    inf = jnp.inf
-    if policy == "exhaustive":
-        r_lo = -margin - jnp.abs(z_obs)
-        r_hi = margin + jnp.abs(z_obs)
-    else:
-        r_lo, r_hi = -inf, inf
-
-    def new_and_unsearched_masses(lo, hi, take, lo_s, hi_s):
-        # Row 0: the new piece (if accepted); row 1: (-inf, L) and (R, inf). One call
-        # keeps a single mass evaluation in the loop body.
-        rows_lo = jnp.stack([jnp.stack([lo, inf]), jnp.stack([-inf, hi_s])])
-        rows_hi = jnp.stack([jnp.stack([hi, inf]), jnp.stack([lo_s, inf])])
-        valid = jnp.stack([jnp.stack([take, False]), jnp.stack([True, True])])
-        m_in, m_out = split_log_masses(z_obs, rows_lo, rows_hi, valid, alternative)
-        return m_in[0], m_out[0], m_in[1], m_out[1]
-
-    def finished(s: _State, bounds) -> jax.Array:
-        covered = (s.lo_s <= r_lo) & (s.hi_s >= r_hi)
-        if policy == "over_conditioning":
-            return s.i >= 1
-        if policy == "exhaustive":
-            return covered
-        if termination == "precision":
-            return covered | (bounds.sup_p - bounds.inf_p < precision)
-        return covered | (bounds.sup_p < alpha) | (bounds.inf_p >= alpha)
+    m = _Machine(
+        policy, termination, alternative, int(max_pieces), report_every,
+        z_obs, precision, alpha, margin,
+    )  # fmt: skip
 
     def body(s: _State) -> _State:
-        first = s.i == 0
-        need_right = s.hi_s < r_hi
-        need_left = s.lo_s > r_lo
-        # pi3: the side whose end has the larger N(0, 1) density, i.e. smaller |end|.
-        go_right = need_right & (~need_left | (jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)))
-        zq = jnp.where(first, z_obs, jnp.where(go_right, s.hi_s, s.lo_s))
-        direction = jnp.where(first | go_right, 1, -1).astype(jnp.int32)
+        zq, direction, first, go_right = m.query(s)
         if memo is None:
             lo, hi, accept = piece_fn(params, zq, direction)
             memo_right = memo_left = ()
@@ -313,6 +287,93 @@ def search(
             lo, hi, accept, new_memo = piece_fn(params, zq, direction, side_memo)
             memo_right = pick(right, new_memo, s.memo_right)
             memo_left = pick(left, new_memo, s.memo_left)
+        s = s._replace(memo_right=memo_right, memo_left=memo_left)
+        return m.absorb(s, lo, hi, accept)
+
+    s = lax.while_loop(lambda s: ~s.done, body, m.start(() if memo is None else memo))
+    return m.finish(s, throw)
+
+
+class _Machine:
+    """The search of :func:`search` as a state machine: ``start``, then ``query`` ->
+    the oracle's piece -> ``absorb`` until ``done``, then ``finish``. The jitted
+    search runs it in one ``lax.while_loop``; :func:`search_host` drives it from
+    the host, one piece at a time, for oracles that are not jittable."""
+
+    def __init__(self, policy, termination, alternative, p_max, report_every,
+                 z_obs, precision, alpha, margin):  # fmt: skip
+        self.policy, self.termination = policy, termination
+        self.alternative = alternative
+        self.p_max, self.report_every = p_max, report_every
+        self.z_obs = z_obs = jnp.asarray(z_obs, jnp.float64)
+        self.precision, self.alpha = precision, alpha
+        if policy == "exhaustive":
+            self.r_lo = -margin - jnp.abs(z_obs)
+            self.r_hi = margin + jnp.abs(z_obs)
+        else:
+            self.r_lo, self.r_hi = -jnp.inf, jnp.inf
+
+    def start(self, memo=()) -> _State:
+        inf, p_max = jnp.inf, self.p_max
+        nan_z = jnp.isnan(self.z_obs)
+        return _State(
+            i=jnp.zeros((), jnp.int32),
+            lo_s=self.z_obs,
+            hi_s=self.z_obs,
+            buf_lo=jnp.full((p_max,), inf),
+            buf_hi=jnp.full((p_max,), inf),
+            keep=jnp.zeros((p_max,), bool),
+            side=jnp.zeros((p_max,), jnp.int32),
+            n_left=jnp.zeros((), jnp.int32),
+            n_right=jnp.zeros((), jnp.int32),
+            t_in=jnp.asarray(-inf),
+            t_out=jnp.asarray(-inf),
+            u_in=jnp.asarray(0.0),
+            u_out=jnp.asarray(0.0),
+            status=jnp.where(nan_z, SearchStatus.NONFINITE, SearchStatus.OK).astype(
+                jnp.int32
+            ),
+            done=nan_z,
+            memo_right=memo,
+            memo_left=memo,
+        )
+
+    def query(self, s: _State):
+        """(z, direction, first, go_right): where the next piece is asked for."""
+        first = s.i == 0
+        need_right = s.hi_s < self.r_hi
+        need_left = s.lo_s > self.r_lo
+        # pi3: the side whose end has the larger N(0, 1) density, i.e. smaller |end|.
+        go_right = need_right & (~need_left | (jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)))
+        zq = jnp.where(first, self.z_obs, jnp.where(go_right, s.hi_s, s.lo_s))
+        direction = jnp.where(first | go_right, 1, -1).astype(jnp.int32)
+        return zq, direction, first, go_right
+
+    def _masses(self, lo, hi, take, lo_s, hi_s):
+        # Row 0: the new piece (if accepted); row 1: (-inf, L) and (R, inf). One call
+        # keeps a single mass evaluation in the loop body.
+        inf = jnp.inf
+        rows_lo = jnp.stack([jnp.stack([lo, inf]), jnp.stack([-inf, hi_s])])
+        rows_hi = jnp.stack([jnp.stack([hi, inf]), jnp.stack([lo_s, inf])])
+        valid = jnp.stack([jnp.stack([take, False]), jnp.stack([True, True])])
+        m_in, m_out = split_log_masses(
+            self.z_obs, rows_lo, rows_hi, valid, self.alternative
+        )
+        return m_in[0], m_out[0], m_in[1], m_out[1]
+
+    def _finished(self, s: _State, bounds) -> jax.Array:
+        covered = (s.lo_s <= self.r_lo) & (s.hi_s >= self.r_hi)
+        if self.policy == "over_conditioning":
+            return s.i >= 1
+        if self.policy == "exhaustive":
+            return covered
+        if self.termination == "precision":
+            return covered | (bounds.sup_p - bounds.inf_p < self.precision)
+        return covered | (bounds.sup_p < self.alpha) | (bounds.inf_p >= self.alpha)
+
+    def absorb(self, s: _State, lo, hi, accept) -> _State:
+        """The state after the oracle answered the current query with a piece."""
+        zq, direction, first, go_right = self.query(s)
         lo = jnp.asarray(lo, jnp.float64)
         hi = jnp.asarray(hi, jnp.float64)
         accept = jnp.asarray(accept, bool)
@@ -331,9 +392,7 @@ def search(
         take = good & accept
         lo_new = jnp.where(good, lo_s, s.lo_s)
         hi_new = jnp.where(good, hi_s, s.hi_s)
-        p_in, p_out, u_in, u_out = new_and_unsearched_masses(
-            new_lo, new_hi, take, lo_new, hi_new
-        )
+        p_in, p_out, u_in, u_out = self._masses(new_lo, new_hi, take, lo_new, hi_new)
         status = jnp.where(
             ~finite,
             SearchStatus.NONFINITE,
@@ -345,7 +404,7 @@ def search(
                 ),
             ),
         ).astype(jnp.int32)
-        new = _State(
+        new = s._replace(
             i=s.i + 1,
             lo_s=lo_new,
             hi_s=hi_new,
@@ -361,15 +420,15 @@ def search(
             u_out=u_out,
             status=status,
             done=status != SearchStatus.OK,
-            memo_right=memo_right,
-            memo_left=memo_left,
         )
-        bounds = bounds_from_log_masses(new.t_in, new.t_out, u_in, u_out, alternative)
-        done = new.done | finished(new, bounds)
-        capped = ~done & (new.i >= p_max)
-        if report_every:
+        bounds = bounds_from_log_masses(
+            new.t_in, new.t_out, u_in, u_out, self.alternative
+        )
+        done = new.done | self._finished(new, bounds)
+        capped = ~done & (new.i >= self.p_max)
+        if self.report_every:
             lax.cond(
-                (new.i % report_every == 0) | done | capped,
+                (new.i % self.report_every == 0) | done | capped,
                 lambda: jax.debug.callback(
                     _report, new.i, lo_new, hi_new, bounds.inf_p, bounds.sup_p
                 ),
@@ -382,82 +441,140 @@ def search(
             ),
         )
 
-    nan_z = jnp.isnan(z_obs)
-    init = _State(
-        i=jnp.zeros((), jnp.int32),
-        lo_s=z_obs,
-        hi_s=z_obs,
-        buf_lo=jnp.full((p_max,), inf),
-        buf_hi=jnp.full((p_max,), inf),
-        keep=jnp.zeros((p_max,), bool),
-        side=jnp.zeros((p_max,), jnp.int32),
-        n_left=jnp.zeros((), jnp.int32),
-        n_right=jnp.zeros((), jnp.int32),
-        t_in=jnp.asarray(-inf),
-        t_out=jnp.asarray(-inf),
-        u_in=jnp.asarray(0.0),
-        u_out=jnp.asarray(0.0),
-        status=jnp.where(nan_z, SearchStatus.NONFINITE, SearchStatus.OK).astype(
-            jnp.int32
-        ),
-        done=nan_z,
-        memo_right=() if memo is None else memo,
-        memo_left=() if memo is None else memo,
-    )
-    s = lax.while_loop(lambda s: ~s.done, body, init)
-
-    # Pieces were added outwards, so their order along the line is known: the k-th
-    # left piece (k = 1, 2, ...) has rank n_left - k, the first n_left, the k-th right
-    # n_left + k. Unused slots keep their index. No sort is needed.
-    slot = jnp.arange(p_max, dtype=jnp.int32)
-    ordinal = jnp.cumsum(
-        jnp.stack([s.side < 0, s.side > 0]).astype(jnp.int32), axis=1
-    )  # (2, P): k for left / right pieces
-    used = slot < s.i
-    rank = jnp.where(
-        s.side < 0,
-        s.n_left - ordinal[0],
-        jnp.where(s.side > 0, s.n_left + ordinal[1], s.n_left),
-    )
-    rank = jnp.where(used, rank, slot)
-    order = jnp.zeros((p_max,), jnp.int32).at[rank].set(slot)
-    truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max, order=order)
-    searched = Intervals(
-        bounds=jnp.stack([s.lo_s, s.hi_s])[None, :],
-        count=(s.i > 0).astype(jnp.int32),
-        overflow=jnp.zeros((), bool),
-    )
-    # The running log masses (sums of positive terms, so accurate to a few ulps) give
-    # the p-value; no second mass evaluation is compiled after the loop.
-    if policy == "over_conditioning":
-        # Zset *is* the piece at z_obs: nothing is unknown.
-        bounds = bounds_from_log_masses(s.t_in, s.t_out, -inf, -inf, alternative)
-        bounds = bounds._replace(
-            inf_p=bounds.p_value,
-            sup_p=bounds.p_value,
-            log_inf_p=bounds.log_p_value,
-            log_sup_p=bounds.log_p_value,
+    def finish(self, s: _State, throw: bool = False) -> SearchResult:
+        p_max, alternative = self.p_max, self.alternative
+        inf = jnp.inf
+        # Pieces were added outwards, so their order along the line is known: the
+        # k-th left piece (k = 1, 2, ...) has rank n_left - k, the first n_left, the
+        # k-th right n_left + k. Unused slots keep their index. No sort is needed.
+        slot = jnp.arange(p_max, dtype=jnp.int32)
+        ordinal = jnp.cumsum(
+            jnp.stack([s.side < 0, s.side > 0]).astype(jnp.int32), axis=1
+        )  # (2, P): k for left / right pieces
+        used = slot < s.i
+        rank = jnp.where(
+            s.side < 0,
+            s.n_left - ordinal[0],
+            jnp.where(s.side > 0, s.n_left + ordinal[1], s.n_left),
         )
-    else:
-        bounds = bounds_from_log_masses(s.t_in, s.t_out, s.u_in, s.u_out, alternative)
-    result = SearchResult(
-        z_obs=z_obs,
-        truncated=truncated,
-        searched=searched,
-        search_count=s.i,
-        p_value=bounds.p_value,
-        inf_p=bounds.inf_p,
-        sup_p=bounds.sup_p,
-        log_p_value=bounds.log_p_value,
-        log_inf_p=bounds.log_inf_p,
-        log_sup_p=bounds.log_sup_p,
-        status=s.status,
-    )
-    if throw:
-        if isinstance(result.status, jax.core.Tracer):
-            jax.debug.callback(_raise_status_callback, result.status)
+        rank = jnp.where(used, rank, slot)
+        order = jnp.zeros((p_max,), jnp.int32).at[rank].set(slot)
+        truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max, order=order)
+        searched = Intervals(
+            bounds=jnp.stack([s.lo_s, s.hi_s])[None, :],
+            count=(s.i > 0).astype(jnp.int32),
+            overflow=jnp.zeros((), bool),
+        )
+        # The running log masses (sums of positive terms, so accurate to a few ulps)
+        # give the p-value; no second mass evaluation is compiled after the loop.
+        if self.policy == "over_conditioning":
+            # Zset *is* the piece at z_obs: nothing is unknown.
+            bounds = bounds_from_log_masses(s.t_in, s.t_out, -inf, -inf, alternative)
+            bounds = bounds._replace(
+                inf_p=bounds.p_value,
+                sup_p=bounds.p_value,
+                log_inf_p=bounds.log_p_value,
+                log_sup_p=bounds.log_p_value,
+            )
         else:
-            raise_for_status(result)
+            bounds = bounds_from_log_masses(
+                s.t_in, s.t_out, s.u_in, s.u_out, alternative
+            )
+        result = SearchResult(
+            z_obs=self.z_obs,
+            truncated=truncated,
+            searched=searched,
+            search_count=s.i,
+            p_value=bounds.p_value,
+            inf_p=bounds.inf_p,
+            sup_p=bounds.sup_p,
+            log_p_value=bounds.log_p_value,
+            log_inf_p=bounds.log_inf_p,
+            log_sup_p=bounds.log_sup_p,
+            status=s.status,
+        )
+        if throw:
+            if isinstance(result.status, jax.core.Tracer):
+                jax.debug.callback(_raise_status_callback, result.status)
+            else:
+                raise_for_status(result)
+        return result
+
+
+PieceSource = Callable[[float, int], tuple[float, float, bool]]
+
+
+@functools.cache
+def _host_steps(policy, termination, alternative, p_max):
+    """Jitted start / step / finish of :class:`_Machine` for :func:`search_host`."""
+
+    def machine(nums):
+        return _Machine(policy, termination, alternative, p_max, 0, *nums)
+
+    def start(nums):
+        m = machine(nums)
+        s = m.start()
+        return s, m.query(s)[:2]
+
+    def step(s, lo, hi, accept, nums):
+        m = machine(nums)
+        s = m.absorb(s, lo, hi, accept)
+        return s, m.query(s)[:2]
+
+    def finish(s, nums):
+        return machine(nums).finish(s)
+
+    return jax.jit(start), jax.jit(step, donate_argnums=0), jax.jit(finish)
+
+
+def search_host(
+    source: PieceSource,
+    z_obs: float,
+    *,
+    policy: str = "parametric",
+    termination: str = "precision",
+    alternative: str = "abs",
+    precision: float = 1e-3,
+    alpha: float = 0.05,
+    max_pieces: int = 2048,
+    margin: float = 10.0,
+    throw: bool = False,
+    progress: Callable[[int, float, float, float, float], None] | None = None,
+    report_every: int = 10,
+) -> SearchResult:
+    """:func:`search` driven from the host, for a piece oracle that is not jittable.
+
+    ``source(z, direction) -> (lo, hi, accept)`` is a host function with the
+    contract of ``piece_fn`` (module docstring), e.g. a
+    :class:`sijax.tracking.LineCache` that enumerates stretches of the line by
+    breakpoint propagation. The pieces are absorbed one by one by the same state
+    machine as :func:`search` (one small compiled step per piece), so the policies,
+    the stopping rules and the result are those of :func:`search` on the same pieces.
+
+    Args:
+      source: the host piece oracle.
+      z_obs, policy, termination, alternative, precision, alpha, max_pieces, margin,
+        throw: as :func:`search`.
+      progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)``, called every
+        ``report_every`` pieces and at the end (as a reporter of :func:`search`).
+
+    Returns:
+      :class:`SearchResult` (device arrays).
+    """
+    _check_options(policy, termination, alternative, max_pieces)
+    start, step, finish = _host_steps(policy, termination, alternative, int(max_pieces))
+    nums = tuple(jnp.asarray(v, jnp.float64) for v in (z_obs, precision, alpha, margin))
+    s, (zq, direction) = start(nums)
+    while not bool(s.done):
+        lo, hi, accept = source(float(zq), int(direction))
+        s, (zq, direction) = step(s, lo, hi, accept, nums)
+        i = int(s.i)
+        if progress is not None and (i % report_every == 0 or bool(s.done)):
+            b = finish(s, nums)
+            progress(i, float(s.lo_s), float(s.hi_s), float(b.inf_p), float(b.sup_p))
+    result = finish(s, nums)
+    if throw:
+        raise_for_status(result)
     return result
 
 

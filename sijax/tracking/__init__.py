@@ -11,7 +11,7 @@ from sijax.tracking.interpreter import (
     track,
     track_memo,
 )
-from sijax.tracking.propagate import LinePieces, enumerate_line
+from sijax.tracking.propagate import LineCache, LinePieces, enumerate_line
 from sijax.tracking.search import (
     COVERED,
     MAX_PIECES,
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_TIE_TOL",
     "MAX_PIECES",
     "Affine",
+    "LineCache",
     "LinePieces",
     "MaxPiecesError",
     "Piece",

@@ -1101,10 +1101,11 @@ def _midpoint_outputs(line: _Line, outs, avals) -> list:
     return leaves
 
 
-def _run_window(closed, treedef, summarize, a, b, z_lo, z_hi, tie_tol, max_points):
+def _run_window(closed, treedef, summarize, a, b, z_lo, z_hi, tie_tol, max_points,
+                leaves=()):  # fmt: skip
     line = _Line(z_lo, z_hi, a.dtype, tie_tol, max_points)
     x = line.new(a[None] + b[None] * _per_point(line.z_dev, a.ndim + 1), affine=True)
-    outs = eval_jaxpr(line, closed.jaxpr, closed.consts, [x])
+    outs = eval_jaxpr(line, closed.jaxpr, closed.consts, [*leaves, x])
     del x
     mids = _midpoint_outputs(line, outs, closed.out_avals)
     summ = jax.vmap(summarize)(jax.tree.unflatten(treedef, mids))
@@ -1145,17 +1146,32 @@ def _join(windows: list[_Window]) -> tuple:
 _JAXPRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _line_jaxpr(f: Callable, shape, dtype):
+def _line_jaxpr(f: Callable, shape, dtype, params=None):
     """`make_line_jaxpr`, cached per function (as `jax.jit` caches its traces), so
-    that repeated calls reuse the compiled equations."""
+    that repeated calls reuse the compiled equations. With `params`, f is
+    `f(params, x)` and the leaves of `params` are the jaxpr's first inputs, so one
+    trace (and one compilation of each run) serves every value of them."""
+    leaves, tree = jax.tree.flatten(params)
+    avals = tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves)
     key = (tuple(shape), jnp.dtype(dtype), jax.config.jax_enable_x64,
-           str(jax.config.jax_default_matmul_precision))  # fmt: skip
+           str(jax.config.jax_default_matmul_precision), tree, avals)  # fmt: skip
+
+    def trace():
+        if params is None:
+            return make_line_jaxpr(f, shape, dtype)
+        x = jax.ShapeDtypeStruct(shape, dtype)
+        specs = [jax.ShapeDtypeStruct(*a) for a in avals]
+        closed, out_shape = jax.make_jaxpr(
+            lambda ls, x: f(jax.tree.unflatten(tree, ls), x), return_shape=True
+        )(specs, x)
+        return closed, jax.tree.structure(out_shape)
+
     try:
         per_f = _JAXPRS.setdefault(f, {})
     except TypeError:  # not weakly referenceable: no caching
-        return make_line_jaxpr(f, shape, dtype)
+        return trace()
     if key not in per_f:
-        per_f[key] = make_line_jaxpr(f, shape, dtype)
+        per_f[key] = trace()
     return per_f[key]
 
 
@@ -1166,6 +1182,7 @@ def enumerate_line(
     z_min,
     z_max,
     *,
+    params=None,
     summary: Callable[[Any], Any] | None = None,
     max_points: int = 4096,
     tie_tol: float = DEFAULT_TIE_TOL,
@@ -1176,9 +1193,13 @@ def enumerate_line(
     Host-driven (not jittable); each primitive of f runs on a batch of points.
 
     Args:
-      f: piecewise-linear function of one array of the shape of `a` (see `track`).
+      f: piecewise-linear function of one array of the shape of `a` (see `track`);
+        with `params`, `f(params, x)`.
       a, b: (...) floating, the line x(t) = a + b t.
       z_min, z_max: floats, z_min <= z_max.
+      params: optional pytree of arrays that f takes first (weights, noises, ...):
+        passed as inputs rather than closed over, so that calls with other values
+        reuse the trace and the compiled runs (one compilation per f and shapes).
       summary: `summary(out) -> pytree of arrays` for one output of f (as f returns
         it, plain arrays) taken at the midpoint of each piece, e.g. the mask (for
         boolean and integer leaves that is their value on the piece). Default: ().
@@ -1200,7 +1221,8 @@ def enumerate_line(
     z_min, z_max = float(z_min), float(z_max)
     if not z_min <= z_max:
         raise ValueError(f"need z_min <= z_max; got {z_min=} {z_max=}")
-    closed, treedef = _line_jaxpr(f, a.shape, a.dtype)
+    closed, treedef = _line_jaxpr(f, a.shape, a.dtype, params)
+    leaves = [jnp.asarray(v) for v in jax.tree.leaves(params)]
     summarize = summary if summary is not None else (lambda out: ())
     todo = [(z_min, z_max)]
     done: list[_Window] = []
@@ -1209,7 +1231,7 @@ def enumerate_line(
         lo, hi = todo.pop(0)
         try:
             window, n = _run_window(
-                closed, treedef, summarize, a, b, lo, hi, tie_tol, max_points
+                closed, treedef, summarize, a, b, lo, hi, tie_tol, max_points, leaves
             )
         except _Overflow:
             points += max_points
@@ -1232,3 +1254,96 @@ def enumerate_line(
         points=points,
         windows=len(done),
     )
+
+
+class LineCache:
+    """The pieces of f along a line, served one at a time from stretches that are
+    enumerated by propagation (`enumerate_line`) as the queries reach them.
+
+    A host piece oracle for :func:`sijax.selective.search.search_host`: the search
+    asks for the piece at z (at a breakpoint, the one on the side of `direction`),
+    usually where the previous one ended; the cache answers from the stretch
+    enumerated so far and extends it by a window when a query reaches its end. A
+    piece cut by a window's end is never served: the next window continues it
+    (windows are joined as in `enumerate_line`), so the pieces are those of the
+    whole line, the same as `track`'s. The window width adapts to the density of
+    breakpoints met so far, aiming at `window_pieces` pieces per window, which
+    bounds the pieces computed beyond where the search stops.
+
+    Args:
+      f, a, b, params, summary, max_points, tie_tol: as `enumerate_line`.
+      z_range: (lo, hi): the pieces at these ends are cut there (no window goes
+        beyond them); default the whole line, whose end pieces are never served (a
+        piece reaching +-inf cannot be told from a long one).
+      width: the first window's width in z (centred on the first query).
+      window_pieces: pieces per window aimed at after the first.
+    """
+
+    def __init__(self, f, a, b, *, params=None, summary=None,
+                 z_range=(-np.inf, np.inf), width: float = 0.25,
+                 window_pieces: int = 128, max_points: int = 1024,
+                 tie_tol: float = DEFAULT_TIE_TOL):  # fmt: skip
+        self._enum = partial(
+            enumerate_line, f, a, b, params=params, summary=summary,
+            max_points=max_points, tie_tol=tie_tol,
+        )  # fmt: skip
+        self.r_lo, self.r_hi = float(z_range[0]), float(z_range[1])
+        if not self.r_lo < self.r_hi:
+            raise ValueError(f"need z_range[0] < z_range[1]; got {z_range}")
+        if not width > 0 or window_pieces < 1:
+            raise ValueError(f"need width > 0, window_pieces >= 1; got {width=}")
+        self.width, self.window_pieces = float(width), int(window_pieces)
+        self.stretch: _Window | None = None
+        self.points = 0  # points pushed through f, all windows
+        self.windows = 0
+
+    @property
+    def count(self) -> int:
+        """Pieces enumerated so far (the end pieces may still be cut)."""
+        return 0 if self.stretch is None else len(self.stretch.z) - 1
+
+    def _window(self, lo: float, hi: float) -> _Window:
+        p = self._enum(lo, hi)
+        self.points += p.points
+        self.windows += p.windows
+        k = p.count
+        # Next width: aim at window_pieces at the density just met (at most 4x).
+        self.width = min(4.0 * (hi - lo), self.window_pieces * (hi - lo) / k)
+        return _Window(p.z, p.origin, p.fingerprint, p.summary, list(p.events))
+
+    def _extend(self, z: float, right: bool) -> None:
+        w = self.width
+        if self.stretch is None:
+            lo, hi = max(z - 0.5 * w, self.r_lo), min(z + 0.5 * w, self.r_hi)
+            self.stretch = self._window(lo, hi)
+            return
+        zs = self.stretch.z
+        if right:
+            new = self._window(zs[-1], min(zs[-1] + w, self.r_hi))
+            parts = [self.stretch, new]
+        else:
+            new = self._window(max(zs[0] - w, self.r_lo), zs[0])
+            parts = [new, self.stretch]
+        z, origin, fp, summ = _join(parts)
+        self.stretch = _Window(z, origin, fp, summ, self.stretch.events)
+
+    def piece(self, z: float, direction: int):
+        """(lo, hi, summary of the piece) at z on the side of `direction` (+1/-1)."""
+        z = float(z)
+        if not self.r_lo <= z <= self.r_hi:
+            raise ValueError(f"z={z} outside z_range=({self.r_lo}, {self.r_hi})")
+        while True:
+            if self.stretch is None:
+                self._extend(z, True)
+                continue
+            zs = self.stretch.z
+            n = len(zs) - 1
+            side = "right" if direction > 0 else "left"
+            k = int(np.searchsorted(zs, z, side=side)) - 1
+            if k >= n or (k == n - 1 and zs[-1] < self.r_hi):
+                self._extend(z, True)
+            elif k < 0 or (k == 0 and zs[0] > self.r_lo):
+                self._extend(z, False)
+            else:
+                summ = jax.tree.map(lambda s, k=k: s[k], self.stretch.summary)
+                return float(zs[k]), float(zs[k + 1]), summ
