@@ -23,8 +23,9 @@ time is reported apart from its run time (one compile serves every image).
 Usage::
 
     python benchmarks/vs_si4onnx.py --size 16 --images 3 --threads 1 \\
-        [--search exhaustive|precision]
+        [--search exhaustive|precision] [--engine propagate|walk]
 
+sijax runs with ``DALConfig(engine=...)``: "propagate" (the default here) or "walk".
 The last line printed is one JSON object with size, images, threads,
 si4onnx_seconds, sijax_seconds (medians per p-value), ratio, max_p_difference and
 p_agree.
@@ -439,7 +440,8 @@ def load_sijax_model(work: str, size: int, which: str):
                           state=cast_state(state, jnp.float64))  # fmt: skip
 
 
-def run_sijax(work: str, size: int, search: str, precision: float, which: str):
+def run_sijax(work: str, size: int, search: str, precision: float, which: str,
+              engine: str = "propagate"):  # fmt: skip
     """sijax's test on every image; ``which`` is "onnx" or "native"."""
     import sijax
 
@@ -448,7 +450,7 @@ def run_sijax(work: str, size: int, search: str, precision: float, which: str):
     cfg = sijax.DALConfig(
         search="exhaustive" if search == "exhaustive" else "parametric",
         termination="precision", precision=precision, alternative="two-sided",
-        threshold=SIJAX_THRESHOLD, hypothesis="reference",
+        threshold=SIJAX_THRESHOLD, hypothesis="reference", engine=engine,
     )  # fmt: skip
     with np.load(os.path.join(work, "images.npz")) as z:
         xs, refs = z["x"], z["x_ref"]
@@ -515,6 +517,8 @@ def main(argv=None) -> None:
     p.add_argument("--venv", default=DEFAULT_VENV)
     p.add_argument("--workdir", help="keep the files here (default: a temp dir)")
     p.add_argument("--skip-native", action="store_true")
+    p.add_argument("--engine", choices=("propagate", "walk"), default="propagate",
+                   help="sijax's DALConfig.engine (default propagate)")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -548,7 +552,8 @@ def main(argv=None) -> None:
         commit += "+dirty(" + ",".join(dirty) + ")"
     load = os.getloadavg()
     print(f"commit {commit}, jax {jax.__version__}, cpus {cpus}, threads "
-          f"{args.threads}, size {args.size}, search {args.search}, workdir {work}, "
+          f"{args.threads}, size {args.size}, search {args.search}, engine "
+          f"{args.engine}, workdir {work}, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
           flush=True)  # fmt: skip
     py = ensure_venv(args.venv)
@@ -562,12 +567,14 @@ def main(argv=None) -> None:
     with open(os.path.join(work, "si4onnx.json")) as f:
         si4 = json.load(f)
     print("sijax (ONNX import) ...", flush=True)
-    sj, compile_s = run_sijax(work, args.size, args.search, args.precision, "onnx")
+    sj, compile_s = run_sijax(work, args.size, args.search, args.precision, "onnx",
+                              args.engine)  # fmt: skip
     native, native_compile = ([], 0.0)
     if not args.skip_native:
         print("sijax (native network) ...", flush=True)
         native, native_compile = run_sijax(work, args.size, args.search,
-                                           args.precision, "native")  # fmt: skip
+                                           args.precision, "native",
+                                           args.engine)  # fmt: skip
 
     tol = 1e-6 if args.search == "exhaustive" else None
     diffs, agree = [], []
@@ -610,6 +617,7 @@ def main(argv=None) -> None:
     sj_med = statistics.median(b["seconds"] for b in sj)
     summary = dict(
         size=args.size, images=len(si4), threads=args.threads, search=args.search,
+        engine=args.engine,
         si4onnx_seconds=si_med, sijax_seconds=sj_med, ratio=si_med / sj_med,
         max_p_difference=max(diffs), p_agree=all(agree),
         si4onnx_pieces=statistics.median(a["search_count"] for a in si4),
