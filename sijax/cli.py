@@ -132,7 +132,8 @@ def _dal_config(a: argparse.Namespace):
 
     cfg = DALConfig()
     sets = [f"{k}={getattr(a, k)}" for k in ("hypothesis", "search", "termination",
-                                              "alternative", "threshold", "precision")
+                                              "alternative", "threshold", "precision",
+                                              "engine")
             if getattr(a, k, None) is not None]
     return apply_overrides(cfg, sets + list(a.overrides))
 
@@ -145,6 +146,10 @@ def _dal_options(p: argparse.ArgumentParser):
     p.add_argument("--alternative", choices=("abs", "two-sided", "less", "greater"))
     p.add_argument("--threshold", type=float, help="region threshold lambda (0.8)")
     p.add_argument("--precision", type=float, help="stop when sup_p - inf_p < this")
+    p.add_argument("--engine", choices=("walk", "propagate"),
+                   help="how pieces are found: walk (default; one compiled search) or "
+                   "propagate (batched breakpoint propagation; faster on 16x16 and "
+                   "larger images, same pieces)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override any DALConfig field")
     p.add_argument("--seed", type=int, default=0, help="key of the sampler noises")

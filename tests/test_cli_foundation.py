@@ -152,6 +152,18 @@ def test_subprocess_no_traceback(tmp_path):
                                 "dal_v5, tiny")
 
 
+def test_dal_options_reach_the_config():
+    from sijax.cli import _dal_config, build_parser
+
+    a = build_parser().parse_args(
+        ["demo", "--engine", "propagate", "--termination", "decision",
+         "--set", "max_pieces=50"])
+    cfg = _dal_config(a)
+    assert (cfg.engine, cfg.termination) == ("propagate", "decision")
+    assert cfg.max_pieces == 50
+    assert _dal_config(build_parser().parse_args(["demo"])).engine == "walk"
+
+
 def test_search_bar_shows_pieces_range_and_bounds(capsys):
     from sijax.detect.run import search_bar
 
