@@ -192,6 +192,17 @@ def test_windows_give_the_same_pieces():
     assert split.windows > 2
     np.testing.assert_allclose(split.z, whole.z, rtol=0, atol=RTOL * 6.0)
     np.testing.assert_array_equal(split.summary, whole.summary)
+    # Joining windows needs only the end pieces' fingerprints.
+    ends = enumerate_line(
+        f, a, b, -3.0, 3.0, summary=lambda o: o["mask"],
+        max_points=whole.count // 3 + 3, all_fingerprints=False,
+    )  # fmt: skip
+    assert ends.windows == split.windows
+    np.testing.assert_array_equal(ends.z, split.z)
+    np.testing.assert_array_equal(ends.summary, split.summary)
+    have = ~np.isnan(ends.fingerprint)  # the pieces at the ends of windows
+    assert have[0] and have[-1] and have.sum() <= 2 * ends.windows
+    np.testing.assert_allclose(ends.fingerprint[have], split.fingerprint[have])
 
 
 def test_chunked_runs_give_the_same_pieces(monkeypatch):
@@ -208,7 +219,7 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
     rng = np.random.default_rng(6)
     a, b = _normal(rng, 4), _normal(rng, 4)
     whole = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
-    monkeypatch.setattr(propagate, "CHUNK", 8)
+    monkeypatch.setattr(propagate, "MAX_ROWS", 8)
     chunked = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
     assert whole.count > 8 and chunked.count == whole.count
     np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
