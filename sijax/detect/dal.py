@@ -330,13 +330,21 @@ def _core(
         model, x, x_ref, noises, cov, cov_ref, nums, config
     )
     ok = line.status == StatStatus.OK
-    z = jnp.where(ok, line.z_obs, 0.0)
-
     params = (model, noises, line.a, line.b, mask, nums.threshold)
     res = search(
         functools.partial(_piece_oracle, config=config),
         params,
-        jnp.where(ok, z, jnp.nan),
+        jnp.where(ok, line.z_obs, jnp.nan),
+        memo=_oracle_memo(params, config),
+        report_every=report_every,
+        **_search_options(config, nums),
+    )
+    return _with_search(rec, score, mask, line, res, config)
+
+
+def _search_options(config: DALConfig, nums: _Numbers) -> dict:
+    """The options of both searches (compiled and host-driven)."""
+    return dict(
         policy=config.search,
         termination=config.termination,
         alternative=config.alternative,
@@ -344,9 +352,11 @@ def _core(
         alpha=nums.alpha,
         max_pieces=config.max_pieces,
         margin=nums.margin,
-        memo=_oracle_memo(params, config),
-        report_every=report_every,
     )
+
+
+def _with_search(rec, score, mask, line, res, config: DALConfig) -> _Core:
+    z = jnp.where(line.status == StatStatus.OK, line.z_obs, 0.0)
     return _Core(
         rec,
         score,
@@ -413,28 +423,11 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
     res = search_host(
         source,
         z,
-        policy=config.search,
-        termination=config.termination,
-        alternative=config.alternative,
-        precision=nums.precision,
-        alpha=nums.alpha,
-        max_pieces=config.max_pieces,
-        margin=nums.margin,
         progress=progress,
         report_every=REPORT_EVERY,
+        **_search_options(config, nums),
     )
-    z_or_0 = jnp.where(ok, line.z_obs, 0.0)
-    return _Core(
-        rec,
-        score,
-        mask,
-        line.status,
-        line.z_obs,
-        line.stat,
-        line.sd,
-        naive_p_value(z_or_0, config.alternative),
-        res,
-    )
+    return _with_search(rec, score, mask, line, res, config)
 
 # Pieces between two progress reports of dal_test(progress=...): a host callback
 # costs far less than one piece (tens of ms at 16x16).
