@@ -263,6 +263,10 @@ def _experiment_args(p: argparse.ArgumentParser):
                    "enough to count rejections)")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--max-pieces", type=int, default=20_000)
+    p.add_argument("--engine", choices=("walk", "propagate"), default="walk",
+                   help="search engine: walk (default; the batch in one compiled "
+                   "call per device) or propagate (faster per image at 16x16 and "
+                   "up, the images one after another: use --cpu-devices 1)")
     p.add_argument("--batch", type=int, default=8,
                    help="images per compiled call (rounded up to the devices)")
     p.add_argument("--permutations", type=int, default=1000,
@@ -320,7 +324,7 @@ def _experiment_run(a: argparse.Namespace) -> int:
         methods=a.methods, deltas=a.deltas, noises=a.noises, distances=a.distances,
         activations=a.activations, checkpoints=checkpoints or None,
         termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
-        batch=a.batch, permutations=a.permutations, seed=a.seed)
+        batch=a.batch, permutations=a.permutations, seed=a.seed, engine=a.engine)
     rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress,
                           max_batches=a.max_batches)
     if jax.process_index() == 0:

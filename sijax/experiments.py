@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from sijax.detect.dal import REPORT_EVERY, DALConfig, dal_test_batch
+from sijax.detect.dal import ENGINES, REPORT_EVERY, DALConfig, dal_test_batch
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
 from sijax.selective.search import new_pieces
@@ -171,6 +171,9 @@ class ExperimentSpec:
       checkpoints: model per size ({size: dir}); sizes without one use the
         committed ``dal_v5_{size}``.
       termination, alpha, max_pieces, seed: see :class:`Setting`.
+      engine: ``DALConfig.engine`` of the searches ("walk": the batch in one
+        compiled call, sharded over the devices; "propagate": the images one after
+        another on the default device). Same pieces and results.
       batch: images per compiled call (rounded up to a multiple of the devices).
       permutations: B of the permutation method.
       max_factor: stop a setting after ``max_factor * trials`` attempts.
@@ -190,6 +193,7 @@ class ExperimentSpec:
     alpha: float = 0.05
     max_pieces: int = 20_000
     seed: int = 0
+    engine: str = "walk"
     batch: int = 8
     permutations: int = 1000
     max_factor: int = 20
@@ -224,6 +228,8 @@ class ExperimentSpec:
             raise InputError(f"need trials, batch, permutations >= 1: {self}")
         if not 0.0 < self.alpha < 1.0:
             raise InputError(f"need 0 < alpha < 1, got {self.alpha}")
+        if self.engine not in ENGINES:
+            raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
         if any(s < 1 for s in self.sizes) or not self.sizes:
             raise InputError(f"bad sizes {self.sizes}")
 
@@ -534,6 +540,7 @@ def run_batch(
     permutations: int = 1000,
     compiled: set | None = None,
     progress: Callable | None = None,
+    engine: str = "walk",
 ) -> list[dict]:
     """Runs trials ``indices`` of ``setting`` with every method; one record each.
 
@@ -550,6 +557,7 @@ def run_batch(
       compiled: (config, shape) keys already compiled in this process; updated. A
         record's ``compile`` flag says whether its seconds include compilation.
       progress: reporter of the selective searches (``dal_test_batch``'s).
+      engine: ``DALConfig.engine`` of the searches.
 
     Returns:
       JSON-ready dicts: setting key, index, status (0 ok, 1 no region, 2 max_pieces,
@@ -575,7 +583,7 @@ def run_batch(
         runs = ["oc"]
     out, seconds, fresh = {}, 0.0, False
     for m in runs:
-        cfg = setting.dal_config(m)
+        cfg = dataclasses.replace(setting.dal_config(m), engine=engine)
         tag = (cfg, setting.covariance, batch, mesh is not None, id(model.graphdef))
         fresh |= tag not in compiled
         compiled.add(tag)
@@ -1310,6 +1318,7 @@ def run_experiment(
                     permutations=spec.permutations,
                     compiled=compiled,
                     progress=searching.report if bar is not None else None,
+                    engine=spec.engine,
                 )
                 batches += 1
                 if writer:

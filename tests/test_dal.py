@@ -138,15 +138,9 @@ def test_propagate_engine_gives_the_walking_result(
     assert sum(new_pieces(r[0], REPORT_EVERY) for r in seen) == prop.search_count
 
 
-def test_engine_is_checked(model):
+def test_engine_is_checked():
     with pytest.raises(InputError, match="engine"):
         DALConfig(engine="fast")
-    xs = np.zeros((2, *model.image_shape))
-    with pytest.raises(InputError, match="use dal_test per image"):
-        dal_test_batch(
-            model, xs, xs, sigma=1.0, noises=None,
-            config=DALConfig(engine="propagate"),
-        )  # fmt: skip
 
 
 def detect_region_core(model, x, nz):
@@ -433,6 +427,16 @@ def test_batch_progress_counts_every_piece(model, example, exhaustive):
     assert reports == []
     np.testing.assert_allclose(np.asarray(out2.p_value), np.asarray(out.p_value),
                                rtol=1e-12)  # fmt: skip
+    # The propagate engine: the images in turn, the same pieces, reports and results.
+    out3 = dal_test_batch(
+        model, xs, refs, sigma=1.0, noises=nzs, progress=lambda *r: reports.append(r),
+        config=dataclasses.replace(cfg, engine="propagate"),
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out3.search_count), counts)
+    assert sum(new_pieces(r[0], REPORT_EVERY) for r in reports) == counts.sum()
+    np.testing.assert_allclose(np.asarray(out3.p_value), np.asarray(out.p_value),
+                               rtol=0, atol=1e-12)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out3.status), np.asarray(out.status))
 
 
 def _null_batch(model, n, seed, delta=0.0):

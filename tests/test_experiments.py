@@ -7,6 +7,7 @@ piecewise-linear activations), not exact rates. All runs share one batch size, o
 ``max_pieces`` and one device mesh so that the compiled programs are reused.
 """
 
+import dataclasses
 import gzip
 import json
 import math
@@ -235,9 +236,11 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
         f.write('{"setting": "torn')
     with pytest.raises(InputError, match="resume"):
         ex.run_experiment(spec, part, models=models, progress=False)
+    # resumed on one device with the other engine: the same pieces and results
     rows_part = ex.run_experiment(
-        spec, part, models=models, progress=False, resume=True, mesh=False
-    )
+        dataclasses.replace(spec, engine="propagate"), part, models=models,
+        progress=False, resume=True, mesh=False,
+    )  # fmt: skip
     recs_full = {r["index"]: r for r in _records(full)}
     recs_part = {r["index"]: r for r in _records(part)}
     assert len(_records(part)) == len(recs_part)  # nothing ran twice

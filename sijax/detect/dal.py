@@ -89,12 +89,13 @@ class DALConfig:
       memo: reuse the sampler steps whose piece still holds while walking the line
         (:func:`sijax.tracking.track_memo`); same pieces and p-values, less work.
       engine: how the pieces are found. "walk" (default): one value-and-slope pass
-        per piece inside one compiled search (jit, vmap, sharding; the only engine
-        of :func:`dal_test_batch`). "propagate": stretches of the line enumerated
+        per piece inside one compiled search (jit, vmap, lanes, sharding).
+        "propagate": stretches of the line enumerated
         by batched breakpoint propagation (:class:`sijax.tracking.LineCache`,
         driven from the host by :func:`sijax.selective.search.search_host`): the
         same pieces (breakpoints within the tie tolerance) for about one forward
-        pass each, on batches of points; :func:`dal_test` only. With "exhaustive"
+        pass each, on batches of points; one image at a time (also in
+        :func:`dal_test_batch`). With "exhaustive"
         its two end pieces stop at the ends of the range instead of running on to
         their breakpoints (which changes the p-value by the N(0, 1) mass beyond
         ``margin`` + |z_obs|, below 1e-23 of it).
@@ -781,6 +782,8 @@ def dal_test_batch(
         ``xs`` is split over several devices along its batch axis (a
         ``NamedSharding``), each device runs its own block with lanes / devices
         lanes, independently of the others (``shard_map``).
+      config: with ``engine="propagate"`` the images are tested one after another
+        on the default device (``lanes`` and the sharding of ``xs`` are ignored).
       progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)`` as in :func:`dal_test`,
         called by every image's search (the images' reports interleave and do not
         say which image; ``sijax.selective.search.new_pieces(pieces,
@@ -792,11 +795,6 @@ def dal_test_batch(
       :class:`BatchResult` of device arrays.
     """
     _check_model(model)
-    if config.engine != "walk":
-        raise InputError(
-            f"dal_test_batch runs the 'walk' engine only (engine={config.engine!r}"
-            " drives each search from the host): use dal_test per image"
-        )
     xs = jnp.asarray(xs, jnp.float64)
     shape = tuple(model.image_shape)
     if xs.ndim != 4 or xs.shape[1:] != shape:
@@ -817,6 +815,11 @@ def dal_test_batch(
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     static, nums = _split(config)
     b = xs.shape[0]
+    if config.engine == "propagate":
+        core = _cores_host(
+            model, xs, x_refs, noises, cov, cov_ref, nums, static, progress
+        )
+        return _batch_result(core)
     mesh = _batch_mesh(xs)
     n_dev = 1 if mesh is None else mesh[0].shape[mesh[1]]
     lanes = default_lanes(b, n_dev) if lanes is None else int(lanes)
@@ -841,6 +844,23 @@ def dal_test_batch(
         if progress:
             jax.block_until_ready(core)
             jax.effects_barrier()  # every report has arrived
+    return _batch_result(core)
+
+
+def _cores_host(model, xs, x_refs, noises, cov, cov_ref, nums, config, progress):
+    """_core_host for each image in turn (on the default device), stacked."""
+    xs, x_refs, noises = jax.device_get((xs, x_refs, noises))
+    cores = [
+        _core_host(
+            model, xs[i], x_refs[i], jax.tree.map(lambda a, i=i: a[i], noises),
+            cov, cov_ref, nums, config, progress,
+        )  # fmt: skip
+        for i in range(xs.shape[0])
+    ]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *cores)
+
+
+def _batch_result(core: _Core) -> BatchResult:
     return BatchResult(
         stat=core.z_obs,
         p_value=core.search.p_value,
