@@ -1342,9 +1342,9 @@ class LineCache:
         p = self._enum(lo, hi)
         self.points += p.points
         self.windows += p.windows
-        k = p.count
-        # Next width: aim at window_pieces at the density just met (at most 4x).
-        self.width = min(4.0 * (hi - lo), self.window_pieces * (hi - lo) / k)
+        if hi - lo >= 0.99 * self.width:  # not a remnant cut by z_range
+            # Next width: aim at window_pieces at the density just met (at most 4x).
+            self.width = min(4.0 * (hi - lo), self.window_pieces * (hi - lo) / p.count)
         return _Window(p.z, p.origin, p.fingerprint, p.summary, list(p.events))
 
     def _extend(self, z: float, right: bool) -> None:
