@@ -430,6 +430,7 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
     )
     return _with_search(rec, score, mask, line, res, config)
 
+
 # Pieces between two progress reports of dal_test(progress=...): a host callback
 # costs far less than one piece (tens of ms at 16x16).
 REPORT_EVERY = 10

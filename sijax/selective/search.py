@@ -38,6 +38,9 @@ the exact one) lies in [inf_p, sup_p].
 
 Everything runs in one capped ``lax.while_loop`` with a single call site of
 ``piece_fn`` (the oracle is compiled once), so the search is jit- and vmap-compatible.
+:func:`search_host` runs the same state machine (``_Machine``) from the host, one
+small compiled step per piece, for a host oracle ``source(z, direction)`` that cannot
+be jitted (the breakpoint propagation of :class:`sijax.tracking.LineCache`).
 
 Progress: with ``report_every=k`` the loop sends (pieces, L, R, inf_p, sup_p) to the
 host every k pieces and when it ends (``jax.debug.callback``), to the function
