@@ -218,7 +218,7 @@ def _section(rows, env) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[8, 16])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--half-width", type=float, default=1.0)
     parser.add_argument("--cap", type=int, default=8192, help="walking max_pieces")
     parser.add_argument("--write", action="store_true", help="update README.md")
