@@ -389,11 +389,6 @@ def _line_mask(steps: tuple[int, ...], eta: float, filter_size: int):
 
 _front_jit = jax.jit(_detect_and_line, static_argnames=("config",))
 
-# Window sizes of the propagation engine (LineCache): the first window's width in z
-# and the pieces aimed at per window after it.
-PROPAGATE_WIDTH = 0.25
-PROPAGATE_PIECES = 128
-
 
 def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=None):
     """_core with the "propagate" engine: detection compiled, the search on the host."""
@@ -405,16 +400,13 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
     r = math.inf
     if config.search == "exhaustive" and ok:
         r = float(nums.margin) + abs(z)
-    mask_obs = mask
     cache = LineCache(
         _line_mask(config.steps, config.eta, config.filter_size),
         line.a,
         line.b,
         params=(model, noises, nums.threshold),
-        summary=lambda m: jnp.all(m == mask_obs),
+        summary=lambda m: jnp.all(m == mask),
         z_range=(-r, r),
-        width=PROPAGATE_WIDTH,
-        window_pieces=PROPAGATE_PIECES,
     )
 
     def source(zq, direction):

@@ -275,7 +275,7 @@ def search(
     )  # fmt: skip
 
     def body(s: _State) -> _State:
-        zq, direction, first, go_right = m.query(s)
+        q = zq, direction, first, go_right = m.query(s)
         if memo is None:
             lo, hi, accept = piece_fn(params, zq, direction)
             memo_right = memo_left = ()
@@ -291,7 +291,7 @@ def search(
             memo_right = pick(right, new_memo, s.memo_right)
             memo_left = pick(left, new_memo, s.memo_left)
         s = s._replace(memo_right=memo_right, memo_left=memo_left)
-        return m.absorb(s, lo, hi, accept)
+        return m.absorb(s, q, lo, hi, accept)
 
     s = lax.while_loop(lambda s: ~s.done, body, m.start(() if memo is None else memo))
     return m.finish(s, throw)
@@ -374,9 +374,10 @@ class _Machine:
             return covered | (bounds.sup_p - bounds.inf_p < self.precision)
         return covered | (bounds.sup_p < self.alpha) | (bounds.inf_p >= self.alpha)
 
-    def absorb(self, s: _State, lo, hi, accept) -> _State:
-        """The state after the oracle answered the current query with a piece."""
-        zq, direction, first, go_right = self.query(s)
+    def absorb(self, s: _State, query, lo, hi, accept) -> _State:
+        """The state after the oracle answered ``query`` (``self.query(s)``) with a
+        piece."""
+        zq, direction, first, go_right = query
         lo = jnp.asarray(lo, jnp.float64)
         hi = jnp.asarray(hi, jnp.float64)
         accept = jnp.asarray(accept, bool)
@@ -517,12 +518,15 @@ def _host_steps(policy, termination, alternative, p_max):
     def start(nums):
         m = machine(nums)
         s = m.start()
-        return s, m.query(s)[:2]
+        return s, m.query(s)
 
-    def step(s, lo, hi, accept, nums):
+    def step(s, query, lo, hi, accept, nums):
+        """The next state, its query and the p-value bounds so far (no merge of
+        the pieces: that is left to ``finish``)."""
         m = machine(nums)
-        s = m.absorb(s, lo, hi, accept)
-        return s, m.query(s)[:2]
+        s = m.absorb(s, query, lo, hi, accept)
+        b = bounds_from_log_masses(s.t_in, s.t_out, s.u_in, s.u_out, alternative)
+        return s, m.query(s), (b.inf_p, b.sup_p)
 
     def finish(s, nums):
         return machine(nums).finish(s)
@@ -567,15 +571,17 @@ def search_host(
     _check_options(policy, termination, alternative, max_pieces)
     start, step, finish = _host_steps(policy, termination, alternative, int(max_pieces))
     nums = tuple(jnp.asarray(v, jnp.float64) for v in (z_obs, precision, alpha, margin))
-    s, (zq, direction) = start(nums)
+    s, q = start(nums)
     while not bool(s.done):
-        lo, hi, accept = source(float(zq), int(direction))
-        s, (zq, direction) = step(s, lo, hi, accept, nums)
+        lo, hi, accept = source(float(q[0]), int(q[1]))
+        s, q, (inf_p, sup_p) = step(s, q, lo, hi, accept, nums)
         i = int(s.i)
-        if progress is not None and (i % report_every == 0 or bool(s.done)):
-            b = finish(s, nums)
-            progress(i, float(s.lo_s), float(s.hi_s), float(b.inf_p), float(b.sup_p))
+        if progress is not None and i % report_every == 0 and not bool(s.done):
+            progress(i, float(s.lo_s), float(s.hi_s), float(inf_p), float(sup_p))
     result = finish(s, nums)
+    if progress is not None and int(s.i) > 0:  # the end, with the result's bounds
+        progress(int(s.i), float(s.lo_s), float(s.hi_s), float(result.inf_p),
+                 float(result.sup_p))  # fmt: skip
     if throw:
         raise_for_status(result)
     return result
