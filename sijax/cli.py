@@ -266,7 +266,7 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--engine", choices=("walk", "propagate"), default="walk",
                    help="search engine: walk (default; the batch in one compiled "
                    "call per device) or propagate (faster per image at 16x16 and "
-                   "up, the images one after another: use --cpu-devices 1)")
+                   "up, the images one after another: use --workers, one per core)")
     p.add_argument("--batch", type=int, default=8,
                    help="images per compiled call (rounded up to the devices)")
     p.add_argument("--permutations", type=int, default=1000,
@@ -277,6 +277,10 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--max-batches", type=int,
                    help="stop after this many batches (0: only rewrite the summary "
                    "and plots from --out's trials; needs --resume)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this host, each with one single-threaded "
+                   "CPU device (default 1: this process, its batches sharded over "
+                   "--cpu-devices); with --engine propagate use one per core")
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() first (multi-host runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -307,7 +311,7 @@ def _use_cpu_devices(n: int) -> None:
 
 
 def _experiment_run(a: argparse.Namespace) -> int:
-    _use_cpu_devices(a.cpu_devices)
+    _use_cpu_devices(1 if a.workers > 1 else a.cpu_devices)  # workers: own devices
     _enable_x64()
     import jax
 
@@ -326,7 +330,7 @@ def _experiment_run(a: argparse.Namespace) -> int:
         termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
         batch=a.batch, permutations=a.permutations, seed=a.seed, engine=a.engine)
     rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress,
-                          max_batches=a.max_batches)
+                          max_batches=a.max_batches, workers=a.workers)
     if jax.process_index() == 0:
         with open(os.path.join(a.out, "summary.md")) as f:
             print(f.read())

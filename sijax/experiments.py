@@ -1213,6 +1213,58 @@ class _SearchPostfix:
             self.bar.set_postfix_str(text[:120])
 
 
+# One process of a worker pool (run_experiment(workers=N)): its models and the
+# compilations it has done, kept between the batches it is given.
+_WORKER: dict = {"models": {}, "compiled": set()}
+
+# Each worker is one single-threaded XLA CPU device: the searches of the propagate
+# engine are driven from Python, so threads of one process would wait for each
+# other, and XLA's own threads gain little on these small products.
+_WORKER_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _worker_init(flags: str) -> None:
+    os.environ["XLA_FLAGS"] = flags
+    jax.config.update("jax_enable_x64", True)
+
+
+def _worker_batch(setting: Setting, indices, methods, batch, permutations, engine):
+    """run_batch in a worker process (models loaded once per worker)."""
+    key = (setting.checkpoint, setting.activation)
+    if key not in _WORKER["models"]:
+        _WORKER["models"].update(_load_models([setting]))
+    return run_batch(
+        _WORKER["models"][key], setting, indices, methods, batch=batch,
+        permutations=permutations, compiled=_WORKER["compiled"], engine=engine,
+    )  # fmt: skip
+
+
+class _Now:
+    """A finished batch, with the interface of a Future (one process, no pool)."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def result(self):
+        return self.records
+
+
+def _worker_pool(workers: int):
+    if workers == 1:
+        return contextlib.nullcontext()
+    if jax.process_count() > 1:
+        raise InputError("workers > 1 is for one host; multi-host runs shard batches")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(_WORKER_FLAGS,),
+    )
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out_dir: str,
@@ -1223,6 +1275,7 @@ def run_experiment(
     models=None,
     max_batches: int | None = None,
     summary_every: float = 300.0,
+    workers: int = 1,
 ) -> list[SummaryRecord]:
     """Runs ``spec``, appending trial records to ``out_dir/trials.jsonl``.
 
@@ -1243,6 +1296,11 @@ def run_experiment(
         rewrites the summary and plots from the records in ``out_dir``.
       summary_every: also rewrite the summary files every this many seconds, so a
         long run that is killed leaves an up-to-date partial summary.
+      workers: > 1: that many worker processes on this host (spawned; each loads
+        the models and runs whole batches on one single-threaded CPU device, no
+        mesh) while this process schedules and writes. For the propagate engine,
+        whose searches run one image at a time, one worker per core. The records
+        are the same as with one process; batches finish in any order.
 
     Returns:
       The summary rows.
@@ -1251,6 +1309,8 @@ def run_experiment(
       InputError: records present without ``resume``; another run writing
         ``out_dir`` (see :func:`_exclusive`); bad settings or models.
     """
+    if workers < 1:
+        raise InputError(f"workers must be >= 1; got {workers}")
     settings = spec.settings()
     path = os.path.join(out_dir, TRIALS_FILE)
     writer = jax.process_index() == 0
@@ -1261,8 +1321,13 @@ def run_experiment(
         )
     ensure_output_dir(out_dir)
     # One writer per directory: a second run would redo the same trial indices.
-    with _exclusive(out_dir) if writer else contextlib.nullcontext():
+    with (
+        _exclusive(out_dir) if writer else contextlib.nullcontext(),
+        _worker_pool(workers) as pool,
+    ):
         models = _load_models(settings) if models is None else models
+        if pool is not None:
+            mesh = False
         mesh = device_mesh() if mesh is None else (mesh or None)
         ndev = 1 if mesh is None else mesh.size
         batch = -(-spec.batch // ndev) * ndev
@@ -1295,32 +1360,68 @@ def run_experiment(
         last_summary = time.monotonic()
         pending = list(settings)
         searching = _SearchPostfix(bar)
-        while pending and (max_batches is None or batches < max_batches):
-            for s in list(pending):
-                if max_batches is not None and batches >= max_batches:
-                    break
+        running: dict = {}  # future -> (setting, indices)
+        turn = 0  # settings take turns
+
+        def submit() -> bool:
+            """Starts the next setting's next batch; False when none can start."""
+            nonlocal turn, batches
+            for _ in range(len(pending)):
+                s = pending[turn % len(pending)]
                 done, valid = state(s)
+                busy = {i for f, (t, idx) in running.items() if t is s for i in idx}
                 limit = spec.max_factor * spec.trials
-                if valid >= spec.trials or len(done) >= limit:
-                    pending.remove(s)
+                if valid + len(busy) >= spec.trials or len(done | busy) >= limit:
+                    if not busy:
+                        pending.remove(s)  # finished: the next setting takes its turn
+                    else:
+                        turn += 1
+                    if not pending:
+                        return False
                     continue
+                turn += 1
                 # Always a full batch of fresh indices: padding would cost the same.
-                idx = [i for i in range(limit) if i not in done][:batch]
-                model = models[(s.checkpoint, s.activation)]
-                searching.start()
-                new = run_batch(
-                    model,
-                    s,
-                    idx,
-                    spec.methods,
-                    batch=batch,
-                    mesh=mesh,
-                    permutations=spec.permutations,
-                    compiled=compiled,
-                    progress=searching.report if bar is not None else None,
-                    engine=spec.engine,
-                )
+                idx = [i for i in range(limit) if i not in done and i not in busy]
+                idx = idx[:batch]
                 batches += 1
+                if pool is None:
+                    searching.start()
+                    job = _Now(run_batch(
+                        models[(s.checkpoint, s.activation)], s, idx, spec.methods,
+                        batch=batch, mesh=mesh, permutations=spec.permutations,
+                        compiled=compiled, engine=spec.engine,
+                        progress=searching.report if bar is not None else None,
+                    ))  # fmt: skip
+                else:
+                    job = pool.submit(
+                        _worker_batch, s, idx, spec.methods, batch,
+                        spec.permutations, spec.engine,
+                    )  # fmt: skip
+                running[job] = (s, idx)
+                return True
+            return False
+
+        slots = 1 if pool is None else workers
+        while True:
+            while (
+                pending
+                and len(running) < slots
+                and (max_batches is None or batches < max_batches)
+                and submit()
+            ):
+                pass
+            if not running:
+                break
+            if pool is None:
+                finished = list(running)
+            else:
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                finished = wait(running, return_when=FIRST_COMPLETED).done
+            for job in finished:
+                s, _ = running.pop(job)
+                new = job.result()
+                valid = state(s)[1]
                 if writer:
                     _append(path, new)
                 records.extend(new)

@@ -275,6 +275,42 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     assert _summary(part) == [r.to_json() for r in rows_part]
 
 
+def test_worker_processes_record_what_one_process_does(tmp_path, models):
+    """workers=2: two spawned processes run whole batches side by side (here with
+    the propagate engine, which drives its searches from Python); the parent
+    schedules and writes. Same records and summary as one process walking."""
+    spec = ex.default_spec(
+        "fpr", covariances=("iid", "corr"), trials=3, methods=("selective", "naive"),
+        **COMMON,
+    )  # fmt: skip
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    rows_one = ex.run_experiment(spec, one, models=models, progress=False)
+    with pytest.raises(InputError, match="workers"):
+        ex.run_experiment(spec, two, models=models, progress=False, workers=0)
+    rows_two = ex.run_experiment(
+        dataclasses.replace(spec, engine="propagate"), two, models=models,
+        progress=False, workers=2,
+    )  # fmt: skip
+    recs_one = {(r["setting"], r["index"]): r for r in _records(one)}
+    recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
+    assert len(recs_two) == len(_records(two))  # nothing ran twice
+    assert set(recs_one) == set(recs_two)
+    for k, r in recs_one.items():
+        q = recs_two[k]
+        assert (r["valid"], r["status"], r["region_size"]) == (
+            q["valid"], q["status"], q["region_size"],
+        )  # fmt: skip
+        for m in r["methods"]:
+            assert r["methods"][m]["reject"] == q["methods"][m]["reject"]
+            np.testing.assert_allclose(
+                r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
+            )
+    strip = lambda rows: [  # noqa: E731
+        {k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows
+    ]
+    assert strip(rows_one) == strip(rows_two)
+
+
 def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
     """A second run on a directory in use is refused (it would redo the same trials)."""
     spec = ex.default_spec("fpr", covariances=("iid",), trials=2, **COMMON)
