@@ -11,7 +11,10 @@ the batch in turn (default: all of them on a GPU, one per device on a CPU); a lo
 search runs until its slowest lane is done.
 
 Memory per image: XLA's buffer assignment of the compiled program (temporaries +
-arguments + outputs) divided by the batch size.
+arguments + outputs) divided by the batch size. With `--engine propagate` (the
+images one after another, the search driven from the host) there is no such program:
+the column shows the peak resident memory of the whole process instead, marked "RSS"
+(it includes the compiled programs and the interpreter).
 
     python benchmarks/bench_throughput.py --sizes 8 16 --batch 16          # all threads
     XLA_FLAGS="--xla_force_host_platform_device_count=2 \\
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import time
 
@@ -46,7 +50,7 @@ from sijax.checkpoint import (  # noqa: E402
     init_unet,
 )
 from sijax.config import TrainConfig  # noqa: E402
-from sijax.detect.dal import _core_batch, _split, default_lanes  # noqa: E402
+from sijax.detect.dal import ENGINES, _core_batch, _split, default_lanes  # noqa: E402
 from sijax.experiments import _shard, device_mesh  # noqa: E402
 from sijax.selective.statistics import as_covariance  # noqa: E402
 
@@ -102,6 +106,7 @@ def main():
         "--lanes", type=int, default=None, help="images in lockstep (default: auto)"
     )
     ap.add_argument("--max-pieces", type=int, default=20_000)
+    ap.add_argument("--engine", choices=ENGINES, default="walk")
     ap.add_argument("--json", default=None, help="append records to this file")
     args = ap.parse_args()
     commit = subprocess.run(
@@ -114,16 +119,20 @@ def main():
         f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     print(
-        "| size | model | batch | lanes | compile+first (s) | s / batch |"
+        "| size | model | engine | batch | lanes | compile+first (s) | s / batch |"
         " p-values / s | pieces (median, max) | with region | MB / image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    cfg = sijax.DALConfig(termination=args.termination, max_pieces=args.max_pieces)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cfg = sijax.DALConfig(
+        termination=args.termination, max_pieces=args.max_pieces, engine=args.engine
+    )
+    walk = args.engine == "walk"
     for d in args.sizes:
         model, desc = model_for(d)
         xs, refs, nz = batch(model, args.batch, seed=d)
         lanes = args.lanes or default_lanes(args.batch, jax.device_count())
-        mb = memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20
+        if walk:
+            mb = f"{memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20:.1f}"
         t0 = time.perf_counter()
         jax.block_until_ready(
             sijax.dal_test_batch(
@@ -139,14 +148,18 @@ def main():
             )
         )
         sec = time.perf_counter() - t0
+        if not walk:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+            mb, lanes = f"{rss:.0f} RSS", 1
         status = np.asarray(res.status)
         pieces = np.asarray(res.search_count)[status == 0]
         med = float(np.median(pieces)) if pieces.size else 0.0
         mx = int(pieces.max()) if pieces.size else 0
         print(
-            f"| {d} | {desc} | {args.batch} | {lanes} | {first:.1f} | {sec:.2f} |"
+            f"| {d} | {desc} | {args.engine} | {args.batch} | {lanes} | {first:.1f} |"
+            f" {sec:.2f} |"
             f" {args.batch / sec:.2f} | {med:.0f}, {mx} | {int((status == 0).sum())}"
-            f" | {mb:.1f} |",
+            f" | {mb} |",
             flush=True,
         )
         if args.json:
@@ -156,6 +169,7 @@ def main():
                         dict(
                             size=d,
                             batch=args.batch,
+                            engine=args.engine,
                             commit=commit,
                             device=str(dev),
                             compile_first_s=first,
@@ -163,7 +177,7 @@ def main():
                             pvalues_per_s=args.batch / sec,
                             pieces_median=med,
                             pieces_max=mx,
-                            mb_per_image=mb,
+                            memory_mb=mb,
                         )
                     )
                     + "\n"
