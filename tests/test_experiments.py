@@ -311,6 +311,22 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models):
     assert strip(rows_one) == strip(rows_two)
 
 
+def test_cli_passes_workers_and_engine(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(spec, out, **kw):
+        seen.update(kw, engine=spec.engine)
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write("")
+        return []
+
+    monkeypatch.setattr(ex, "run_experiment", fake_run)
+    argv = ["experiment", "fpr", "--sizes", "8", "--checkpoint", "tiny_8", "--out",
+            str(tmp_path), "--workers", "2", "--engine", "propagate", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert (seen["workers"], seen["engine"]) == (2, "propagate")
+
+
 def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
     """A second run on a directory in use is refused (it would redo the same trials)."""
     spec = ex.default_spec("fpr", covariances=("iid",), trials=2, **COMMON)
