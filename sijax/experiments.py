@@ -30,6 +30,7 @@ import os
 import platform
 import socket
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -1226,6 +1227,16 @@ _WORKER_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads
 def _worker_init(flags: str) -> None:
     os.environ["XLA_FLAGS"] = flags
     jax.config.update("jax_enable_x64", True)
+    # A parent killed outright (SIGTERM, SIGKILL) cannot shut the pool down: its
+    # workers would compute on as orphans. Each one leaves when its parent is gone.
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _worker_batch(setting: Setting, indices, methods, batch, permutations, engine):

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -309,6 +310,34 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models):
         {k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows
     ]
     assert strip(rows_one) == strip(rows_two)
+
+
+def test_workers_leave_when_their_parent_is_killed():
+    """A killed scheduler (SIGKILL: no cleanup) must not leave workers computing."""
+    code = (
+        "import multiprocessing as mp, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from sijax import experiments as ex\n"
+        "pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'),\n"
+        "    initializer=ex._worker_init, initargs=('',))\n"
+        "print(pool.submit(__import__('os').getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 600)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, 9)
+    parent.wait()
+    for _ in range(100):  # the watchdog polls every second
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the worker outlived its parent by 10 s")
 
 
 def test_cli_passes_workers_and_engine(tmp_path, monkeypatch):
