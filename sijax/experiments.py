@@ -1216,7 +1216,7 @@ class _SearchPostfix:
 
 # One process of a worker pool (run_experiment(workers=N)): its models and the
 # compilations it has done, kept between the batches it is given.
-_WORKER: dict = {"models": {}, "compiled": set()}
+_WORKER: dict = {"models": {}, "compiled": set(), "reports": None}
 
 # Each worker is one single-threaded XLA CPU device: the searches of the propagate
 # engine are driven from Python, so threads of one process would wait for each
@@ -1224,8 +1224,10 @@ _WORKER: dict = {"models": {}, "compiled": set()}
 _WORKER_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def _worker_init(flags: str) -> None:
+def _worker_init(flags: str, reports=None) -> None:
+    """Worker set-up; `reports`: a queue for the searches' progress reports."""
     os.environ["XLA_FLAGS"] = flags
+    _WORKER["reports"] = reports
     jax.config.update("jax_enable_x64", True)
     # A parent killed outright (SIGTERM, SIGKILL) cannot shut the pool down: its
     # workers would compute on as orphans. Each one leaves when its parent is gone.
@@ -1244,9 +1246,11 @@ def _worker_batch(setting: Setting, indices, methods, batch, permutations, engin
     key = (setting.checkpoint, setting.activation)
     if key not in _WORKER["models"]:
         _WORKER["models"].update(_load_models([setting]))
+    reports = _WORKER["reports"]
     return run_batch(
         _WORKER["models"][key], setting, indices, methods, batch=batch,
         permutations=permutations, compiled=_WORKER["compiled"], engine=engine,
+        progress=None if reports is None else (lambda *r: reports.put(r)),
     )  # fmt: skip
 
 
@@ -1260,20 +1264,38 @@ class _Now:
         return self.records
 
 
-def _worker_pool(workers: int):
+@contextlib.contextmanager
+def _worker_pool(workers: int, report: Callable | None = None):
+    """None for one process, else a pool of `workers` spawned processes; their
+    searches' progress reports go to `report` (from a thread of this process)."""
     if workers == 1:
-        return contextlib.nullcontext()
+        yield None
+        return
     if jax.process_count() > 1:
         raise InputError("workers > 1 is for one host; multi-host runs shard batches")
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init,
-        initargs=(_WORKER_FLAGS,),
-    )
+    ctx = multiprocessing.get_context("spawn")
+    reports = ctx.Queue() if report is not None else None
+
+    def forward():
+        for r in iter(reports.get, None):
+            report(*r)
+
+    relay = threading.Thread(target=forward, daemon=True) if reports else None
+    if relay is not None:
+        relay.start()
+    try:
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init,
+            initargs=(_WORKER_FLAGS, reports),
+        ) as pool:  # fmt: skip
+            yield pool
+    finally:
+        if relay is not None:
+            reports.put(None)
+            relay.join()
 
 
 def run_experiment(
@@ -1334,10 +1356,10 @@ def run_experiment(
     # One writer per directory: a second run would redo the same trial indices.
     with (
         _exclusive(out_dir) if writer else contextlib.nullcontext(),
-        _worker_pool(workers) as pool,
+        contextlib.ExitStack() as stack,
     ):
         models = _load_models(settings) if models is None else models
-        if pool is not None:
+        if workers > 1:
             mesh = False
         mesh = device_mesh() if mesh is None else (mesh or None)
         ndev = 1 if mesh is None else mesh.size
@@ -1371,6 +1393,9 @@ def run_experiment(
         last_summary = time.monotonic()
         pending = list(settings)
         searching = _SearchPostfix(bar)
+        pool = stack.enter_context(
+            _worker_pool(workers, searching.report if bar is not None else None)
+        )
         running: dict = {}  # future -> (setting, indices)
         turn = 0  # settings take turns
 
@@ -1432,6 +1457,8 @@ def run_experiment(
             for job in finished:
                 s, _ = running.pop(job)
                 new = job.result()
+                if pool is not None:  # the pieces since the last batch that ended
+                    searching.start()
                 valid = state(s)[1]
                 if writer:
                     _append(path, new)

@@ -276,10 +276,11 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     assert _summary(part) == [r.to_json() for r in rows_part]
 
 
-def test_worker_processes_record_what_one_process_does(tmp_path, models):
+def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys):
     """workers=2: two spawned processes run whole batches side by side (here with
     the propagate engine, which drives its searches from Python); the parent
-    schedules and writes. Same records and summary as one process walking."""
+    schedules and writes, and shows the workers' search progress on its bar. Same
+    records and summary as one process walking."""
     spec = ex.default_spec(
         "fpr", covariances=("iid", "corr"), trials=3, methods=("selective", "naive"),
         **COMMON,
@@ -288,10 +289,12 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models):
     rows_one = ex.run_experiment(spec, one, models=models, progress=False)
     with pytest.raises(InputError, match="workers"):
         ex.run_experiment(spec, two, models=models, progress=False, workers=0)
+    capsys.readouterr()
     rows_two = ex.run_experiment(
         dataclasses.replace(spec, engine="propagate"), two, models=models,
-        progress=False, workers=2,
+        workers=2,
     )  # fmt: skip
+    assert re.search(r"batch: \d+ pieces", capsys.readouterr().err)
     recs_one = {(r["setting"], r["index"]): r for r in _records(one)}
     recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
     assert len(recs_two) == len(_records(two))  # nothing ran twice
