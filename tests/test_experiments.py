@@ -222,6 +222,26 @@ def test_cli_choices_match_the_library():
 # ----------------------------------------------------------------------- resume
 
 
+def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
+    """Two runs of one spec: the same trials, outcomes, p-values and summary rows."""
+    assert set(recs_a) == set(recs_b)
+    for k, r in recs_a.items():
+        q = recs_b[k]
+        assert (r["valid"], r["status"], r["region_size"]) == (
+            q["valid"], q["status"], q["region_size"],
+        )  # fmt: skip
+        for m in r["methods"]:
+            assert r["methods"][m]["reject"] == q["methods"][m]["reject"]
+            np.testing.assert_allclose(
+                r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
+            )
+
+    def strip(rows):
+        return [{k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows]
+
+    assert strip(rows_a) == strip(rows_b)
+
+
 def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     spec = ex.default_spec(
         "fpr", covariances=("iid",), trials=5, methods=("selective", "naive"), **COMMON
@@ -250,23 +270,7 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     with open(os.path.join(part, ex.TRIALS_FILE), "rb") as f, gzip.open(gz, "wb") as g:
         g.write(f.read())
     assert ex.read_trials(gz) == _records(part)
-    assert set(recs_full) == set(recs_part)
-    for i, r in recs_full.items():
-        q = recs_part[i]
-        assert (r["valid"], r["status"], r["region_size"]) == (
-            q["valid"],
-            q["status"],
-            q["region_size"],
-        )
-        for m in r["methods"]:
-            assert r["methods"][m]["reject"] == q["methods"][m]["reject"]
-            np.testing.assert_allclose(
-                r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
-            )
-    strip = lambda rows: [  # noqa: E731
-        {k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows
-    ]
-    assert strip(rows_full) == strip(rows_part)
+    _check_same_results(recs_full, recs_part, rows_full, rows_part)
     # resuming a finished run runs nothing; max_batches=0 only rewrites the summary
     os.remove(os.path.join(part, "summary.json"))
     ex.run_experiment(
@@ -298,21 +302,7 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     recs_one = {(r["setting"], r["index"]): r for r in _records(one)}
     recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
     assert len(recs_two) == len(_records(two))  # nothing ran twice
-    assert set(recs_one) == set(recs_two)
-    for k, r in recs_one.items():
-        q = recs_two[k]
-        assert (r["valid"], r["status"], r["region_size"]) == (
-            q["valid"], q["status"], q["region_size"],
-        )  # fmt: skip
-        for m in r["methods"]:
-            assert r["methods"][m]["reject"] == q["methods"][m]["reject"]
-            np.testing.assert_allclose(
-                r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
-            )
-    strip = lambda rows: [  # noqa: E731
-        {k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows
-    ]
-    assert strip(rows_one) == strip(rows_two)
+    _check_same_results(recs_one, recs_two, rows_one, rows_two)
 
 
 def test_workers_leave_when_their_parent_is_killed():
