@@ -1333,7 +1333,9 @@ def run_experiment(
         the models and runs whole batches on one single-threaded CPU device, no
         mesh) while this process schedules and writes. For the propagate engine,
         whose searches run one image at a time, one worker per core. The records
-        are the same as with one process; batches finish in any order.
+        are the same as with one process; batches finish in any order. Workers
+        load each setting's checkpoint themselves: ``models`` serves this process
+        only (give models that are those checkpoints).
 
     Returns:
       The summary rows.
