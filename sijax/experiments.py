@@ -271,8 +271,9 @@ def default_spec(experiment: str, **overrides) -> ExperimentSpec:
     """The paper's settings for ``experiment`` (spec section 7), with overrides.
 
     Sizes default to 8 and 16; every size uses the committed ``dal_v5_{size}``
-    (8, 16 and 32 are committed) unless ``checkpoints`` names another; 64 needs one. Defaults: fpr iid+corr, 1000 trials; power d=16, delta 1..4;
-    pieces d=8, 16, 100 trials, exhaustive; robustness d=16 iid, five families at
+    (8, 16 and 32 are committed) unless ``checkpoints`` names another; 64 needs one.
+    Defaults: fpr iid+corr, 1000 trials; power d=16, delta 1..4; pieces d=8, 16, 100
+    trials, exhaustive; robustness d=16 iid, five families at
     W1 = 0.01..0.04; pwl d=8 with pwl_silu and pwl_gelu.
     """
     base = {
