@@ -131,8 +131,9 @@ def main():
         model, desc = model_for(d)
         xs, refs, nz = batch(model, args.batch, seed=d)
         lanes = args.lanes or default_lanes(args.batch, jax.device_count())
+        mb = rss = None
         if walk:
-            mb = f"{memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20:.1f}"
+            mb = memory_per_image(model, xs, refs, nz, cfg, lanes) / 2**20
         t0 = time.perf_counter()
         jax.block_until_ready(
             sijax.dal_test_batch(
@@ -148,9 +149,9 @@ def main():
             )
         )
         sec = time.perf_counter() - t0
-        if not walk:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-            mb, lanes = f"{rss:.0f} RSS", 1
+        if not walk:  # ru_maxrss is in KiB
+            rss, lanes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        memory = f"{mb:.1f}" if walk else f"{rss:.0f} RSS"
         status = np.asarray(res.status)
         pieces = np.asarray(res.search_count)[status == 0]
         med = float(np.median(pieces)) if pieces.size else 0.0
@@ -159,7 +160,7 @@ def main():
             f"| {d} | {desc} | {args.engine} | {args.batch} | {lanes} | {first:.1f} |"
             f" {sec:.2f} |"
             f" {args.batch / sec:.2f} | {med:.0f}, {mx} | {int((status == 0).sum())}"
-            f" | {mb} |",
+            f" | {memory} |",
             flush=True,
         )
         if args.json:
@@ -177,7 +178,8 @@ def main():
                             pvalues_per_s=args.batch / sec,
                             pieces_median=med,
                             pieces_max=mx,
-                            memory_mb=mb,
+                            mb_per_image=mb,
+                            peak_rss_mb=rss,
                         )
                     )
                     + "\n"

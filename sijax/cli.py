@@ -304,10 +304,10 @@ def _use_cpu_devices(n: int) -> None:
     if n <= 1 or "xla_force_host_platform_device_count" in flags:
         return
     jax.config.update("jax_num_cpu_devices", n)
+    from sijax.experiments import SINGLE_THREAD_FLAGS
+
     if "intra_op_parallelism_threads" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        ).strip()
+        os.environ["XLA_FLAGS"] = (flags + " " + SINGLE_THREAD_FLAGS).strip()
 
 
 def _experiment_run(a: argparse.Namespace) -> int:

@@ -1219,10 +1219,13 @@ class _SearchPostfix:
 # compilations it has done, kept between the batches it is given.
 _WORKER: dict = {"models": {}, "compiled": set(), "reports": None}
 
-# Each worker is one single-threaded XLA CPU device: the searches of the propagate
-# engine are driven from Python, so threads of one process would wait for each
-# other, and XLA's own threads gain little on these small products.
-_WORKER_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# XLA_FLAGS of a single-threaded CPU device (`--cpu-devices`, and each worker): the
+# searches of the propagate engine are driven from Python, so threads of one
+# process would wait for each other; XLA's own threads gain little on these
+# small products.
+SINGLE_THREAD_FLAGS = (
+    "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 
 def _worker_init(flags: str, reports=None) -> None:
@@ -1284,13 +1287,13 @@ def _worker_pool(workers: int, report: Callable | None = None):
         for r in iter(reports.get, None):
             report(*r)
 
-    relay = threading.Thread(target=forward, daemon=True) if reports else None
+    relay = None if reports is None else threading.Thread(target=forward, daemon=True)
     if relay is not None:
         relay.start()
     try:
         with ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_worker_init,
-            initargs=(_WORKER_FLAGS, reports),
+            initargs=(SINGLE_THREAD_FLAGS, reports),
         ) as pool:  # fmt: skip
             yield pool
     finally:
