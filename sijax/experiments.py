@@ -27,6 +27,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import platform
 import socket
 import subprocess
@@ -1228,11 +1229,14 @@ SINGLE_THREAD_FLAGS = (
 )
 
 
-def _worker_init(flags: str, reports=None) -> None:
-    """Worker set-up; `reports`: a queue for the searches' progress reports."""
+def _worker_init(flags: str, reports=None, models: bytes = b"") -> None:
+    """Worker set-up; `reports`: a queue for the searches' progress reports;
+    `models`: the scheduler's {(checkpoint, activation): model}, pickled."""
     os.environ["XLA_FLAGS"] = flags
     _WORKER["reports"] = reports
     jax.config.update("jax_enable_x64", True)
+    # Unpickled only now: arrays made before x64 is on would be float32.
+    _WORKER["models"] = pickle.loads(models) if models else {}
     # A parent killed outright (SIGTERM, SIGKILL) cannot shut the pool down: its
     # workers would compute on as orphans. Each one leaves when its parent is gone.
     parent = os.getppid()
@@ -1246,13 +1250,11 @@ def _worker_init(flags: str, reports=None) -> None:
 
 
 def _worker_batch(setting: Setting, indices, methods, batch, permutations, engine):
-    """run_batch in a worker process (models loaded once per worker)."""
-    key = (setting.checkpoint, setting.activation)
-    if key not in _WORKER["models"]:
-        _WORKER["models"].update(_load_models([setting]))
+    """run_batch in a worker process, on the scheduler's models."""
     reports = _WORKER["reports"]
+    model = _WORKER["models"][(setting.checkpoint, setting.activation)]
     return run_batch(
-        _WORKER["models"][key], setting, indices, methods, batch=batch,
+        model, setting, indices, methods, batch=batch,
         permutations=permutations, compiled=_WORKER["compiled"], engine=engine,
         progress=None if reports is None else (lambda *r: reports.put(r)),
     )  # fmt: skip
@@ -1269,9 +1271,10 @@ class _Now:
 
 
 @contextlib.contextmanager
-def _worker_pool(workers: int, report: Callable | None = None):
-    """None for one process, else a pool of `workers` spawned processes; their
-    searches' progress reports go to `report` (from a thread of this process)."""
+def _worker_pool(workers: int, report: Callable | None = None, models=None):
+    """None for one process, else a pool of `workers` spawned processes, each
+    given `models` (a copy); their searches' progress reports go to `report` (from
+    a thread of this process)."""
     if workers == 1:
         yield None
         return
@@ -1293,7 +1296,7 @@ def _worker_pool(workers: int, report: Callable | None = None):
     try:
         with ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_worker_init,
-            initargs=(SINGLE_THREAD_FLAGS, reports),
+            initargs=(SINGLE_THREAD_FLAGS, reports, pickle.dumps(models or {})),
         ) as pool:  # fmt: skip
             yield pool
     finally:
@@ -1337,9 +1340,8 @@ def run_experiment(
         the models and runs whole batches on one single-threaded CPU device, no
         mesh) while this process schedules and writes. For the propagate engine,
         whose searches run one image at a time, one worker per core. The records
-        are the same as with one process; batches finish in any order. Workers
-        load each setting's checkpoint themselves: ``models`` serves this process
-        only (give models that are those checkpoints).
+        are the same as with one process; batches finish in any order. Each
+        worker gets a copy of the models (``models`` or the loaded checkpoints).
 
     Returns:
       The summary rows.
@@ -1365,6 +1367,9 @@ def run_experiment(
         contextlib.ExitStack() as stack,
     ):
         models = _load_models(settings) if models is None else models
+        missing = {(s.checkpoint, s.activation) for s in settings} - set(models)
+        if missing:
+            raise InputError(f"models has no model for {sorted(missing)}")
         if workers > 1:
             mesh = False
         mesh = device_mesh() if mesh is None else (mesh or None)
@@ -1400,7 +1405,7 @@ def run_experiment(
         pending = list(settings)
         searching = _SearchPostfix(bar)
         pool = stack.enter_context(
-            _worker_pool(workers, searching.report if bar is not None else None)
+            _worker_pool(workers, searching.report if bar is not None else None, models)
         )
         running: dict = {}  # future -> (setting, indices)
         turn = 0  # settings take turns

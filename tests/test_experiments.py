@@ -284,15 +284,20 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     """workers=2: two spawned processes run whole batches side by side (here with
     the propagate engine, which drives its searches from Python); the parent
     schedules and writes, and shows the workers' search progress on its bar. Same
-    records and summary as one process walking."""
+    records and summary as one process walking, also for a model that is not the
+    checkpoint its setting names (the workers get the scheduler's models)."""
     spec = ex.default_spec(
         "fpr", covariances=("iid", "corr"), trials=3, methods=("selective", "naive"),
         **COMMON,
     )  # fmt: skip
+    base = models[("tiny_8", "relu")]
+    models = {("tiny_8", "relu"): jax.tree.map(lambda w: 1.1 * w, base)}
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     rows_one = ex.run_experiment(spec, one, models=models, progress=False)
     with pytest.raises(InputError, match="workers"):
         ex.run_experiment(spec, two, models=models, progress=False, workers=0)
+    with pytest.raises(InputError, match="no model for"):
+        ex.run_experiment(spec, two, models={}, progress=False)
     capsys.readouterr()
     rows_two = ex.run_experiment(
         dataclasses.replace(spec, engine="propagate"), two, models=models,
