@@ -24,6 +24,13 @@ the column shows the peak resident memory of the whole process instead, marked "
         intra_op_parallelism_threads=1" python benchmarks/bench_throughput.py
 
 On a GPU machine the same command reports the device in its first line.
+`--check-cpu K` recomputes the first K images of the timed batch on the host CPU
+(one lane) and prints the largest p-value difference and how many searches
+evaluated the same number of pieces: the accelerator's float64 results against the
+CPU's. "GFLOP / pass" is XLA's count for one value-and-slope pass of the detector
+(one tracked piece of the walk); "TFLOP/s" is that times the pieces all images
+evaluated over the timed seconds (lockstep lanes that wait are not counted), to be
+set against the device's float64 peak.
 """
 
 import argparse
@@ -97,6 +104,40 @@ def memory_per_image(model, xs, refs, noises, cfg, lanes) -> float:
     return total / xs.shape[0]
 
 
+def gflop_per_pass(model, noises, cfg) -> float:
+    """XLA's flop count of one value-and-slope pass (jvp) of the detector."""
+    from sijax.detect.dal import _detector
+
+    detect = _detector(model, jax.tree.map(lambda a: a[0], noises), cfg)
+    x = jnp.zeros(model.image_shape, jnp.float64)
+    compiled = (
+        jax.jit(lambda x, v: jax.jvp(lambda y: detect(y)[1], (x,), (v,)))
+        .lower(x, x)
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", float("nan"))) / 1e9
+
+
+def check_on_cpu(model, xs, refs, noises, cfg, res, k: int) -> str:
+    """The first k images again on the host CPU: max |p difference|, same pieces."""
+    cpu = jax.devices("cpu")[0]
+    take = jax.tree.map(lambda a: jax.device_put(np.asarray(a)[:k], cpu),
+                        (xs, refs, noises))  # fmt: skip
+    with jax.default_device(cpu):
+        ref = sijax.dal_test_batch(
+            jax.device_put(model, cpu), *take[:2], sigma=1.0, noises=take[2],
+            config=cfg, lanes=1,
+        )  # fmt: skip
+    p, q = np.asarray(res.p_value)[:k], np.asarray(ref.p_value)
+    both = np.isfinite(p) & np.isfinite(q)
+    diff = float(np.max(np.abs(p - q)[both])) if both.any() else 0.0
+    same = int(np.sum(np.asarray(res.search_count)[:k] == np.asarray(ref.search_count)))
+    nan_same = bool(np.all(np.isnan(p) == np.isnan(q)))
+    return f"max |p - p_cpu| = {diff:.1e}, same pieces {same}/{k}, same NaNs {nan_same}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
@@ -108,6 +149,8 @@ def main():
     ap.add_argument("--max-pieces", type=int, default=20_000)
     ap.add_argument("--engine", choices=ENGINES, default="walk")
     ap.add_argument("--json", default=None, help="append records to this file")
+    ap.add_argument("--check-cpu", type=int, default=0, metavar="K",
+                    help="recompute the first K images on the host CPU")  # fmt: skip
     args = ap.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -121,8 +164,9 @@ def main():
     print(
         "| size | model | engine | batch | lanes | compile+first (s) | s / batch |"
         " p-values / s | pieces (median, max) | with region | MB / image |"
+        " GFLOP / pass | TFLOP/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     cfg = sijax.DALConfig(
         termination=args.termination, max_pieces=args.max_pieces, engine=args.engine
     )
@@ -156,13 +200,21 @@ def main():
         pieces = np.asarray(res.search_count)[status == 0]
         med = float(np.median(pieces)) if pieces.size else 0.0
         mx = int(pieces.max()) if pieces.size else 0
+        gflop = tflops = float("nan")  # propagation runs no value-and-slope pass
+        if walk:
+            gflop = gflop_per_pass(model, nz, cfg)
+            tflops = gflop * float(np.asarray(res.search_count).sum()) / sec / 1e3
         print(
             f"| {d} | {desc} | {args.engine} | {args.batch} | {lanes} | {first:.1f} |"
             f" {sec:.2f} |"
             f" {args.batch / sec:.2f} | {med:.0f}, {mx} | {int((status == 0).sum())}"
-            f" | {memory} |",
+            f" | {memory} | {gflop:.3f} | {tflops:.3f} |",
             flush=True,
         )
+        check = None
+        if args.check_cpu:
+            check = check_on_cpu(model, xs, refs, nz, cfg, res, args.check_cpu)
+            print(f"  {d}x{d}, {args.check_cpu} images on the CPU: {check}", flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(
@@ -180,6 +232,9 @@ def main():
                             pieces_max=mx,
                             mb_per_image=mb,
                             peak_rss_mb=rss,
+                            gflop_per_pass=gflop,
+                            tflops=tflops,
+                            check_cpu=check,
                         )
                     )
                     + "\n"
