@@ -42,7 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from sijax.detect.dal import ENGINES, REPORT_EVERY, DALConfig, dal_test_batch
+from sijax.detect.dal import (
+    ENGINES,
+    REPORT_EVERY,
+    DALConfig,
+    dal_test_batch,
+    error_message,
+)
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
 from sijax.selective.search import new_pieces
@@ -75,7 +81,7 @@ TRIALS_FILE = "trials.jsonl"
 LOCK_FILE = ".lock"
 
 # Status codes of BatchResult.status (sijax.detect.dal).
-_OK, _NO_REGION, _MAX_PIECES = 0, 1, 2
+_OK, _NO_REGION, _MAX_PIECES, _ERROR = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------- settings
@@ -563,9 +569,13 @@ def run_batch(
       engine: ``DALConfig.engine`` of the searches.
 
     Returns:
-      JSON-ready dicts: setting key, index, status (0 ok, 1 no region, 2 max_pieces,
-      3 failure), valid, region size, z, seconds, and per method p, reject (and
-      inf_p, sup_p, pieces for "selective").
+      JSON-ready dicts: setting key, index, status (0 ok, 1 no region, 2 max_pieces),
+      valid, region size, z, seconds, and per method p, reject (and inf_p, sup_p,
+      pieces for "selective").
+
+    Raises:
+      InputError: a test ended in error (status 3: a NaN score map, a singular
+        variance, a failed search), which is not a skipped trial.
     """
     indices = list(indices)
     if not 0 < len(indices) <= batch:
@@ -606,6 +616,10 @@ def run_batch(
     n_pix = int(np.prod(shape))
     records = []
     for j, index in enumerate(indices):
+        for res in out.values():  # an error is not a skipped trial: it would bias
+            if int(res.status[j]) == _ERROR:  # the estimates
+                why = error_message(res.stat_status[j], res.search_status[j])
+                raise InputError(f"{setting.key}, trial {index}: {why}")
         status = int(first.status[j])
         valid = status in (_OK, _MAX_PIECES)
         z = float(first.stat[j])

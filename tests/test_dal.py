@@ -324,6 +324,22 @@ def test_singular_covariance_along_eta_is_refused(model, example, exhaustive):
         dal_test(model, x, x_ref, sigma=dense.reshape(n, n), noises=nz)
 
 
+@pytest.mark.parametrize("engine", ["walk", "propagate"])
+def test_model_that_outputs_nan_is_an_error_not_an_empty_region(model, example, engine):
+    """NaN scores fall below every threshold: without a check the region would be
+    empty and the image reported as normal ("no region")."""
+    x, x_ref, nz = example
+    broken = jax.tree.map(lambda w: w * np.nan, model)
+    cfg = DALConfig(search="over_conditioning", engine=engine)
+    with pytest.raises(InputError, match="non-finite detection"):
+        dal_test(broken, x, x_ref, sigma=1.0, noises=nz, config=cfg)
+    res = dal_test_batch(
+        broken, x[None], x_ref[None], sigma=1.0,
+        noises=jax.tree.map(lambda a: a[None], nz), config=cfg,
+    )  # fmt: skip
+    assert int(res.status[0]) == 3 and int(res.stat_status[0]) == 5
+
+
 @struct.dataclass
 class _SiLUModel:
     """A stand-in model whose denoiser is smooth (SiLU): not piecewise linear."""

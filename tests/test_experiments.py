@@ -367,6 +367,18 @@ def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
     assert os.path.exists(os.path.join(out, "summary.json"))
 
 
+def test_a_test_error_stops_the_run_instead_of_skipping_the_trial(tmp_path, models):
+    """A model whose output is NaN gives status 3 (error), not "no region": the run
+    stops with the reason rather than counting the trials as skipped."""
+    broken = jax.tree.map(lambda w: w * np.nan, models[("tiny_8", "relu")])
+    spec = ex.default_spec("fpr", covariances=("iid",), trials=2, methods=("oc",),
+                           **COMMON)  # fmt: skip
+    with pytest.raises(InputError, match=r"trial 0: non-finite detection"):
+        ex.run_experiment(spec, str(tmp_path), models={("tiny_8", "relu"): broken},
+                          progress=False)  # fmt: skip
+    assert ex.read_trials(os.path.join(str(tmp_path), ex.TRIALS_FILE)) == []
+
+
 # -------------------------------------------------------------------- sharding
 
 

@@ -313,6 +313,15 @@ def _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
         hypothesis=config.hypothesis,
         radius=config.radius,
     )
+    # A NaN score is below every threshold: without this the region would just be
+    # empty and the image skipped as if nothing were anomalous.
+    bad = ~jnp.all(jnp.isfinite(score)) & (line.status != StatStatus.NONFINITE)
+    line = line._replace(
+        status=jnp.where(bad, StatStatus.NONFINITE_MODEL, line.status).astype(
+            line.status.dtype
+        ),
+        z_obs=jnp.where(bad, jnp.nan, line.z_obs),
+    )
     return rec, score, mask, line
 
 
@@ -590,6 +599,13 @@ class BatchResult(NamedTuple):
     search_status: jax.Array  # (B,) int32
 
 
+def error_message(stat_status, search_status) -> str:
+    """Why a test ended with status 3 (error), from its two status codes."""
+    if int(stat_status) != StatStatus.OK:
+        return StatStatus.MESSAGES[int(stat_status)]
+    return "search failed: " + SearchStatus.MESSAGES[int(search_status)]
+
+
 def _status_code(core: _Core) -> jax.Array:
     no_region = (core.stat_status == StatStatus.EMPTY_REGION) | (
         core.stat_status == StatStatus.EMPTY_COMPARISON
@@ -696,9 +712,7 @@ def dal_test(
     code = int(_status_code(core))
     res = core.search
     if code == 3:
-        if int(core.stat_status) != StatStatus.OK:
-            raise InputError(StatStatus.MESSAGES[int(core.stat_status)])
-        raise InputError("search failed: " + SearchStatus.MESSAGES[int(res.status)])
+        raise InputError(error_message(core.stat_status, res.status))
     status = {0: "ok", 1: "no region", 2: "max_pieces"}[code]
     message = {
         0: "",

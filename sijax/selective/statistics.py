@@ -68,6 +68,7 @@ class StatStatus:
     EMPTY_COMPARISON = 2  # background / neighbourhood set is empty
     DEGENERATE_VARIANCE = 3  # eta^T Sigma~ eta <= 0 (or numerically 0)
     NONFINITE = 4  # NaN or Inf in x or x_ref
+    NONFINITE_MODEL = 5  # NaN or Inf in the score map: the model's output (detection)
 
     MESSAGES = {
         0: "ok",
@@ -76,6 +77,8 @@ class StatStatus:
         3: "degenerate variance: eta^T Sigma eta <= 0, the covariance is singular along"
         " eta or not positive",
         4: "non-finite input: x or x_ref holds NaN or Inf",
+        5: "non-finite detection: the score map holds NaN or Inf, so the model's"
+        " reconstruction does (corrupt or diverged weights?)",
     }
 
 
