@@ -1312,7 +1312,19 @@ def _worker_pool(workers: int, report: Callable | None = None, models=None):
             workers, mp_context=ctx, initializer=_worker_init,
             initargs=(SINGLE_THREAD_FLAGS, reports, pickle.dumps(models or {})),
         ) as pool:  # fmt: skip
-            yield pool
+            try:
+                yield pool
+            except BaseException:
+                # A failed batch (or Ctrl-C): leaving the pool would first wait for
+                # the other workers' batches, minutes each. Stop them now (no
+                # public call for this before Python 3.14's terminate_workers).
+                procs = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)  # forgets procs
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.join(10.0)
+                raise
     finally:
         if relay is not None:
             reports.put(None)

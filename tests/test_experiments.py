@@ -310,6 +310,21 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     _check_same_results(recs_one, recs_two, rows_one, rows_two)
 
 
+def test_an_error_stops_the_workers_without_waiting_for_their_batches():
+    """A failed batch (or Ctrl-C) in the scheduler must surface at once, not after
+    the other workers' batches (minutes each), and leave no worker behind."""
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom"), ex._worker_pool(2) as pool:
+        pids = {pool.submit(os.getpid).result() for _ in range(4)}
+        for _ in range(2):
+            pool.submit(time.sleep, 600)
+        raise RuntimeError("boom")
+    assert time.monotonic() - t0 < 60
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_workers_leave_when_their_parent_is_killed():
     """A killed scheduler (SIGKILL: no cleanup) must not leave workers computing."""
     code = (
