@@ -35,6 +35,7 @@ from scipy.stats import norm  # noqa: E402
 
 import sijax  # noqa: E402
 from sijax.detect import dal  # noqa: E402
+from sijax.detect.score import score_map  # noqa: E402
 from sijax.selective.pvalues import bounds_from_log_masses  # noqa: E402
 from sijax.tracking.propagate import enumerate_line  # noqa: E402
 
@@ -42,21 +43,72 @@ ORDERS = ("density", "bottleneck", "gradient")
 
 
 def line_pieces(model, x, x_ref, noises, cfg, half_width):
-    """(breakpoints, accept per piece, z_obs) on [min(z_obs, 0) - w, max(z_obs, 0) + w]
-    (w: half_width)."""
+    """The exact pieces on [min(z_obs, 0) - w, max(z_obs, 0) + w] (w: half_width):
+    dict of z (breakpoints), accept (region == observed, per piece), z0 (z_obs),
+    wrong (K, pixels: status on piece k differs from the observed region's), score
+    (K, pixels: the score map at the piece's midpoint), mask (observed, flat) and
+    direct (pixels: |filter(b)|, the slope of the score's x part along the line)."""
     static, nums = dal._split(cfg)
     x, x_ref, cov, cov_ref = dal._prepare(model, x, x_ref, 1.0, None, cfg)
     _, _, mask, line = dal._front_jit(
         model, x, x_ref, noises, cov, cov_ref, nums, static
     )
     z0 = float(line.z_obs)
-    f = dal._line_mask(static.steps, static.eta, static.filter_size)
+
+    def f(params, x):  # (score, mask): the pieces of the mask, scores at midpoints
+        model, noises, threshold = params
+        return dal._detector(model, noises, static, threshold)(x)[1:]
+
     p = enumerate_line(
         f, line.a, line.b, min(z0, 0.0) - half_width, max(z0, 0.0) + half_width,
         params=(model, noises, nums.threshold),
-        summary=lambda m: jnp.all(m == mask), all_fingerprints=False,
+        summary=lambda out: ((out[1] != mask).reshape(-1), out[0].reshape(-1)),
+        all_fingerprints=False,
     )  # fmt: skip
-    return p.z, np.asarray(p.summary, bool), z0
+    wrong = np.asarray(p.summary[0], bool)
+    direct = score_map(line.b, jnp.zeros_like(line.b), filter_size=static.filter_size)
+    return dict(
+        z=p.z, accept=~wrong.any(axis=1), z0=z0, wrong=wrong,
+        score=np.asarray(p.summary[1]), mask=np.asarray(mask).reshape(-1),
+        direct=np.asarray(direct).reshape(-1),
+    )  # fmt: skip
+
+
+def certified_runs(d, lo, hi, threshold):
+    """The runs of `differs_cover` on pieces lo..hi-1, each with the pixel that is
+    wrong throughout it and its smallest distance to the threshold (at the pieces'
+    midpoints), the largest slope of its score between neighbouring midpoints and
+    the slope of the score's x part (|filter(b)|): how much room a bound of the
+    reconstruction's change at that pixel would have."""
+    z, acc, wrong, score = d["z"], d["accept"], d["wrong"], d["score"]
+    mid = 0.5 * (z[:-1] + z[1:])
+    out, start, common = [], None, None
+
+    def close(end):
+        px = int(np.argmax(np.min(np.abs(score[start:end] - threshold), axis=0)
+                           * common))  # fmt: skip
+        s, m = score[start:end, px], mid[start:end]
+        slope = float(np.max(np.abs(np.diff(s) / np.diff(m)))) if end - start > 1 else 0
+        out.append(dict(
+            z=(round(float(z[start]), 3), round(float(z[end]), 3)),
+            pieces=end - start, pixel=px, in_region=bool(d["mask"][px]),
+            min_margin=round(float(np.min(np.abs(s - threshold))), 4),
+            max_slope=round(slope, 3), direct_slope=round(float(d["direct"][px]), 3),
+        ))  # fmt: skip
+
+    for k in range(lo, hi):
+        if acc[k] or (common is not None and not (common & wrong[k]).any()):
+            if common is not None:
+                close(k)
+            start, common = (None, None) if acc[k] else (k, wrong[k])
+            continue
+        if common is None:
+            start, common = k, wrong[k]
+        else:
+            common = common & wrong[k]
+    if common is not None:
+        close(hi)
+    return out
 
 
 def replay(z, accept, z0, order, precision, alternative="two-sided"):
@@ -138,13 +190,23 @@ def main():
         threshold=threshold, hypothesis="reference",
     )  # fmt: skip
     t0 = time.perf_counter()
-    z, accept, z0 = line_pieces(model, x, x_ref, noises, cfg, args.half_width)
+    d = line_pieces(model, x, x_ref, noises, cfg, args.half_width)
+    z, accept, z0 = d["z"], d["accept"], d["z0"]
     print(
         f"z_obs {z0:.6f}: {len(accept)} pieces on [{z[0]:.3f}, {z[-1]:.3f}]"
         f" ({time.perf_counter() - t0:.0f} s), {int(accept.sum())} in Zset"
     )
     for order in ORDERS:
-        print(order, replay(z, accept, z0, order, args.precision))
+        r = replay(z, accept, z0, order, args.precision)
+        print(order, r)
+        if r is not None:
+            lo, hi = np.searchsorted(z, [r["L"], r["R"]])
+            runs = certified_runs(d, int(lo), int(hi), threshold)
+            print(
+                f"  out-of-Zset pieces in {len(runs)} runs with one wrong pixel each:"
+            )
+            for run in runs:
+                print("   ", run)
 
 
 if __name__ == "__main__":
