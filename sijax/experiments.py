@@ -1248,6 +1248,9 @@ def _worker_init(flags: str, reports=None, models: bytes = b"") -> None:
     `models`: the scheduler's {(checkpoint, activation): model}, pickled."""
     os.environ["XLA_FLAGS"] = flags
     _WORKER["reports"] = reports
+    # A worker is one CPU device, also on a GPU machine (where several processes
+    # would each claim most of the GPU's memory).
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_x64", True)
     # Unpickled only now: arrays made before x64 is on would be float32.
     _WORKER["models"] = pickle.loads(models) if models else {}
