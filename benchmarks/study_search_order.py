@@ -75,11 +75,13 @@ def line_pieces(model, x, x_ref, noises, cfg, half_width):
 
 
 def certified_runs(d, lo, hi, threshold):
-    """The runs of `differs_cover` on pieces lo..hi-1, each with the pixel that is
-    wrong throughout it and its smallest distance to the threshold (at the pieces'
-    midpoints), the largest slope of its score between neighbouring midpoints and
-    the slope of the score's x part (|filter(b)|): how much room a bound of the
-    reconstruction's change at that pixel would have."""
+    """The out-of-Zset pieces among lo..hi-1 in the fewest runs of consecutive
+    pieces that share one wrong pixel (greedy from the left, optimal for runs): what
+    a perfect "the region differs here" certificate would leave, one run each. Per
+    run: the pixel wrong throughout it, its smallest distance to the threshold (at
+    the pieces' midpoints), the largest slope of its score between neighbouring
+    midpoints and the slope of the score's x part (|filter(b)|): how much room a
+    bound of the reconstruction's change at that pixel would have."""
     z, acc, wrong, score = d["z"], d["accept"], d["wrong"], d["score"]
     mid = 0.5 * (z[:-1] + z[1:])
     out, start, common = [], None, None
@@ -97,15 +99,13 @@ def certified_runs(d, lo, hi, threshold):
         ))  # fmt: skip
 
     for k in range(lo, hi):
-        if acc[k] or (common is not None and not (common & wrong[k]).any()):
-            if common is not None:
-                close(k)
-            start, common = (None, None) if acc[k] else (k, wrong[k])
+        joint = None if acc[k] or common is None else common & wrong[k]
+        if joint is not None and joint.any():  # the run goes on
+            common = joint
             continue
-        if common is None:
-            start, common = k, wrong[k]
-        else:
-            common = common & wrong[k]
+        if common is not None:
+            close(k)
+        start, common = (None, None) if acc[k] else (k, wrong[k])
     if common is not None:
         close(hi)
     return out
