@@ -266,7 +266,7 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--engine", choices=("walk", "propagate"), default="walk",
                    help="search engine: walk (default; the batch in one compiled "
                    "call per device) or propagate (faster per image at 16x16 and "
-                   "up, the images one after another: use --workers, one per core)")
+                   "up, the images one after another, in --workers processes)")
     p.add_argument("--batch", type=int, default=8,
                    help="images per compiled call (rounded up to the devices)")
     p.add_argument("--permutations", type=int, default=1000,
@@ -277,10 +277,11 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--max-batches", type=int,
                    help="stop after this many batches (0: only rewrite the summary "
                    "and plots from --out's trials; needs --resume)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int,
                    help="worker processes on this host, each with one single-threaded "
-                   "CPU device (default 1: this process, its batches sharded over "
-                   "--cpu-devices); with --engine propagate use one per core")
+                   "CPU device (1: this process, its batches sharded over "
+                   "--cpu-devices). Default: 1 walking; with --engine propagate one "
+                   "per usable core when JAX runs on the CPU (else 1)")
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() first (multi-host runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -310,8 +311,19 @@ def _use_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = (flags + " " + SINGLE_THREAD_FLAGS).strip()
 
 
+def _auto_workers(engine: str, backend: str, processes: int) -> int:
+    """Default --workers: propagation tests one image at a time from Python, so on a
+    CPU it needs a process per core to use the machine; walking shards its batches
+    over --cpu-devices instead, and on an accelerator (or multi-host) one process
+    drives the device."""
+    if engine == "propagate" and backend == "cpu" and processes == 1:
+        return len(os.sched_getaffinity(0))
+    return 1
+
+
 def _experiment_run(a: argparse.Namespace) -> int:
-    _use_cpu_devices(1 if a.workers > 1 else a.cpu_devices)  # workers: own devices
+    workers = 1 if a.workers is None and a.engine == "walk" else a.workers
+    _use_cpu_devices(a.cpu_devices if workers == 1 else 1)  # workers: own devices
     _enable_x64()
     import jax
 
@@ -320,6 +332,8 @@ def _experiment_run(a: argparse.Namespace) -> int:
 
     if a.distributed:
         jax.distributed.initialize()
+    if workers is None:
+        workers = _auto_workers(a.engine, jax.default_backend(), jax.process_count())
     checkpoints = {}
     for c in a.checkpoint:
         checkpoints[load_model(c).image_shape[0]] = c
@@ -330,7 +344,7 @@ def _experiment_run(a: argparse.Namespace) -> int:
         termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
         batch=a.batch, permutations=a.permutations, seed=a.seed, engine=a.engine)
     rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress,
-                          max_batches=a.max_batches, workers=a.workers)
+                          max_batches=a.max_batches, workers=workers)
     if jax.process_index() == 0:
         with open(os.path.join(a.out, "summary.md")) as f:
             print(f.read())

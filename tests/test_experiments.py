@@ -367,6 +367,14 @@ def test_cli_passes_workers_and_engine(tmp_path, monkeypatch):
             str(tmp_path), "--workers", "2", "--engine", "propagate", "--no-progress"]
     assert cli.main(argv) == 0
     assert (seen["workers"], seen["engine"]) == (2, "propagate")
+    # Without --workers: walking runs in this process; propagation (one image at a
+    # time from Python) gets a process per usable core on a CPU.
+    cores = len(os.sched_getaffinity(0))
+    for engine, workers in (("walk", 1), ("propagate", cores)):
+        assert cli.main(argv[:-5] + ["--engine", engine, "--no-progress"]) == 0
+        assert (seen["workers"], seen["engine"]) == (workers, engine)
+    assert cli._auto_workers("propagate", "gpu", 1) == 1  # one process drives it
+    assert cli._auto_workers("propagate", "cpu", 2) == 1  # multi-host: no pools
 
 
 def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
