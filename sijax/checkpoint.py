@@ -3,14 +3,22 @@
 A model directory (what ``sijax train`` exports to ``WORKDIR/model`` and what is
 committed under ``sijax/checkpoints/NAME``) holds
 
-    config.json   the TrainConfig (architecture, schedule, recipe) and a summary
+    config.json   the TrainConfig (architecture, schedule, recipe), a summary and
+                  the SHA-256 of every file under state/ ("state_sha256")
     state/        Orbax checkpoint of the eval-mode network state: parameters and
                   batch-norm running statistics, stored float32
+
+Orbax stores the arrays without checksums: a flipped bit in a chunk loads silently as
+a different weight (and so a different model, reconstruction and p-value), and a
+truncated chunk fails deep inside its reader. ``load_model`` therefore checks the
+files against ``state_sha256`` before Orbax reads them (directories saved before
+the checksums existed load unchecked).
 
 ``load_model`` also accepts a training workdir (it then reads ``WORKDIR/model``).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -104,6 +112,16 @@ class DiffusionModel:
             self.denoiser(), x, noises, schedule=self.schedule, steps=steps, eta=eta
         )
 
+    def weights_sha256(self) -> str:
+        """SHA-256 of the state's arrays (paths, shapes, dtypes, bytes): which
+        weights produced a result, recorded by experiments."""
+        digest = hashlib.sha256()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.state):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(f"{jax.tree_util.keystr(path)} {a.shape} {a.dtype}".encode())
+            digest.update(a.tobytes())
+        return digest.hexdigest()
+
     def astype(self, dtype) -> "DiffusionModel":
         return self.replace(state=cast_state(self.state, dtype))
 
@@ -154,11 +172,43 @@ def save_model(
     ckpt.save(os.path.join(directory, "state"), _to_numpy_tree(state), force=True)
     ckpt.wait_until_finished()
     ckpt.close()
+    meta["state_sha256"] = state_checksums(os.path.join(directory, "state"))
     tmp = os.path.join(directory, "config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(directory, "config.json"))
     return directory
+
+
+def state_checksums(state_path: str) -> dict[str, str]:
+    """{path relative to ``state_path``: SHA-256 hex} of every file under it."""
+    sums = {}
+    for root, _, files in os.walk(state_path):
+        for name in files:
+            path = os.path.join(root, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            sums[os.path.relpath(path, state_path)] = digest.hexdigest()
+    return dict(sorted(sums.items()))
+
+
+def _verify_state(state_path: str, want: dict[str, str]) -> None:
+    got = state_checksums(state_path)
+    missing = sorted(set(want) - set(got))
+    changed = sorted(k for k in want if k in got and got[k] != want[k])
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} file(s) differ from their saved SHA-256 "
+                     f"(first: {changed[0]})")  # fmt: skip
+    if missing:
+        parts.append(f"{len(missing)} file(s) missing (first: {missing[0]})")
+    if parts:
+        raise CheckpointError(
+            f"corrupt model state in {state_path}: {'; '.join(parts)}; it changed "
+            "after it was saved: restore the directory from its source"
+        )
 
 
 def _resolve(directory: str) -> str:
@@ -190,7 +240,8 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
             path) needs ``jax_enable_x64``.
 
     Raises:
-        CheckpointError: missing directory, missing/corrupt config.json or state.
+        CheckpointError: missing directory, missing/corrupt config.json or state
+            (a state file whose SHA-256 differs from the one saved in config.json).
         InputError: float64 requested while x64 is off.
     """
     x64 = jnp.result_type(float) == jnp.float64  # honours jax.enable_x64 contexts
@@ -216,6 +267,8 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
         config = TrainConfig.from_dict(meta["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"corrupt config.json in {directory}: {e}") from None
+    if "state_sha256" in meta:
+        _verify_state(state_path, meta["state_sha256"])
     # Abstract template: shapes and dtypes only, no random initialisation.
     graphdef, state = nnx.split(
         nnx.eval_shape(lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0)))

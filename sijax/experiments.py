@@ -912,6 +912,7 @@ def _meta(spec: ExperimentSpec, models) -> dict:
             "size": m.config.size,
             "epochs": m.config.epochs,
             "channels": list(m.config.channels),
+            "weights_sha256": m.weights_sha256(),
         }
     return {
         "experiment": spec.experiment,

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sijax.checkpoint import CHECKPOINTS_DIR, load_model, read_summary
+from sijax.checkpoint import (
+    CHECKPOINTS_DIR,
+    load_model,
+    read_summary,
+    save_model,
+    state_checksums,
+)
 from sijax.errors import CheckpointError, InputError, SijaxError
 
 
@@ -76,6 +82,46 @@ def test_missing_and_corrupt(tmp_path):
     with pytest.raises(CheckpointError):
         load_model(bad)
     assert issubclass(CheckpointError, SijaxError)
+
+
+def test_a_changed_state_file_is_refused_not_loaded(tmp_path):
+    """Orbax keeps no checksums: one flipped bit in an array chunk loaded silently as
+    a different weight (seen before the checksums). The SHA-256 of every state file,
+    saved in config.json, catches it, and a missing file, before Orbax reads them."""
+    for name in ("tiny_8", "dal_v5_8", "dal_v5_16", "dal_v5_32"):
+        d = f"{CHECKPOINTS_DIR}/{name}"
+        meta = json.loads(open(f"{d}/config.json").read())
+        assert meta["state_sha256"] == state_checksums(f"{d}/state")
+    bad = tmp_path / "bad"
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", bad)
+    chunk = max((f for f in (bad / "state").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    rel = str(chunk.relative_to(bad / "state"))
+    with pytest.raises(CheckpointError, match=f"1 file.* SHA-256 .first: {rel}"):
+        load_model(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", bad)
+    (bad / "state" / "manifest.ocdbt").unlink()
+    with pytest.raises(CheckpointError, match="1 file.s. missing .first: manifest"):
+        load_model(bad)
+
+
+def test_save_model_records_checksums(tmp_path):
+    model = load_model("tiny_8")
+    out = save_model(tmp_path / "m", model.config, model.state)
+    meta = json.loads(open(f"{out}/config.json").read())
+    assert meta["state_sha256"] == state_checksums(f"{out}/state")
+    assert meta["state_sha256"]  # the files Orbax wrote
+    again = load_model(out)
+    for a, b in zip(jax.tree.leaves(again.state), jax.tree.leaves(model.state),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again.weights_sha256() == model.weights_sha256()
+    scaled = model.replace(state=jax.tree.map(lambda a: a * 1.0001, model.state))
+    assert scaled.weights_sha256() != model.weights_sha256()
 
 
 def test_float64_needs_x64():

@@ -170,6 +170,10 @@ def test_fpr_run_writes_every_output(fpr_run):
     with open(os.path.join(fpr_run, "experiment.json")) as f:
         meta = json.load(f)
     assert meta["models"]["tiny_8 (relu)"]["epochs"] == 300
+    # which weights made the trials: those of the committed tiny_8
+    assert meta["models"]["tiny_8 (relu)"]["weights_sha256"] == (
+        load_model("tiny_8").weights_sha256()
+    )
 
 
 def test_fpr_records_follow_the_definitions(fpr_run):
