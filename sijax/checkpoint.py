@@ -194,7 +194,9 @@ def state_checksums(state_path: str) -> dict[str, str]:
     return dict(sorted(sums.items()))
 
 
-def _verify_state(state_path: str, want: dict[str, str]) -> None:
+def verify_state(state_path: str, want: dict[str, str]) -> None:
+    """Raises CheckpointError unless every file of ``want`` (from
+    :func:`state_checksums`) is under ``state_path`` with that SHA-256."""
     got = state_checksums(state_path)
     missing = sorted(set(want) - set(got))
     changed = sorted(k for k in want if k in got and got[k] != want[k])
@@ -268,7 +270,7 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"corrupt config.json in {directory}: {e}") from None
     if "state_sha256" in meta:
-        _verify_state(state_path, meta["state_sha256"])
+        verify_state(state_path, meta["state_sha256"])
     # Abstract template: shapes and dtypes only, no random initialisation.
     graphdef, state = nnx.split(
         nnx.eval_shape(lambda: UNet(config.unet_config(), rngs=nnx.Rngs(0)))

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,11 +25,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sijax.checkpoint import DiffusionModel, cast_state, init_unet, save_model
+from sijax.checkpoint import (
+    DiffusionModel,
+    cast_state,
+    init_unet,
+    save_model,
+    state_checksums,
+    verify_state,
+)
 from sijax.config import TrainConfig
 from sijax.data.synthetic import normal_images
 from sijax.diffusion.loss import noise_prediction_loss
-from sijax.errors import InputError, ensure_output_dir
+from sijax.errors import CheckpointError, InputError, ensure_output_dir
 
 DTYPE = jnp.float32  # training precision; the test path casts to float64 at load
 
@@ -142,25 +150,44 @@ class _Checkpoints:
     """Periodic Orbax training checkpoints in ``WORKDIR/ckpt/<step>``.
 
     Orbax finalises each step by an atomic rename, so a killed run leaves only
-    complete checkpoints (at most the steps since the last save are lost).
+    complete checkpoints (at most the steps since the last save are lost). The
+    SHA-256 of each step's files goes to ``WORKDIR/ckpt_sha256.json``; a resume
+    takes the newest step whose files match and that restores, and moves a damaged
+    one aside to ``WORKDIR/ckpt_damaged/<step>`` with a warning (the older step gives
+    the same run: training is deterministic from any step).
     """
 
     def __init__(self, workdir: str):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.workdir = workdir
+        self.sums_path = os.path.join(workdir, "ckpt_sha256.json")
         self.mngr = ocp.CheckpointManager(
             os.path.join(workdir, "ckpt"),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=2, enable_async_checkpointing=False))
 
-    def latest_step(self):
-        return self.mngr.latest_step()
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.workdir, "ckpt", str(step))
+
+    def _sums(self) -> dict:
+        try:
+            with open(self.sums_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}  # none yet, or cut by a kill: restore unchecked
 
     def save(self, step: int, state: TrainState):
         self.mngr.save(step, args=self._ocp.args.StandardSave(state._asdict()),
                        force=True)
         self.mngr.wait_until_finished()
+        old = self._sums()
+        sums = {str(k): old.get(str(k)) for k in self.mngr.all_steps()}
+        sums[str(step)] = state_checksums(self._step_dir(step))
+        with open(self.sums_path + ".tmp", "w") as f:
+            json.dump({k: v for k, v in sums.items() if v}, f)
+        os.replace(self.sums_path + ".tmp", self.sums_path)
 
     def restore(self, step: int, template: TrainState) -> TrainState:
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct,
@@ -168,6 +195,37 @@ class _Checkpoints:
         restored = self.mngr.restore(
             step, args=self._ocp.args.StandardRestore(abstract))
         return TrainState(**restored)
+
+    def restore_latest(self, template: TrainState) -> tuple[int, TrainState]:
+        """(step, state) of the newest usable checkpoint; (0, template) if none."""
+        steps = sorted(self.mngr.all_steps(), reverse=True)
+        sums, damaged = self._sums(), []
+        for step in steps:
+            try:
+                if str(step) in sums:
+                    verify_state(self._step_dir(step), sums[str(step)])
+                state = self.restore(step, template)
+            except Exception as e:  # noqa: BLE001  (Orbax raises many types)
+                damaged.append(step)
+                warnings.warn(f"training checkpoint at step {step} is damaged "
+                              f"({type(e).__name__}: {str(e)[:300]}); moved to "
+                              f"ckpt_damaged/{step}, trying the one before",
+                              stacklevel=3)
+                continue
+            break
+        else:
+            if steps:
+                raise CheckpointError(
+                    f"no usable training checkpoint in {self.workdir}/ckpt (steps "
+                    f"{steps} are damaged); remove ckpt/ to train from the start")
+            return 0, template
+        if damaged:  # out of Orbax's way: later saves must be its newest steps
+            os.makedirs(os.path.join(self.workdir, "ckpt_damaged"), exist_ok=True)
+            for s in damaged:
+                os.replace(self._step_dir(s),
+                           os.path.join(self.workdir, "ckpt_damaged", str(s)))
+            self.mngr.reload()
+        return step, state
 
     def close(self):
         self.mngr.close()
@@ -230,9 +288,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
     graphdef, state, _ = init_state(cfg)
     ckpts = _Checkpoints(workdir)
     start = 0
-    if resume and ckpts.latest_step() is not None:
-        start = int(ckpts.latest_step())
-        state = ckpts.restore(start, state)
+    if resume:
+        start, state = ckpts.restore_latest(state)
     loss_path = os.path.join(workdir, "losses.jsonl")
     losses = _read_losses(loss_path, start)
     with open(loss_path, "w") as f:  # drop lines after the restored step

@@ -10,7 +10,7 @@ from flax import nnx
 
 from sijax.checkpoint import load_model
 from sijax.config import TrainConfig
-from sijax.errors import InputError
+from sijax.errors import CheckpointError, InputError
 from sijax.train import train
 
 # 64 images, batch 16: 4 steps per epoch, 40 steps, dispatched 4 at a time; the
@@ -64,6 +64,41 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(full_run, tmp_path):
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(res.losses, ref.losses)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_stays_exact(full_run, tmp_path):
+    """A flipped bit in the newest training checkpoint (Orbax would restore it as
+    another weight) is caught by its SHA-256: the run warns, moves it aside and
+    resumes from the step before, with the same result. None usable: an error."""
+    _, ref = full_run
+
+    def kill(step):
+        if step == 18:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(CFG, tmp_path, progress=False, on_checkpoint=kill)
+    sums = json.loads((tmp_path / "ckpt_sha256.json").read_text())
+    assert sorted(sums, key=int) == ["9", "18"]
+    chunk = max((f for f in (tmp_path / "ckpt" / "18").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step 18 is damaged.*SHA-256"):
+        res = train(CFG, tmp_path, resume=True, progress=False)
+    assert (tmp_path / "ckpt_damaged" / "18").is_dir()
+    for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(ref.state),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(res.losses, ref.losses)
+    # Every checkpoint damaged: an error that says what to do, not a silent restart.
+    for step in json.loads((tmp_path / "ckpt_sha256.json").read_text()):
+        for f in (tmp_path / "ckpt" / step).rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="remove ckpt"):
+        train(CFG, tmp_path, resume=True, progress=False)
 
 
 def test_existing_run_and_changed_config_are_rejected(full_run):
