@@ -182,15 +182,25 @@ def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) ->
 def _detector(model, noises: Noises, config: DALConfig, threshold=None):
     """x (H, W, C) -> (reconstruction, score (H, W), mask (H, W)) for fixed noises.
 
-    ``model`` is any :class:`sijax.detect.models.Reconstructor`.
+    ``model`` is any :class:`sijax.detect.models.Reconstructor`; its ``score_fn``,
+    if it has one (not None), replaces the paper's score map.
 
     ``threshold`` (possibly traced) overrides ``config.threshold``.
     """
     threshold = config.threshold if threshold is None else threshold
+    score_fn = getattr(model, "score_fn", None)
 
     def detect(x):
         rec = model.reconstruction(x, noises, steps=config.steps, eta=config.eta)
-        score = score_map(x, rec, filter_size=config.filter_size)
+        if score_fn is None:
+            score = score_map(x, rec, filter_size=config.filter_size)
+        else:
+            score = score_fn(x, rec)
+            if score.shape != x.shape[:2]:
+                raise InputError(
+                    f"{type(model).__name__}.score_fn gave a score map of shape "
+                    f"{score.shape}; the image is {x.shape[:2]} (H, W)"
+                )
         return rec, score, region(score, threshold)
 
     return detect

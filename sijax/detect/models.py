@@ -7,6 +7,12 @@ is piecewise linear in ``x`` (so the tracker can follow it). A trained
 function ``fn(params, x)`` into one (an ONNX graph with its noises baked in, another
 diffusion detector, a toy map for tests). Both are pytrees, so they cross ``jit`` and
 ``vmap`` as ordinary arguments and their arrays are traced, not baked into the program.
+
+A detector whose anomaly score is not the paper's ``sum_c |filter(D(X) - X)_c|``
+(another filter, a max over channels, a distance of features) also gives
+``score_fn(x, rec) -> (H, W)``, piecewise linear in both; the region is then
+``score_fn > threshold`` for detection and test alike (``DALConfig.filter_size`` is
+not used). Without it the paper's score applies.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class Reconstructor(Protocol):
         self, x: jax.Array, noises, *, steps, eta: float
     ) -> jax.Array: ...
 
+    # Optional: score_fn(x, rec) -> (H, W) score map (the module docstring).
+
 
 @struct.dataclass
 class ReconstructionModel:
@@ -41,11 +49,16 @@ class ReconstructionModel:
         with randomness must have it fixed inside (as an exported ONNX sampler does).
       image_shape: (H, W, C) (static).
       params: pytree of arrays ``fn`` reads (traced).
+      score_fn: ``score_fn(x, rec) -> (H, W)`` anomaly score (static; None: the
+        paper's filtered absolute error).
     """
 
     fn: Callable[[Any, jax.Array], jax.Array] = struct.field(pytree_node=False)
     image_shape: tuple[int, int, int] = struct.field(pytree_node=False)
     params: Any = None
+    score_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = struct.field(
+        pytree_node=False, default=None
+    )
 
     def reconstruction(self, x: jax.Array, noises, *, steps, eta: float) -> jax.Array:
         """``fn(params, x)``; ``noises``, ``steps`` and ``eta`` are not used."""
