@@ -1320,8 +1320,10 @@ def _worker_pool(workers: int, report: Callable | None = None, models=None):
                 yield pool
             except BaseException:
                 # A failed batch (or Ctrl-C): leaving the pool would first wait for
-                # the other workers' batches, minutes each. Stop them now (no
-                # public call for this before Python 3.14's terminate_workers).
+                # the other workers' batches, minutes each. Stop them now.
+                if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+                    pool.terminate_workers()
+                    raise
                 procs = list((getattr(pool, "_processes", None) or {}).values())
                 pool.shutdown(wait=False, cancel_futures=True)  # forgets procs
                 for proc in procs:
