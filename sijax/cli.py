@@ -285,7 +285,7 @@ def _experiment_args(p: argparse.ArgumentParser):
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() first (multi-host runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--cpu-devices", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--cpu-devices", type=int, default=_usable_cores(),
                    help="on a CPU, split it into this many single-threaded XLA devices "
                    "that search their images independently (default: one per usable "
                    "core; 1: XLA's default); ignored when XLA_FLAGS sets a device "
@@ -317,8 +317,16 @@ def _auto_workers(engine: str, backend: str, processes: int) -> int:
     over --cpu-devices instead, and on an accelerator (or multi-host) one process
     drives the device."""
     if engine == "propagate" and backend == "cpu" and processes == 1:
-        return len(os.sched_getaffinity(0))
+        return _usable_cores()
     return 1
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity on Linux; all cores where the
+    platform has no affinity call, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _experiment_run(a: argparse.Namespace) -> int:

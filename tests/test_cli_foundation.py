@@ -192,3 +192,15 @@ def test_demo_examples_are_committed_and_reproducible():
         np.testing.assert_array_equal(x_ref, want_ref)
         model_dir = os.path.join(CHECKPOINTS_DIR, f"dal_v5_{d}")
         assert os.path.isfile(os.path.join(model_dir, "config.json"))
+
+
+def test_parser_builds_without_cpu_affinity(monkeypatch, capsys):
+    """Where os has no sched_getaffinity (macOS) the defaults fall back to the core
+    count instead of failing every command at parser construction."""
+    from sijax import cli
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert cli._usable_cores() == (os.cpu_count() or 1)
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "--help"])
+    assert e.value.code == 0 and "--cpu-devices" in capsys.readouterr().out
