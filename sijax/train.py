@@ -182,11 +182,11 @@ class _Checkpoints:
         self.mngr.save(step, args=self._ocp.args.StandardSave(state._asdict()),
                        force=True)
         self.mngr.wait_until_finished()
-        old = self._sums()
-        sums = {str(k): old.get(str(k)) for k in self.mngr.all_steps()}
+        kept = {str(k) for k in self.mngr.all_steps()}  # Orbax pruned the rest
+        sums = {k: v for k, v in self._sums().items() if k in kept}
         sums[str(step)] = state_checksums(self._step_dir(step))
         with open(self.sums_path + ".tmp", "w") as f:
-            json.dump({k: v for k, v in sums.items() if v}, f)
+            json.dump(sums, f)
         os.replace(self.sums_path + ".tmp", self.sums_path)
 
     def restore(self, step: int, template: TrainState) -> TrainState:
@@ -208,9 +208,8 @@ class _Checkpoints:
             except Exception as e:  # noqa: BLE001  (Orbax raises many types)
                 damaged.append(step)
                 warnings.warn(f"training checkpoint at step {step} is damaged "
-                              f"({type(e).__name__}: {str(e)[:300]}); moved to "
-                              f"ckpt_damaged/{step}, trying the one before",
-                              stacklevel=3)
+                              f"({type(e).__name__}: {str(e)[:300]}); trying the "
+                              "one before", stacklevel=3)
                 continue
             break
         else:
@@ -219,7 +218,9 @@ class _Checkpoints:
                     f"no usable training checkpoint in {self.workdir}/ckpt (steps "
                     f"{steps} are damaged); remove ckpt/ to train from the start")
             return 0, template
-        if damaged:  # out of Orbax's way: later saves must be its newest steps
+        if damaged:  # out of Orbax's way (later saves must be its newest steps)
+            warnings.warn(f"moved the damaged steps {damaged} to "
+                          f"{self.workdir}/ckpt_damaged/", stacklevel=3)
             os.makedirs(os.path.join(self.workdir, "ckpt_damaged"), exist_ok=True)
             for s in damaged:
                 os.replace(self._step_dir(s),

@@ -373,7 +373,7 @@ def test_cli_passes_workers_and_engine(tmp_path, monkeypatch):
     assert (seen["workers"], seen["engine"]) == (2, "propagate")
     # Without --workers: walking runs in this process; propagation (one image at a
     # time from Python) gets a process per usable core on a CPU.
-    cores = len(os.sched_getaffinity(0))
+    cores = cli._usable_cores()
     for engine, workers in (("walk", 1), ("propagate", cores)):
         assert cli.main(argv[:-5] + ["--engine", engine, "--no-progress"]) == 0
         assert (seen["workers"], seen["engine"]) == (workers, engine)

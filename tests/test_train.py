@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -85,8 +86,11 @@ def test_resume_skips_a_damaged_checkpoint_and_stays_exact(full_run, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 1
     chunk.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="step 18 is damaged.*SHA-256"):
+    with pytest.warns(UserWarning) as caught:
         res = train(CFG, tmp_path, resume=True, progress=False)
+    said = [str(w.message) for w in caught]
+    assert any(re.search("step 18 is damaged.*SHA-256", m) for m in said), said
+    assert any("moved the damaged steps [18]" in m for m in said), said
     assert (tmp_path / "ckpt_damaged" / "18").is_dir()
     for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(ref.state),
                     strict=True):
