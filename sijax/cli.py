@@ -262,6 +262,11 @@ def _experiment_args(p: argparse.ArgumentParser):
                    help="search termination of the selective test (default decision: "
                    "enough to count rejections)")
     p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--hypothesis", choices=("reference", "background", "neighbour"),
+                   default="reference",
+                   help="what the region's mean is compared with: reference (v5, "
+                   "default), background (the v1 in-image test of the paper's "
+                   "v1-era figures) or neighbour; the images are the same")
     p.add_argument("--max-pieces", type=int, default=20_000)
     p.add_argument("--engine", choices=("walk", "propagate"), default="walk",
                    help="search engine: walk (default; the batch in one compiled "
@@ -350,7 +355,8 @@ def _experiment_run(a: argparse.Namespace) -> int:
         methods=a.methods, deltas=a.deltas, noises=a.noises, distances=a.distances,
         activations=a.activations, checkpoints=checkpoints or None,
         termination=a.termination, alpha=a.alpha, max_pieces=a.max_pieces,
-        batch=a.batch, permutations=a.permutations, seed=a.seed, engine=a.engine)
+        hypothesis=a.hypothesis, batch=a.batch, permutations=a.permutations,
+        seed=a.seed, engine=a.engine)
     rows = run_experiment(spec, a.out, resume=a.resume, progress=not a.no_progress,
                           max_batches=a.max_batches, workers=workers)
     if jax.process_index() == 0:

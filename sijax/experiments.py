@@ -52,6 +52,7 @@ from sijax.detect.dal import (
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
 from sijax.selective.search import new_pieces
+from sijax.selective.statistics import HYPOTHESES
 
 __all__ = [
     "EXPERIMENTS",
@@ -105,6 +106,9 @@ class Setting:
       alpha: level.
       max_pieces: cap on the pieces of one search.
       seed: base seed of the data.
+      hypothesis: what the region's mean is compared with (``DALConfig.hypothesis``):
+        "reference" (v5, the default), "background" (the v1 in-image test, of the
+        paper's v1-era figures) or "neighbour". The images do not depend on it.
     """
 
     size: int
@@ -119,11 +123,19 @@ class Setting:
     alpha: float = 0.05
     max_pieces: int = 20_000
     seed: int = 0
+    hypothesis: str = "reference"
 
     @property
     def key(self) -> str:
-        """Identifies the trials of this setting in ``trials.jsonl``."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Identifies the trials of this setting in ``trials.jsonl``.
+
+        The default hypothesis is left out, so that the keys of runs made before
+        the field existed (the committed results) still name their trials.
+        """
+        fields = dataclasses.asdict(self)
+        if self.hypothesis == "reference":
+            del fields["hypothesis"]
+        return json.dumps(fields, sort_keys=True)
 
     @property
     def data_seed(self) -> int:
@@ -147,6 +159,8 @@ class Setting:
             parts.append(f"{self.noise} W1={self.distance:g}")
         if self.activation != "relu":
             parts.append(self.activation)
+        if self.hypothesis != "reference":
+            parts.append(self.hypothesis)
         return " ".join(parts)
 
     @property
@@ -158,12 +172,15 @@ class Setting:
     def dal_config(self, method: str) -> DALConfig:
         """The DAL test options behind ``method`` ("selective" or "oc")."""
         if method == "oc":
-            return DALConfig(search="over_conditioning", alpha=self.alpha)
+            return DALConfig(
+                search="over_conditioning", alpha=self.alpha, hypothesis=self.hypothesis
+            )
         return DALConfig(
             search=self.search,
             termination=self.termination,
             alpha=self.alpha,
             max_pieces=self.max_pieces,
+            hypothesis=self.hypothesis,
         )
 
 
@@ -178,7 +195,7 @@ class ExperimentSpec:
       trials: valid trials (non-empty regions) wanted per setting.
       checkpoints: model per size ({size: dir}); sizes without one use the
         committed ``dal_v5_{size}``.
-      termination, alpha, max_pieces, seed: see :class:`Setting`.
+      termination, alpha, max_pieces, seed, hypothesis: see :class:`Setting`.
       engine: ``DALConfig.engine`` of the searches ("walk": the batch in one
         compiled call, sharded over the devices; "propagate": the images one after
         another on the default device). Same pieces and results.
@@ -201,6 +218,7 @@ class ExperimentSpec:
     alpha: float = 0.05
     max_pieces: int = 20_000
     seed: int = 0
+    hypothesis: str = "reference"
     engine: str = "walk"
     batch: int = 8
     permutations: int = 1000
@@ -240,6 +258,15 @@ class ExperimentSpec:
             raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
         if any(s < 1 for s in self.sizes) or not self.sizes:
             raise InputError(f"bad sizes {self.sizes}")
+        if self.hypothesis not in HYPOTHESES[:3]:
+            raise InputError(
+                f"hypothesis={self.hypothesis!r} must be one of {HYPOTHESES[:3]}"
+            )
+        if self.hypothesis != "reference" and "permutation" in self.methods:
+            raise InputError(
+                "the permutation baseline pools test and reference pixels: it needs "
+                f"hypothesis 'reference', got {self.hypothesis!r}"
+            )
 
     def checkpoint(self, size: int) -> str:
         return dict(self.checkpoints).get(size, f"dal_v5_{size}")
@@ -269,6 +296,7 @@ class ExperimentSpec:
                                         alpha=self.alpha,
                                         max_pieces=self.max_pieces,
                                         seed=self.seed,
+                                        hypothesis=self.hypothesis,
                                     )
                                 )
         return out
@@ -732,6 +760,7 @@ class SummaryRecord:
     search: str
     termination: str
     alpha: float
+    hypothesis: str
     target: int
     trials: int
     skipped: int
@@ -818,6 +847,7 @@ def summarize(spec: ExperimentSpec, records: Iterable[dict]) -> list[SummaryReco
                     search=s.search,
                     termination=s.termination,
                     alpha=s.alpha,
+                    hypothesis=s.hypothesis,
                     target=spec.trials,
                     trials=len(res),
                     skipped=skipped,
@@ -919,6 +949,7 @@ def _meta(spec: ExperimentSpec, models) -> dict:
         "spec": {k: v for k, v in dataclasses.asdict(spec).items()},
         "models": mods,
         "termination_note": (
+            f"hypothesis '{spec.hypothesis}'; "
             f"selective test with search '{spec.settings()[0].search}'"
             + (
                 f", termination '{spec.termination}'"

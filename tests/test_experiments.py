@@ -25,6 +25,8 @@ from scipy import stats
 from sijax import cli
 from sijax import experiments as ex
 from sijax.checkpoint import load_model
+from sijax.detect.dal import detect_region
+from sijax.diffusion.sampler import Noises
 from sijax.diffusion.unet import PWL_KNOTS, activation_fn
 from sijax.errors import InputError
 
@@ -195,6 +197,56 @@ def test_fpr_records_follow_the_definitions(fpr_run):
         used = [trials[i] for i in sorted(trials) if trials[i]["valid"]][:6]
         k = sum(u["methods"][r["method"]]["reject"] for u in used)
         assert k == r["rejections"]
+
+
+def test_background_hypothesis_reaches_every_method(models, tmp_path):
+    """`--hypothesis background` (the v1 in-image test behind the paper's v1-era
+    figures): z is the region against the rest of the same image (NumPy oracle on the
+    detected region), on the images of the reference runs; the setting says so in its
+    key, and a reference setting keeps the key of runs made before the option."""
+    out = str(tmp_path / "bg")
+    argv = ["experiment", "fpr", "--sizes", "8", "--covariance", "iid", "--trials",
+            "2", "--methods", "selective", "naive", "--checkpoint", "tiny_8",
+            "--batch", str(BATCH), "--max-pieces", "2000", "--hypothesis",
+            "background", "--out", out, "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    bg = ex.Setting(size=8, checkpoint="tiny_8", max_pieces=2000,
+                    hypothesis="background")  # fmt: skip
+    ref = dataclasses.replace(bg, hypothesis="reference")
+    assert bg.data_seed == ref.data_seed and bg.key != ref.key
+    assert json.loads(bg.key)["hypothesis"] == "background"
+    assert "hypothesis" not in json.loads(ref.key)
+    recs = _records(out)
+    assert {r["setting"] for r in recs} == {bg.key}
+    valid = [r for r in recs if r["valid"]]
+    assert len(valid) >= 2
+    model = models[("tiny_8", "relu")]
+    for r in valid:
+        _check_methods(r, 64)
+        d = ex.trial_data(bg, r["index"])
+        noises = Noises(eps0=d.eps0, eps=d.eps)
+        _, mask = detect_region(model, d.x, noises)
+        m = np.asarray(mask)
+        x = d.x[..., 0]
+        z = (x[m].mean() - x[~m].mean()) / math.sqrt(1 / m.sum() + 1 / (~m).sum())
+        assert r["region_size"] == m.sum()
+        assert r["z"] == pytest.approx(z, rel=1e-9)
+    with open(os.path.join(out, "summary.md")) as f:
+        assert "hypothesis 'background'" in f.read()
+    assert all(row["hypothesis"] == "background" for row in _summary(out))
+    with pytest.raises(InputError, match="permutation"):
+        ex.default_spec("fpr", hypothesis="background", methods=("permutation",))
+    with pytest.raises(InputError, match="hypothesis"):
+        ex.default_spec("fpr", hypothesis="in-image")
+
+
+def test_committed_trials_keep_their_setting_keys():
+    """Trials committed before `hypothesis` existed are still found by their setting
+    (resume and re-summarising depend on the key)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    with gzip.open(os.path.join(root, "power_dal_v5_16", "trials.jsonl.gz"), "rt") as f:
+        key = json.loads(f.readline())["setting"]
+    assert ex.Setting(**json.loads(key)).key == key
 
 
 def test_existing_output_needs_resume(fpr_run, capsys):
