@@ -52,7 +52,6 @@ from sijax.detect.dal import (
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError, ensure_output_dir
 from sijax.selective.search import new_pieces
-from sijax.selective.statistics import HYPOTHESES
 
 __all__ = [
     "EXPERIMENTS",
@@ -258,10 +257,7 @@ class ExperimentSpec:
             raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
         if any(s < 1 for s in self.sizes) or not self.sizes:
             raise InputError(f"bad sizes {self.sizes}")
-        if self.hypothesis not in HYPOTHESES[:3]:
-            raise InputError(
-                f"hypothesis={self.hypothesis!r} must be one of {HYPOTHESES[:3]}"
-            )
+        DALConfig(hypothesis=self.hypothesis)  # InputError for an unknown one
         if self.hypothesis != "reference" and "permutation" in self.methods:
             raise InputError(
                 "the permutation baseline pools test and reference pixels: it needs "
