@@ -76,7 +76,14 @@ from sijax.tracking.interpreter import (
     _where,
     make_line_jaxpr,
 )
-from sijax.tracking.rules import _COMPARE, LINEAR, _to_last, _windows, bind
+from sijax.tracking.rules import (
+    _COMPARE,
+    LINEAR,
+    _to_last,
+    _windows,
+    bind,
+    not_piecewise_linear,
+)
 
 ENDS = -1  # origin of z_min and z_max
 WINDOW = -2  # origin of a window boundary where some decision changes
@@ -618,35 +625,25 @@ def reduce_window_rule(line: _Line, eqn, invals) -> list:
 # ------------------------------------------------------------------ linear checks
 
 
-def _n_affine(invals) -> int:
-    return sum(1 for x in invals if _is_pv(x) and x.affine)
-
-
 def linear_rule(line, eqn, invals) -> list:
     return pointwise(line, eqn, invals)
 
 
-def bilinear_rule(line, eqn, invals) -> list:
-    if _n_affine(invals) > 1:
-        line.fail(eqn, "it multiplies two line-dependent operands")
-    return pointwise(line, eqn, invals)
+def _refuse(line, eqn, invals) -> None:
+    """Fails where `rules.not_piecewise_linear` says so (affine operands vary)."""
+    why = not_piecewise_linear(eqn, [_is_pv(x) and x.affine for x in invals])
+    if why:
+        line.fail(eqn, why)
 
 
-def div_rule(line, eqn, invals) -> list:
-    if _is_pv(invals[1]) and invals[1].affine:
-        line.fail(eqn, "it divides by a line-dependent operand")
-    return pointwise(line, eqn, invals)
-
-
-def convert_rule(line, eqn, invals) -> list:
-    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-        line.fail(eqn, "it rounds a line-dependent value to an integer or boolean")
+def checked_rule(line, eqn, invals) -> list:
+    """mul, dot, conv, div, convert: applied pointwise where piecewise linear."""
+    _refuse(line, eqn, invals)
     return pointwise(line, eqn, invals)
 
 
 def integer_pow_rule(line, eqn, invals) -> list:
-    if eqn.params["y"] != 1:
-        line.fail(eqn, f"x ** {eqn.params['y']} is not piecewise linear")
+    _refuse(line, eqn, invals)
     return list(invals)
 
 
@@ -763,11 +760,11 @@ def _pair_clamp(invals):
 RULES: dict[str, Callable] = {name: linear_rule for name in LINEAR}
 RULES.update(
     {
-        "mul": bilinear_rule,
-        "dot_general": bilinear_rule,
-        "conv_general_dilated": bilinear_rule,
-        "div": div_rule,
-        "convert_element_type": convert_rule,
+        "mul": checked_rule,
+        "dot_general": checked_rule,
+        "conv_general_dilated": checked_rule,
+        "div": checked_rule,
+        "convert_element_type": checked_rule,
         "integer_pow": integer_pow_rule,
         "stop_gradient": identity_rule,
         "optimization_barrier": identity_rule,

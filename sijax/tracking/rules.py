@@ -77,10 +77,38 @@ def linear_rule(ctx, eqn, invals) -> list:
     return [Lin(v, s) for v, s in zip(values, slopes, strict=True)]
 
 
+def not_piecewise_linear(eqn, varying: Sequence[bool]) -> str | None:
+    """Why ``eqn`` is not piecewise linear along the line when the operands marked in
+    ``varying`` vary with it (None: it is, as far as its kind of primitive goes).
+
+    The one verdict of both trackers for products, quotients, conversions and integer
+    powers: the walking rules mark every line-dependent operand, breakpoint
+    propagation only the affine ones (a piecewise-constant factor such as
+    ``sign(u)`` times an affine value is piecewise linear).
+    """
+    name = eqn.primitive.name
+    if name in ("mul", "dot_general", "conv_general_dilated") and sum(varying) > 1:
+        return "it multiplies two line-dependent operands"
+    if name == "div" and varying[1]:
+        return "it divides by a line-dependent operand"
+    if name == "convert_element_type" and not jnp.issubdtype(
+        eqn.params["new_dtype"], jnp.floating
+    ):
+        return "it rounds a line-dependent value to an integer or boolean"
+    if name == "integer_pow" and eqn.params["y"] != 1:
+        return f"x ** {eqn.params['y']} is not piecewise linear"
+    return None
+
+
+def _check(ctx, eqn, invals) -> None:
+    why = not_piecewise_linear(eqn, [is_lin(x) for x in invals])
+    if why:
+        ctx.fail(eqn, why)
+
+
 def bilinear_rule(ctx, eqn, invals) -> list:
     """mul, dot_general, conv: linear when at most one operand depends on the line."""
-    if sum(map(is_lin, invals)) > 1:
-        ctx.fail(eqn, "it multiplies two line-dependent operands")
+    _check(ctx, eqn, invals)
     if eqn.primitive.name in STACKED:
         return _stacked_product(eqn, invals)
     return linear_rule(ctx, eqn, invals)
@@ -115,8 +143,7 @@ def _stacked_product(eqn, invals) -> list:
 
 def div_rule(ctx, eqn, invals) -> list:
     """x / c is linear in x; c(t) in the denominator is not."""
-    if is_lin(invals[1]):
-        ctx.fail(eqn, "it divides by a line-dependent operand")
+    _check(ctx, eqn, invals)
     return linear_rule(ctx, eqn, invals)
 
 
@@ -130,15 +157,13 @@ def identity_rule(ctx, eqn, invals) -> list:
 
 def convert_rule(ctx, eqn, invals) -> list:
     """convert_element_type: linear between floating dtypes only."""
-    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-        ctx.fail(eqn, "it rounds a line-dependent value to an integer or boolean")
+    _check(ctx, eqn, invals)
     return linear_rule(ctx, eqn, invals)
 
 
 def integer_pow_rule(ctx, eqn, invals) -> list:
     """x ** 1 is the only piecewise-linear integer power."""
-    if eqn.params["y"] != 1:
-        ctx.fail(eqn, f"x ** {eqn.params['y']} is not piecewise linear")
+    _check(ctx, eqn, invals)
     return list(invals)
 
 
