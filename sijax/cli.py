@@ -288,7 +288,15 @@ def _experiment_args(p: argparse.ArgumentParser):
                    "--cpu-devices). Default: 1 walking; with --engine propagate one "
                    "per usable core when JAX runs on the CPU (else 1)")
     p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() first (multi-host runs)")
+                   help="jax.distributed.initialize() first (multi-host runs; on "
+                   "TPU, Slurm or Open MPI it finds the cluster itself, elsewhere "
+                   "give the next three)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="with --distributed: the address of process 0")
+    p.add_argument("--num-processes", type=int,
+                   help="with --distributed: how many processes take part")
+    p.add_argument("--process-id", type=int,
+                   help="with --distributed: this process's index, 0 .. N-1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cpu-devices", type=int, default=_usable_cores(),
                    help="on a CPU, split it into this many single-threaded XLA devices "
@@ -335,6 +343,10 @@ def _usable_cores() -> int:
 
 
 def _experiment_run(a: argparse.Namespace) -> int:
+    cluster = (a.coordinator, a.num_processes, a.process_id)
+    if not a.distributed and cluster != (None, None, None):
+        raise InputError("--coordinator, --num-processes and --process-id need "
+                         "--distributed")
     workers = 1 if a.workers is None and a.engine == "walk" else a.workers
     _use_cpu_devices(a.cpu_devices if workers == 1 else 1)  # workers: own devices
     _enable_x64()
@@ -344,7 +356,7 @@ def _experiment_run(a: argparse.Namespace) -> int:
     from sijax.experiments import default_spec, run_experiment
 
     if a.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(*cluster)
     if workers is None:
         workers = _auto_workers(a.engine, jax.default_backend(), jax.process_count())
     checkpoints = {}

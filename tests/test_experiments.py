@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -43,36 +44,21 @@ def models():
     }
 
 
+def _fpr_argv(out):
+    """The reduced fpr run's command line (iid and corr, 6 valid trials)."""
+    return [
+        "experiment", "fpr", "--sizes", "8", "--covariance", "iid", "corr",
+        "--trials", "6", "--methods", "selective", "oc", "naive", "bonferroni",
+        "--checkpoint", "tiny_8", "--batch", str(BATCH), "--max-pieces", "2000",
+        "--out", out, "--no-progress",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fpr_run(tmp_path_factory):
-    """The reduced fpr run through the command line (iid and corr, 6 valid trials)."""
+    """The reduced fpr run through the command line."""
     out = str(tmp_path_factory.mktemp("fpr"))
-    argv = [
-        "experiment",
-        "fpr",
-        "--sizes",
-        "8",
-        "--covariance",
-        "iid",
-        "corr",
-        "--trials",
-        "6",
-        "--methods",
-        "selective",
-        "oc",
-        "naive",
-        "bonferroni",
-        "--checkpoint",
-        "tiny_8",
-        "--batch",
-        str(BATCH),
-        "--max-pieces",
-        "2000",
-        "--out",
-        out,
-        "--no-progress",
-    ]
-    assert cli.main(argv) == 0
+    assert cli.main(_fpr_argv(out)) == 0
     return out
 
 
@@ -278,8 +264,8 @@ def test_cli_choices_match_the_library():
 # ----------------------------------------------------------------------- resume
 
 
-def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
-    """Two runs of one spec: the same trials, outcomes, p-values and summary rows."""
+def _check_same_records(recs_a: dict, recs_b: dict) -> None:
+    """Two runs of one spec: the same trials, outcomes and p-values."""
     assert set(recs_a) == set(recs_b)
     for k, r in recs_a.items():
         q = recs_b[k]
@@ -291,6 +277,11 @@ def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
             np.testing.assert_allclose(
                 r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
             )
+
+
+def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
+    """Two runs of one spec: the same records and summary rows."""
+    _check_same_records(recs_a, recs_b)
 
     def strip(rows):
         return [{k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows]
@@ -364,6 +355,56 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
     assert len(recs_two) == len(_records(two))  # nothing ran twice
     _check_same_results(recs_one, recs_two, rows_one, rows_two)
+
+
+def test_processes_joined_by_jax_distributed_record_what_one_process_does(
+    fpr_run, tmp_path
+):
+    """Multi-host through `--distributed`, on one machine: two processes with one
+    CPU device each join over localhost (jax.distributed, Gloo collectives), shard
+    each batch over the two-device mesh and gather the results; process 0 alone
+    writes. Same records and summary as the one-process run on four fake devices."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "two_hosts")
+    argv = _fpr_argv(out) + [
+        "--cpu-devices", "1", "--distributed",
+        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+    ]  # fmt: skip
+    code = "import sys; from sijax.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, XLA_FLAGS="")  # one device per process, not conftest's 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *argv, "--process-id", str(i)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "2 devices, 2 processes" in logs[0]
+    assert "wrote summary.json" not in logs[1]  # one writer
+    one = {(r["setting"], r["index"]): r for r in _records(fpr_run)}
+    two = {(r["setting"], r["index"]): r for r in _records(out)}
+    assert len(two) == len(_records(out))  # nothing ran twice
+    _check_same_records(one, two)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(_summary(out)) == strip(_summary(fpr_run))
+
+
+def test_cluster_flags_need_distributed(tmp_path, capsys):
+    argv = _fpr_argv(str(tmp_path / "out")) + ["--process-id", "1"]
+    assert cli.main(argv) == 2
+    assert "need --distributed" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_an_error_stops_the_workers_without_waiting_for_their_batches():
