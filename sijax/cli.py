@@ -138,8 +138,12 @@ def _dal_config(a: argparse.Namespace):
     return apply_overrides(cfg, sets + list(a.overrides))
 
 
+# Spelled out so that building the parser imports no JAX (checked by the tests).
+HYPOTHESES = ("reference", "background", "neighbour")
+
+
 def _dal_options(p: argparse.ArgumentParser):
-    p.add_argument("--hypothesis", choices=("reference", "background", "neighbour"))
+    p.add_argument("--hypothesis", choices=HYPOTHESES)
     p.add_argument("--search", choices=("parametric", "exhaustive",
                                         "over_conditioning"))
     p.add_argument("--termination", choices=("precision", "decision"))
@@ -262,8 +266,7 @@ def _experiment_args(p: argparse.ArgumentParser):
                    help="search termination of the selective test (default decision: "
                    "enough to count rejections)")
     p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--hypothesis", choices=("reference", "background", "neighbour"),
-                   default="reference",
+    p.add_argument("--hypothesis", choices=HYPOTHESES, default="reference",
                    help="what the region's mean is compared with: reference (v5, "
                    "default), background (the v1 in-image test of the paper's "
                    "v1-era figures) or neighbour; the images are the same")

@@ -30,6 +30,7 @@ from sijax.detect.dal import detect_region
 from sijax.diffusion.sampler import Noises
 from sijax.diffusion.unet import PWL_KNOTS, activation_fn
 from sijax.errors import InputError
+from sijax.selective.statistics import HYPOTHESES
 
 BATCH = 4  # one image per fake device
 COMMON = dict(sizes=(8,), checkpoints={8: "tiny_8"}, batch=BATCH, max_pieces=2000)
@@ -259,13 +260,15 @@ def test_cli_choices_match_the_library():
     assert cli.EXPERIMENTS == ex.EXPERIMENTS
     assert cli.METHODS == ex.METHODS
     assert cli.NOISE_FAMILIES == ex.NOISE_FAMILIES
+    assert cli.HYPOTHESES == HYPOTHESES[:3]  # "custom" needs an eta: library only
 
 
 # ----------------------------------------------------------------------- resume
 
 
-def _check_same_records(recs_a: dict, recs_b: dict) -> None:
-    """Two runs of one spec: the same trials, outcomes and p-values."""
+def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
+    """Two runs of one spec: the same trials, outcomes, p-values and summary rows
+    (as in summary.json)."""
     assert set(recs_a) == set(recs_b)
     for k, r in recs_a.items():
         q = recs_b[k]
@@ -278,13 +281,8 @@ def _check_same_records(recs_a: dict, recs_b: dict) -> None:
                 r["methods"][m]["p"], q["methods"][m]["p"], rtol=1e-9
             )
 
-
-def _check_same_results(recs_a: dict, recs_b: dict, rows_a, rows_b) -> None:
-    """Two runs of one spec: the same records and summary rows."""
-    _check_same_records(recs_a, recs_b)
-
     def strip(rows):
-        return [{k: v for k, v in r.to_json().items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert strip(rows_a) == strip(rows_b)
 
@@ -317,7 +315,10 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     with open(os.path.join(part, ex.TRIALS_FILE), "rb") as f, gzip.open(gz, "wb") as g:
         g.write(f.read())
     assert ex.read_trials(gz) == _records(part)
-    _check_same_results(recs_full, recs_part, rows_full, rows_part)
+    _check_same_results(
+        recs_full, recs_part, [r.to_json() for r in rows_full],
+        [r.to_json() for r in rows_part],
+    )  # fmt: skip
     # resuming a finished run runs nothing; max_batches=0 only rewrites the summary
     os.remove(os.path.join(part, "summary.json"))
     ex.run_experiment(
@@ -354,7 +355,10 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     recs_one = {(r["setting"], r["index"]): r for r in _records(one)}
     recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
     assert len(recs_two) == len(_records(two))  # nothing ran twice
-    _check_same_results(recs_one, recs_two, rows_one, rows_two)
+    _check_same_results(
+        recs_one, recs_two, [r.to_json() for r in rows_one],
+        [r.to_json() for r in rows_two],
+    )  # fmt: skip
 
 
 def test_processes_joined_by_jax_distributed_record_what_one_process_does(
@@ -392,12 +396,7 @@ def test_processes_joined_by_jax_distributed_record_what_one_process_does(
     one = {(r["setting"], r["index"]): r for r in _records(fpr_run)}
     two = {(r["setting"], r["index"]): r for r in _records(out)}
     assert len(two) == len(_records(out))  # nothing ran twice
-    _check_same_records(one, two)
-
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-
-    assert strip(_summary(out)) == strip(_summary(fpr_run))
+    _check_same_results(one, two, _summary(fpr_run), _summary(out))
 
 
 def test_cluster_flags_need_distributed(tmp_path, capsys):
