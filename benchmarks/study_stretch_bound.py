@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
 from sijax.tracking.control import CALLS, _sub_jaxpr  # noqa: E402
-from sijax.tracking.rules import LINEAR, _windows, bind  # noqa: E402
+from sijax.tracking.rules import LINEAR, _windows, bind, with_operands  # noqa: E402
 
 
 class Box:
@@ -66,12 +66,7 @@ def _read(env, v):
 def _linear(eqn, invals):
     """c exactly, g and r through the tangent map (r through |coefficients|)."""
     idx = [i for i, x in enumerate(invals) if _is_box(x)]
-
-    def fun(*vals):
-        args = list(invals)
-        for i, v in zip(idx, vals, strict=True):
-            args[i] = v
-        return bind(eqn, args)
+    fun = with_operands(eqn, invals, idx)
 
     cs = tuple(invals[i].c for i in idx)
     gs = tuple(invals[i].g for i in idx)

@@ -61,16 +61,22 @@ def _out_aval(eqn, i: int = 0):
 # --------------------------------------------------------------------------- linear
 
 
-def linear_rule(ctx, eqn, invals) -> list:
-    """Any map that is affine in its line-dependent operands (constants closed over)."""
-    idx = [i for i, x in enumerate(invals) if is_lin(x)]
+def with_operands(eqn, invals: Sequence, idx: Sequence[int]) -> Callable:
+    """The equation as a function of its operands at `idx`, the others fixed."""
 
-    def fun(*lin_values):
+    def fun(*values):
         args = list(invals)
-        for i, v in zip(idx, lin_values, strict=True):
+        for i, v in zip(idx, values, strict=True):
             args[i] = v
         return bind(eqn, args)
 
+    return fun
+
+
+def linear_rule(ctx, eqn, invals) -> list:
+    """Any map that is affine in its line-dependent operands (constants closed over)."""
+    idx = [i for i, x in enumerate(invals) if is_lin(x)]
+    fun = with_operands(eqn, invals, idx)
     primals = tuple(invals[i].value for i in idx)
     tangents = tuple(invals[i].slope for i in idx)
     values, slopes = jax.jvp(fun, primals, tangents)
