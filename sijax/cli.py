@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 from sijax.errors import InputError, SijaxError, ensure_output_dir
 
 
-def _enable_x64():
+def _configure_jax():
     # The test path is float64 (STYLE habit 9); switched on here, not at import.
     import jax
 
+    from sijax.compile_cache import enable_compilation_cache
+
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
+    enable_compilation_cache()  # $SIJAX_COMPILE_CACHE: a directory, or off
 
 
 # --- train -------------------------------------------------------------------------
@@ -51,7 +54,7 @@ def _train_run(a: argparse.Namespace) -> int:
     else:
         cfg = get_config(a.config)
     cfg = apply_overrides(cfg, a.overrides)
-    _enable_x64()
+    _configure_jax()
     res = train(cfg, a.workdir, resume=a.resume, progress=not a.no_progress)
     print(f"trained {cfg.name} size={cfg.size}: {int(res.state.step)} steps, "
           f"final loss {res.losses[-1, 1]:.4f}, {res.seconds_per_step * 1e3:.1f} "
@@ -82,7 +85,7 @@ def _sample_run(a: argparse.Namespace) -> int:
     if a.num < 1 or a.steps < 0:
         raise InputError(f"need --num >= 1 and --steps >= 0; got {a.num}, {a.steps}")
     ensure_output_dir(a.out)
-    _enable_x64()
+    _configure_jax()
     model = load_model(a.checkpoint)
     T = model.schedule.T  # noqa: N806
     steps = None
@@ -114,7 +117,7 @@ def _reconstruct_run(a: argparse.Namespace) -> int:
     from sijax.diffusion.reconstruction import reconstruct_image, save_reconstruction
 
     ensure_output_dir(a.out)
-    _enable_x64()
+    _configure_jax()
     model = load_model(a.checkpoint)
     x = load_image(a.image, model.image_shape)
     rec = reconstruct_image(model, x, seed=a.seed)
@@ -191,7 +194,7 @@ def _test_run(a: argparse.Namespace) -> int:
     from sijax.data.images import load_image
     from sijax.detect.run import format_result, run_test
 
-    _enable_x64()
+    _configure_jax()
     config = _dal_config(a)
     shape = load_model(a.checkpoint).image_shape
     x = load_image(a.image, shape)
@@ -217,7 +220,7 @@ def _demo_run(a: argparse.Namespace) -> int:
     from sijax.data.examples import example_paths, load_example
     from sijax.detect.run import DEFAULT_CHECKPOINTS, format_result, run_test
 
-    _enable_x64()
+    _configure_jax()
     config = _dal_config(a)
     x, x_ref = load_example(a.size)
     checkpoint = os.path.join(DEFAULT_CHECKPOINTS, f"dal_v5_{a.size}")
@@ -352,7 +355,7 @@ def _experiment_run(a: argparse.Namespace) -> int:
                          "--distributed")
     workers = 1 if a.workers is None and a.engine == "walk" else a.workers
     _use_cpu_devices(a.cpu_devices if workers == 1 else 1)  # workers: own devices
-    _enable_x64()
+    _configure_jax()
     import jax
 
     from sijax.checkpoint import load_model
@@ -404,7 +407,10 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sijax", description="Diffusion-based anomaly localization with "
-        "selective p-values (the DAL test).")
+        "selective p-values (the DAL test).",
+        epilog="Compiled programs are kept between runs in $SIJAX_COMPILE_CACHE "
+        "(default ~/.cache/sijax/jax; 'off' keeps nothing; the directory may be "
+        "deleted at any time).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from sijax import compile_cache
 from sijax.detect.dal import (
     ENGINES,
     REPORT_EVERY,
@@ -1280,6 +1281,8 @@ def _worker_init(flags: str, reports=None, models: bytes = b"") -> None:
     # would each claim most of the GPU's memory).
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_x64", True)
+    if compile_cache.ENV in os.environ:  # the parent's cache (or "off"), inherited
+        compile_cache.enable_compilation_cache()
     # Unpickled only now: arrays made before x64 is on would be float32.
     _WORKER["models"] = pickle.loads(models) if models else {}
     # A parent killed outright (SIGTERM, SIGKILL) cannot shut the pool down: its
