@@ -2,7 +2,7 @@
 
 Compilation is a large part of a short run's wall time (about 10 of the 22 s of
 ``sijax demo`` on one core here), and the programs are the same from one run to the
-next. With the cache on, a later run loads them instead (``sijax demo``: 22 -> 12 s
+next. With the cache on, a later run loads them instead (``sijax demo``: 22 -> 10 s
 wall, measured; benchmarks/README.md, "Compilation cache"). The CLI switches it on;
 library users call :func:`enable_compilation_cache` in their entry point.
 
