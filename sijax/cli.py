@@ -196,11 +196,12 @@ def _test_run(a: argparse.Namespace) -> int:
 
     _configure_jax()
     config = _dal_config(a)
-    shape = load_model(a.checkpoint).image_shape
-    x = load_image(a.image, shape)
-    x_ref = load_image(a.reference, shape) if a.reference else None
-    result, seconds = run_test(a.checkpoint, x, x_ref, sigma=_sigma(a.sigma),
-                               out_dir=a.out, seed=a.seed, config=config,
+    model = load_model(a.checkpoint)
+    x = load_image(a.image, model.image_shape)
+    x_ref = load_image(a.reference, model.image_shape) if a.reference else None
+    result, seconds = run_test(model, x, x_ref, sigma=_sigma(a.sigma),
+                               out_dir=a.out, checkpoint=a.checkpoint, seed=a.seed,
+                               config=config,
                                progress=not a.no_progress,
                                extra={"image": a.image, "reference": a.reference})
     print(format_result(result))
@@ -217,6 +218,7 @@ def _demo_args(p: argparse.ArgumentParser):
 
 
 def _demo_run(a: argparse.Namespace) -> int:
+    from sijax.checkpoint import load_model
     from sijax.data.examples import example_paths, load_example
     from sijax.detect.run import DEFAULT_CHECKPOINTS, format_result, run_test
 
@@ -226,8 +228,9 @@ def _demo_run(a: argparse.Namespace) -> int:
     checkpoint = os.path.join(DEFAULT_CHECKPOINTS, f"dal_v5_{a.size}")
     print(f"DAL test on the bundled {a.size}x{a.size} example (a +3 square planted in "
           f"N(0, 1) noise, an independent N(0, 1) reference), model {checkpoint}")
-    result, seconds = run_test(checkpoint, x, x_ref, sigma=1.0, out_dir=a.out,
-                               seed=a.seed, config=config,
+    result, seconds = run_test(load_model(checkpoint), x, x_ref, sigma=1.0,
+                               out_dir=a.out, checkpoint=checkpoint, seed=a.seed,
+                               config=config,
                                progress=not a.no_progress,
                                extra={"image": example_paths(a.size)[0],
                                       "reference": example_paths(a.size)[1]})

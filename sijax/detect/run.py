@@ -19,24 +19,27 @@ DEFAULT_CHECKPOINTS = os.path.join(
 
 
 def run_test(
-    checkpoint: str,
+    model,
     x,
     x_ref,
     *,
     sigma,
     out_dir: str,
+    checkpoint: str | None = None,
     seed: int = 0,
     config: DALConfig | None = None,
     extra: dict | None = None,
     progress: bool = False,
 ):
-    """Loads the model, runs :func:`sijax.detect.dal.dal_test`, writes the report.
+    """Runs :func:`sijax.detect.dal.dal_test` on a loaded model, writes the report.
 
     Args:
-      checkpoint: model directory (``sijax train`` output or a committed checkpoint).
+      model: the loaded model (:func:`sijax.load_model`, loaded once by the caller).
       x, x_ref: (H, W, C) arrays (x_ref may be None for background/neighbour tests).
       sigma: covariance of X (see :func:`dal_test`).
       out_dir: where report.json, the .npy arrays and report.png go.
+      checkpoint: the model's directory, recorded in report.json (data only: the
+        model is not loaded again).
       seed: the key of the sampler noises (drawn once, fixed along the line).
       config: :class:`DALConfig`.
       extra: more fields for report.json.
@@ -48,11 +51,8 @@ def run_test(
     Raises:
       InputError: ``out_dir`` cannot be written (checked before the test runs).
     """
-    from sijax.checkpoint import load_model
-
     ensure_output_dir(out_dir)  # before the test: a bad --out must not cost a run
     config = DALConfig() if config is None else config
-    model = load_model(checkpoint)
     noises = draw_noises(jax.random.key(seed), model.image_shape, config)
     t0 = time.perf_counter()
     with search_bar(progress) as report:
