@@ -47,10 +47,13 @@ __all__ = [
     "DiagonalCovariance",
     "HYPOTHESES",
     "LineStatistic",
+    "LowRankDiagonalCovariance",
     "OperatorCovariance",
     "ScalarCovariance",
     "StatStatus",
+    "StationaryCovariance",
     "as_covariance",
+    "circulant_spectrum",
     "covariance_matrix",
     "dilate",
     "line_statistic",
@@ -350,6 +353,224 @@ class OperatorCovariance(Covariance):
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(aux[0], aux[1], children[0])
+
+
+def _lag_grid(image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """FFT grid (2H - 1, 2W - 1): every lag |di| < H, |dj| < W on its own index."""
+    h, w = image_shape[:2]
+    return 2 * h - 1, 2 * w - 1
+
+
+def _place_lags(kernel, grid: tuple[int, int]):
+    """Kernel (2Lh+1, 2Lw+1, C, C) onto a (Ph, Pw, C, C) circle: lag d at d mod P.
+
+    Needs P >= H + L per axis so that, for pixels of an H x W image, a lag that is
+    not in the kernel never lands on one that is (no wrap-around).
+    """
+    xp = jnp if isinstance(kernel, jax.Array) else np
+    lh, lw = (kernel.shape[0] - 1) // 2, (kernel.shape[1] - 1) // 2
+    pad = ((0, grid[0] - kernel.shape[0]), (0, grid[1] - kernel.shape[1]))
+    placed = xp.pad(kernel, pad + ((0, 0), (0, 0)))
+    return xp.roll(placed, (-lh, -lw), axis=(0, 1))
+
+
+def circulant_spectrum(kernel, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Eigenvalues of the block-circulant embedding of a stationary kernel (host).
+
+    The kernel's lags are placed on the (2H - 1, 2W - 1) circle (lag d at d mod P),
+    which wraps no lag onto another, so the block-Toeplitz covariance of the image
+    is a principal submatrix of that block-circulant matrix. The circulant's
+    eigenvalues are those of the C x C Hermitian matrices K^(f), one per frequency;
+    when all are >= 0 the circulant is PSD and so is the Toeplitz covariance
+    (Cauchy interlacing). The converse does not hold: this is a sufficient check.
+
+    Args:
+      kernel: (2Lh+1, 2Lw+1, C, C) float64, ``kernel[Lh + di, Lw + dj, c, c']`` =
+        Cov(x[i, j, c], x[i + di, j + dj, c']), with Lh < H, Lw < W.
+      image_shape: (H, W, C).
+
+    Returns:
+      (2H - 1, 2W - 1, C) float64 eigenvalues, ascending per frequency.
+    """
+    k = np.asarray(kernel, np.float64)
+    g = _place_lags(k, _lag_grid(image_shape))
+    spec = np.fft.fft2(g, axes=(0, 1))
+    spec = 0.5 * (spec + np.conj(np.swapaxes(spec, -1, -2)))  # Hermitian to rounding
+    return np.linalg.eigvalsh(spec)
+
+
+@jax.tree_util.register_pytree_node_class
+class StationaryCovariance(Covariance):
+    """A translation-invariant covariance of an (H, W, C) image (block-Toeplitz).
+
+    Cov(x[i, j, c], x[i + di, j + dj, c']) = k[di, dj, c, c'] for |di| <= Lh,
+    |dj| <= Lw (zero beyond), with the full cross-channel C x C kernel. The pixels
+    outside the image do not exist: Sigma is the exact linear correlation with the
+    kernel (block-Toeplitz), not a circulant that wraps the image around. A valid
+    kernel satisfies k[-d] = k[d]^T.
+
+    The matvec is exact and O(n log n): Sigma v = the linear correlation of the
+    (H, W, C) image v with the kernel, computed by FFT on a zero-padded
+    (H + Lh, W + Lw) grid, large enough that no lag wraps onto another; no
+    (n, n) matrix is formed. For pixel (i, j, c),
+    (Sigma v)[i, j, c] = sum_{di, dj, c'} k[di, dj, c, c'] v[i + di, j + dj, c'].
+
+    Args:
+      kernel: (2Lh+1, 2Lw+1, C, C) float64, ``kernel[Lh + di, Lw + dj, c, c']``,
+        with Lh < H and Lw < W (the lag 0 at the centre).
+      image_shape: (H, W, C) of the image (static).
+      check_psd: :meth:`validate` checks the sufficient PSD condition of
+        :func:`circulant_spectrum` (raises when it fails). Switch it off only for a
+        kernel known to be PSD by other means.
+    """
+
+    def __init__(self, kernel, image_shape: tuple[int, ...], check_psd: bool = True):
+        self.kernel = kernel
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) == 2:
+            shape = (*shape, 1)
+        self.image_shape = shape
+        self.check_psd = bool(check_psd)
+        self.n = int(np.prod(shape))
+
+    @property
+    def lags(self) -> tuple[int, int]:
+        """(Lh, Lw), the largest lags the kernel holds."""
+        return (np.shape(self.kernel)[0] - 1) // 2, (np.shape(self.kernel)[1] - 1) // 2
+
+    def matvec(self, v):
+        h, w, c = self.image_shape
+        lh, lw = self.lags
+        grid = (h + lh, w + lw)
+        k = jnp.asarray(self.kernel, jnp.float64)
+        # The correlation y[i] = sum_d k[d] v[i + d] is the convolution of v with
+        # g[e] = k[-e] (kernel flipped in space), per channel pair c, c'.
+        g = _place_lags(k[::-1, ::-1], grid)
+        vh = jnp.fft.rfft2(v.reshape(h, w, c), s=grid, axes=(0, 1))
+        gh = jnp.fft.rfft2(g, axes=(0, 1))
+        yh = jnp.einsum("abcd,abd->abc", gh, vh, precision=lax.Precision.HIGHEST)
+        y = jnp.fft.irfft2(yh, s=grid, axes=(0, 1))[:h, :w]
+        return y.reshape(-1).astype(v.dtype)
+
+    def diagonal(self, n):
+        lh, lw = self.lags
+        k0 = jnp.diagonal(jnp.asarray(self.kernel, jnp.float64)[lh, lw])  # (C,)
+        h, w, _ = self.image_shape
+        return jnp.tile(k0, h * w)
+
+    def validate(self, n):
+        super().validate(n)
+        h, w, c = self.image_shape
+        kshape = tuple(np.shape(self.kernel))
+        if (
+            len(kshape) != 4
+            or kshape[2:] != (c, c)
+            or kshape[0] % 2 == 0
+            or kshape[1] % 2 == 0
+            or kshape[0] > 2 * h - 1
+            or kshape[1] > 2 * w - 1
+        ):
+            raise InputError(
+                f"stationary kernel must be (2Lh+1, 2Lw+1, C, C) with Lh < H, Lw < W"
+                f" for image_shape={self.image_shape}, got kernel.shape={kshape}"
+            )
+        if not _concrete(self.kernel):
+            return
+        k = np.asarray(self.kernel, np.float64)
+        if not np.all(np.isfinite(k)):
+            raise InputError("stationary kernel holds NaN or Inf")
+        lh, lw = self.lags
+        k0 = np.diagonal(k[lh, lw])
+        if np.any(k0 <= 0):
+            raise InputError(
+                f"stationary kernel must have variances k[0, 0, c, c] > 0, got {k0}"
+            )
+        scale = float(np.max(np.abs(k)))
+        asym = float(np.max(np.abs(k - np.swapaxes(k[::-1, ::-1], 2, 3))))
+        if asym > 1e-10 * scale:
+            raise InputError(
+                "stationary kernel is not symmetric: k[-d] must equal k[d]^T"
+                f" (max difference {asym:.3g}, max |k| = {scale:.3g})"
+            )
+        if self.check_psd:
+            lam = float(np.min(circulant_spectrum(k, self.image_shape)))
+            if lam < -1e-10 * scale * k.shape[0] * k.shape[1]:
+                raise InputError(
+                    "stationary kernel fails the PSD check: its block-circulant"
+                    f" embedding has eigenvalue {lam:.3g} < 0. Estimate it with"
+                    " sijax.noise_model.estimate_noise_model (which projects it),"
+                    " or pass check_psd=False if it is PSD for another reason"
+                )
+
+    def tree_flatten(self):
+        return (self.kernel,), (self.image_shape, self.check_psd)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+
+@jax.tree_util.register_pytree_node_class
+class LowRankDiagonalCovariance(Covariance):
+    """Sigma = U diag(s) U^T + diag(d): a few shared modes plus independent pixels.
+
+    The matvec U (s * (U^T v)) + d * v is exact and O(n k); no (n, n) matrix.
+
+    Args:
+      basis: U, (n, k) float64 (need not be orthonormal).
+      scales: s, (k,) float64, >= 0 (the variances along U's columns).
+      residual: d, (n,) float64, > 0 (keeps Sigma positive definite).
+    """
+
+    def __init__(self, basis, scales, residual):
+        self.basis = basis  # (n, k)
+        self.scales = scales  # (k,)
+        self.residual = residual  # (n,)
+        self.n = int(np.shape(residual)[0])
+
+    def matvec(self, v):
+        u = jnp.asarray(self.basis, jnp.float64)
+        coef = _matvec_dot(u.T, v) * self.scales
+        return _matvec_dot(u, coef) + self.residual * v
+
+    def diagonal(self, n):
+        u = jnp.asarray(self.basis, jnp.float64)
+        return (
+            jnp.sum(u * u * jnp.asarray(self.scales)[None, :], axis=1) + self.residual
+        )
+
+    def validate(self, n):
+        super().validate(n)
+        ushape, sshape = tuple(np.shape(self.basis)), tuple(np.shape(self.scales))
+        if len(ushape) != 2 or ushape[0] != n or sshape != ushape[1:]:
+            raise InputError(
+                f"low-rank covariance needs basis (n, k) and scales (k,) with n={n},"
+                f" got basis.shape={ushape}, scales.shape={sshape}"
+            )
+        if not _concrete(self.basis, self.scales, self.residual):
+            return
+        u, s, d = (
+            np.asarray(a, np.float64) for a in (self.basis, self.scales, self.residual)
+        )
+        if not (np.all(np.isfinite(u)) and np.all(np.isfinite(s))):
+            raise InputError("low-rank covariance: basis or scales hold NaN or Inf")
+        if not np.all(np.isfinite(d)):
+            raise InputError("low-rank covariance: residual variances hold NaN/Inf")
+        if np.any(s < 0):
+            raise InputError(f"low-rank covariance: scales must be >= 0, got {s}")
+        if np.any(d <= 0):
+            bad = int(np.argmin(d))
+            raise InputError(
+                f"low-rank covariance: residual variances must be > 0; element {bad}"
+                f" is {d[bad]!r} ({int(np.sum(d <= 0))} not positive)"
+            )
+
+    def tree_flatten(self):
+        return (self.basis, self.scales, self.residual), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
 
 
 def as_covariance(sigma, shape: tuple[int, ...]) -> Covariance:
