@@ -307,7 +307,8 @@ def estimate_noise_model(
     x = _check_images(images)
     n_img = x.shape[0]
     mean = x.mean(axis=0)
-    r = x - mean  # (N, H, W, C)
+    r = x  # a float64 copy of the images: centred in place, no second copy
+    r -= mean  # (N, H, W, C)
     del x
     var = np.einsum("mhwc,mhwc->hwc", r, r) / (n_img - 1)  # (H, W, C)
     scale = float(var.mean())
@@ -369,16 +370,14 @@ def _symmetrize(k: np.ndarray) -> np.ndarray:
     return 0.5 * (k + np.swapaxes(neg, 2, 3))
 
 
-def _stationary_kernel(r: np.ndarray, max_lag, floor_v: float):
-    """PSD autocovariance kernel (2H-1, 2W-1, C, C) of centred images (N, H, W, C)."""
+def _unbiased_kernel(r: np.ndarray) -> np.ndarray:
+    """Unbiased autocovariance of centred images (N, H, W, C) at every lag.
+
+    Returns:
+      (2H - 1, 2W - 1, C, C) float64 on the circle (lag d at index d mod P):
+      sum_m sum_p r_m[p, c] r_m[p + d, c'] / ((N - 1) (H - |di|) (W - |dj|)).
+    """
     n_img, h, w, c = r.shape
-    if max_lag is None:
-        lh = lw = max(1, min(h, w) // 4)
-    else:
-        if int(max_lag) != max_lag or max_lag < 0:
-            raise InputError(f"max_lag={max_lag} must be an integer >= 0")
-        lh = lw = int(max_lag)
-    lh, lw = min(lh, h - 1), min(lw, w - 1)
     grid = (2 * h - 1, 2 * w - 1)
     # Cross-spectrum summed over the images, a block of images at a time:
     # S[f, c, c'] = sum_m conj(R_m[f, c]) R_m[f, c'], so that its inverse transform is
@@ -387,12 +386,26 @@ def _stationary_kernel(r: np.ndarray, max_lag, floor_v: float):
     for start in range(0, n_img, _IMAGE_BLOCK):
         f = np.fft.rfft2(r[start : start + _IMAGE_BLOCK], s=grid, axes=(1, 2))
         spec += np.einsum("mabc,mabd->abcd", f.conj(), f)
-    acf = np.fft.irfft2(spec, s=grid, axes=(0, 1))  # lag d at index d mod P
+    acf = np.fft.irfft2(spec, s=grid, axes=(0, 1))
     lag_h, lag_w = _circle_lags(grid[0], h), _circle_lags(grid[1], w)
     count = np.outer(h - np.abs(lag_h), w - np.abs(lag_w)).astype(np.float64)
-    weight = np.outer(_taper(lag_h, lh), _taper(lag_w, lw)) / ((n_img - 1) * count)
-    k = acf * weight[:, :, None, None]
-    k = _symmetrize(k)
+    return acf / ((n_img - 1) * count)[:, :, None, None]
+
+
+def _stationary_kernel(r: np.ndarray, max_lag, floor_v: float):
+    """PSD autocovariance kernel (2H-1, 2W-1, C, C) of centred images (N, H, W, C)."""
+    _, h, w, c = r.shape
+    if max_lag is None:
+        lh = lw = max(1, min(h, w) // 4)
+    else:
+        if int(max_lag) != max_lag or max_lag < 0:
+            raise InputError(f"max_lag={max_lag} must be an integer >= 0")
+        lh = lw = int(max_lag)
+    lh, lw = min(lh, h - 1), min(lw, w - 1)
+    grid = (2 * h - 1, 2 * w - 1)
+    lag_h, lag_w = _circle_lags(grid[0], h), _circle_lags(grid[1], w)
+    taper = np.outer(_taper(lag_h, lh), _taper(lag_w, lw))
+    k = _symmetrize(_unbiased_kernel(r) * taper[:, :, None, None])
     # Project onto PSD kernels: clip the negative part of every Hermitian C x C
     # Fourier matrix of the circulant on this grid.
     kf = np.fft.fft2(k, axes=(0, 1))

@@ -23,6 +23,7 @@ from sijax.errors import CheckpointError, InputError
 from sijax.noise_model import (
     NoiseModel,
     NoiseModelWarning,
+    _unbiased_kernel,  # the estimate before its projection
     estimate_noise_model,
     load_noise_model,
     save_noise_model,
@@ -70,8 +71,11 @@ class Field:
     def __init__(self, shape, rng):
         self.shape = shape
         c = shape[2]
-        f = 0.35 * rng.standard_normal((3, 3, c, c))
-        f[1, 1] += np.eye(c)
+        # A blur (neighbours correlate positively, as in most textures) with some
+        # random mixing of the channels and of the taps.
+        b = np.array([0.6, 1.0, 0.6])
+        f = 0.2 * rng.standard_normal((3, 3, c, c))
+        f += np.outer(b, b)[:, :, None, None] * np.eye(c)
         self.filt = f
         ne = (shape[0] + 2) * (shape[1] + 2) * c
         a = self._apply(np.eye(ne).reshape(ne, shape[0] + 2, shape[1] + 2, c))
@@ -281,11 +285,8 @@ def test_stationary_estimate_is_psd_even_from_three_images():
     raw = np.zeros_like(nm.kernel)
     for di in range(-(H - 1), H):
         for dj in range(-(W - 1), W):
-            a = r[:, max(0, -di) : H - max(0, di), max(0, -dj) : W - max(0, dj)]
-            b = r[:, max(0, di) : H + min(0, di), max(0, dj) : W + min(0, dj)]
-            raw[H - 1 + di, W - 1 + dj] = np.einsum("mhwc,mhwd->cd", a, b) / (
-                2 * (H - abs(di)) * (W - abs(dj))
-            )
+            total, pairs = _direct_kernel(r, di, dj)
+            raw[H - 1 + di, W - 1 + dj] = total / (2 * pairs)
     assert np.linalg.eigvalsh(dense_stationary(raw, (H, W, C)))[0] < -1e-3
     lam = np.linalg.eigvalsh(dense(nm.covariance(), N_PIX))
     assert lam[0] >= nm.floor * (1 - 1e-6)
@@ -293,22 +294,35 @@ def test_stationary_estimate_is_psd_even_from_three_images():
     assert lowest >= nm.floor - 1e-12 * np.max(np.abs(nm.kernel))
 
 
-def test_stationary_estimate_without_taper_is_the_unbiased_kernel():
-    """Lags up to max_lag keep their unbiased estimate when it is already PSD."""
+def _direct_kernel(r, di, dj):
+    """sum over images and positions of r[p, c] r[p + d, c'], and the pair count."""
+    h, w = r.shape[1:3]
+    a = r[:, max(0, -di) : h - max(0, di), max(0, -dj) : w - max(0, dj)]
+    b = r[:, max(0, di) : h + min(0, di), max(0, dj) : w + min(0, dj)]
+    return np.einsum("mhwc,mhwd->cd", a, b), a.shape[1] * a.shape[2]
+
+
+def test_stationary_kernel_is_unbiased_before_taper_and_projection():
+    """The FFT estimate equals the direct average over positions at every lag, and
+    the tapered, projected kernel stays close to it up to max_lag."""
     rng = np.random.default_rng(4)
-    field = Field((H, W, C), rng)
-    imgs = field.draw(rng, 400)
-    nm = estimate_noise_model(imgs, "stationary", max_lag=1)
+    imgs = Field((H, W, C), rng).draw(rng, 400)
     r = imgs - imgs.mean(0)
-    k0 = np.max(np.abs(r.var((0, 1, 2))))
+    raw = np.fft.fftshift(_unbiased_kernel(r), axes=(0, 1))
+    for di in range(-(H - 1), H):
+        for dj in range(-(W - 1), W):
+            total, pairs = _direct_kernel(r, di, dj)
+            np.testing.assert_allclose(
+                raw[H - 1 + di, W - 1 + dj], total / (399 * pairs), rtol=0, atol=1e-12
+            )
+    nm = estimate_noise_model(imgs, "stationary", max_lag=1)
+    k0 = raw[H - 1, W - 1].max()
     for di, dj in [(0, 0), (1, 0), (0, 1), (1, -1)]:
-        a = r[:, max(0, -di) : H - max(0, di), max(0, -dj) : W - max(0, dj)]
-        b = r[:, max(0, di) : H + min(0, di), max(0, dj) : W + min(0, dj)]
-        want = np.einsum("mhwc,mhwd->cd", a, b) / (399 * a.shape[1] * a.shape[2])
-        got = nm.kernel[H - 1 + di, W - 1 + dj] - (di == dj == 0) * nm.floor * np.eye(C)
-        # The projection moves the kernel only where the tapered estimate was
-        # indefinite: not at all in this draw (they agree to 1e-15).
-        np.testing.assert_allclose(got, want, rtol=0, atol=0.01 * k0)
+        got = nm.kernel[H - 1 + di, W - 1 + dj]
+        # The projection moves the kernel where the tapered estimate was indefinite.
+        np.testing.assert_allclose(
+            got, raw[H - 1 + di, W - 1 + dj], rtol=0, atol=0.05 * k0
+        )
 
 
 def test_low_rank_randomized_path_equals_the_eigendecomposition():
@@ -477,14 +491,14 @@ def test_estimators_recover_a_known_covariance(truth):
     assert np.abs(_quad_forms(pixel.covariance(), etas[-1:]) / want[-1:] - 1)[0] > 0.3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("truth", ["stationary", "lowrank"])
 def test_standardised_statistic_is_standard_normal_under_the_real_data_null(truth):
     """The real-data null in miniature: each of 400 trials draws 200 normal images,
     estimates the model and its template, then one test image X. For fixed eta,
     z = eta^T (X - template) / sqrt(eta^T (Sigma + Sigma / N) eta) is N(0, 1) with
-    the matching noise model (KS p > 0.01) and not with the per-pixel model
-    (KS p < 1e-6) when the true noise is correlated."""
+    the matching noise model (KS p > 0.01, variance within 1 +- 0.25) and not
+    with the per-pixel model when the true noise is correlated (KS p < 1e-4 and a
+    variance above 2 for the region mean)."""
     rng = np.random.default_rng(12)
     shape = (8, 8, 2)
     n = int(np.prod(shape))
@@ -505,10 +519,11 @@ def test_standardised_statistic_is_standard_normal_under_the_real_data_null(trut
     for kind in kinds:
         zk = np.array(z[kind])  # (trials, etas)
         p = [stats.kstest(zk[:, e], "norm").pvalue for e in range(len(etas))]
+        var = zk.var(0)  # 1 +- 0.07 (one sd) for N(0, 1)
         if kind == truth:
-            assert min(p) > 0.01, (kind, p)
-        else:
-            assert p[0] < 1e-6, (kind, p)  # the region mean: correlated pixels
+            assert min(p) > 0.01 and np.all(np.abs(var - 1) < 0.25), (kind, p, var)
+        else:  # the region mean of correlated pixels varies more than it says
+            assert p[0] < 1e-4 and var[0] > 2, (kind, p, var)
 
 
 # ---------------------------------------------------------------------- end to end
