@@ -410,7 +410,7 @@ def test_an_error_stops_the_workers_without_waiting_for_their_batches():
     """A failed batch (or Ctrl-C) in the scheduler must surface at once, not after
     the other workers' batches (minutes each), and leave no worker behind."""
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="boom"), ex._worker_pool(2) as pool:
+    with pytest.raises(RuntimeError, match="boom"), ex.worker_pool(2) as pool:
         pids = {pool.submit(os.getpid).result() for _ in range(4)}
         for _ in range(2):
             pool.submit(time.sleep, 600)
@@ -426,9 +426,9 @@ def test_workers_leave_when_their_parent_is_killed():
     code = (
         "import multiprocessing as mp, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from sijax import experiments as ex\n"
+        "from sijax.experiments import pool\n"
         "pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'),\n"
-        "    initializer=ex._worker_init, initargs=('',))\n"
+        "    initializer=pool._worker_init, initargs=('',))\n"
         "print(pool.submit(__import__('os').getpid).result(), flush=True)\n"
         "pool.submit(time.sleep, 600)\n"
         "time.sleep(600)\n"
@@ -477,7 +477,7 @@ def test_one_run_at_a_time_writes_a_directory(tmp_path, models):
     """A second run on a directory in use is refused (it would redo the same trials)."""
     spec = ex.default_spec("fpr", covariances=("iid",), trials=2, **COMMON)
     out = str(tmp_path)
-    with ex._exclusive(out):  # stands for a run in progress (own open file, own flock)
+    with ex.exclusive(out):  # stands for a run in progress (own open file, own flock)
         with pytest.raises(InputError, match=r"another sijax experiment \(pid \d+ on"):
             ex.run_experiment(spec, out, models=models, resume=True, max_batches=0)
     assert not os.path.exists(os.path.join(out, "summary.json"))
@@ -531,7 +531,7 @@ def test_sharded_batch_equals_unsharded(models):
 
 def test_sharded_inputs_are_split_over_the_devices():
     mesh = ex.device_mesh()
-    arr = ex._shard(mesh, np.arange(8.0).reshape(8, 1))
+    arr = ex.shard(mesh, np.arange(8.0).reshape(8, 1))
     assert len(arr.addressable_shards) == 4
     assert {s.data.shape for s in arr.addressable_shards} == {(2, 1)}
     np.testing.assert_array_equal(np.asarray(arr), np.arange(8.0).reshape(8, 1))
@@ -717,7 +717,7 @@ def test_noise_has_the_assumed_covariance(covariance):
 @pytest.mark.parametrize("family", ex.NOISE_FAMILIES)
 def test_noise_families_sit_at_the_asked_distance(family):
     p = ex.noise_parameter(family, 0.03)
-    dist = ex._standardised(family, p)
+    dist = ex.noise._standardised(family, p)
     assert ex.wasserstein1_to_normal(dist) == pytest.approx(0.03, abs=1e-9)
     if family != "skewnorm":  # scipy's generic skew-normal cdf takes minutes
         assert ex.wasserstein1_to_normal(dist, quadrature=True) == pytest.approx(

@@ -1,0 +1,166 @@
+"""Records on disk: the JSONL file a run appends to, the advisory lock that keeps a
+second run out of its directory, and the provenance written next to the numbers
+(commit, machine, models)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+
+from sijax.errors import InputError
+from sijax.experiments.spec import ExperimentSpec
+
+TRIALS_FILE = "trials.jsonl"
+LOCK_FILE = ".lock"
+
+
+def read_records(path: str) -> list[dict]:
+    """Records of a JSONL file such as ``trials.jsonl`` (or a gzipped
+    ``trials.jsonl.gz``, as committed results are); a torn last line (a killed
+    writer) is ignored."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+read_trials = read_records  # the experiments' name for it
+
+
+def append_records(path: str, records: Sequence[dict]) -> None:
+    """Appends ``records`` to ``path``, one JSON line each, flushed to disk."""
+    # Start on a fresh line if a killed writer left a torn one.
+    torn = os.path.exists(path) and os.path.getsize(path) > 0
+    if torn:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a") as f:
+        if torn:
+            f.write("\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: str, what: str = "sijax experiment") -> Iterator[None]:
+    """Holds ``out_dir/.lock`` so that one run at a time writes an output directory.
+
+    Two runs appending to one records file would compute the same indices twice and
+    interleave their records. The lock is an advisory ``flock`` (released by the
+    kernel when its process dies, so a killed run leaves no stale lock); the file
+    names its holder for the error message. Where ``fcntl`` is missing (Windows) no
+    lock is taken.
+
+    Args:
+      out_dir: an existing directory.
+      what: the kind of run, for the error message ("another {what} (pid ...)").
+
+    Raises:
+      InputError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(
+                f"{out_dir} is being written by another {what} ({holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the flock
+
+
+def git_commit() -> str:
+    """Short hash of the sijax checkout's HEAD ("unknown" outside a checkout)."""
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    """Host, CPUs, JAX version, backend, devices and processes, in one line."""
+    import jax
+
+    return (
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus; "
+        f"jax {jax.__version__} {jax.default_backend()}, "
+        f"{jax.device_count()} devices, {jax.process_count()} processes"
+    )
+
+
+def experiment_meta(spec: ExperimentSpec, models) -> dict:
+    """``experiment.json``: the spec, the models (with their weights' hashes), the
+    termination of the selective test, the machine, the commit and the date."""
+    mods = {}
+    for (ckpt, act), m in models.items():
+        mods[f"{ckpt} ({act})"] = {
+            "preset": m.config.name,
+            "size": m.config.size,
+            "epochs": m.config.epochs,
+            "channels": list(m.config.channels),
+            "weights_sha256": m.weights_sha256(),
+        }
+    return {
+        "experiment": spec.experiment,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items()},
+        "models": mods,
+        "termination_note": (
+            f"hypothesis '{spec.hypothesis}'; "
+            f"selective test with search '{spec.settings()[0].search}'"
+            + (
+                f", termination '{spec.termination}'"
+                if spec.experiment != "pieces"
+                else ""
+            )
+            + (
+                "; 'decision' stops once p is known to be on one side of alpha: "
+                "rejections are exact, p-values away from alpha are bounds only"
+                if not any(s.selective_p_exact for s in spec.settings())
+                else ""
+            )
+        ),
+        "machine": machine(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }

@@ -1,0 +1,147 @@
+"""The batch scheduler of `sijax experiment` and `sijax evaluate`
+(sijax.experiments.runner) on toy batch functions: no model, no JAX work."""
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+
+from sijax.errors import InputError
+from sijax.experiments.files import read_records
+from sijax.experiments.runner import EveryIndex, Runner
+
+
+@dataclasses.dataclass
+class Square:
+    """A picklable batch function with state (as a worker's models would be): one
+    record per index, and the pieces of a pretend search reported on the way."""
+
+    offset: int = 0
+
+    def __call__(self, group, indices, report=None):
+        if report is not None:
+            report(10, 0.0, 1.0, 0.0, 1.0)  # one progress report of 10 pieces
+        return [
+            {"group": group.key, "index": i, "value": i * i + self.offset}
+            for i in indices
+        ]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _run(out, fn, groups=None, **kw):
+    kw = {"batch": 3, "records_file": "images.jsonl", "progress": False, **kw}
+    return Runner(groups or [EveryIndex("images", 10)], fn, str(out), **kw).run()
+
+
+def _file(out):
+    return read_records(os.path.join(str(out), "images.jsonl"))
+
+
+def test_every_index_once_completes_and_summarises(tmp_path):
+    summaries = []
+    records = _run(tmp_path, Square(), summary=summaries.append)
+    assert [r["index"] for r in records] == list(range(10))
+    assert [r["value"] for r in records] == [i * i for i in range(10)]
+    assert _file(tmp_path) == records  # written as they finished
+    assert summaries == [records]  # at the end (summary_every not reached)
+    # a finished run resumed runs nothing, and still summarises
+    calls = []
+
+    def spy(group, indices, report):
+        calls.append(indices)
+        return Square()(group, indices)
+
+    assert _run(tmp_path, spy, resume=True, summary=summaries.append) == records
+    assert calls == [] and len(summaries) == 2
+
+
+def test_resume_after_an_interruption_redoes_and_loses_nothing(tmp_path):
+    calls = []
+
+    def dies_at_7(group, indices, report):
+        calls.append(list(indices))
+        if 7 in indices:
+            raise Interrupted
+        return Square()(group, indices)
+
+    with pytest.raises(Interrupted):
+        _run(tmp_path, dies_at_7)
+    assert calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [r["index"] for r in _file(tmp_path)] == list(range(6))
+    # a killed writer may leave a torn line: ignored, and the next record starts on
+    # a line of its own
+    with open(os.path.join(tmp_path, "images.jsonl"), "a") as f:
+        f.write('{"group": "ima')
+    with pytest.raises(InputError, match="--resume"):
+        _run(tmp_path, Square())
+    calls.clear()
+
+    def spy(group, indices, report):
+        calls.append(list(indices))
+        return Square()(group, indices)
+
+    records = _run(tmp_path, spy, resume=True)
+    assert calls == [[6, 7, 8], [9]]  # nothing that finished runs again
+    assert [r["index"] for r in _file(tmp_path)] == list(range(10))
+    assert [r["index"] for r in records] == list(range(10))
+
+
+def test_groups_take_turns_batch_by_batch(tmp_path):
+    """Several groups (records name theirs in `key_field`) alternate, so that a
+    partial run (`max_batches`) has some of each; the bar counts every group."""
+    groups = [EveryIndex("a", 4), EveryIndex("b", 7)]
+    shown = []
+
+    def postfix(group, records):
+        shown.append(group.key)
+        return f"{group.key}: {len(records)} records"
+
+    order = [
+        (r["group"], r["index"])
+        for r in _run(tmp_path / "partial", Square(), groups, key_field="group",
+                      max_batches=3)
+    ]  # fmt: skip
+    assert order == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2),
+                     ("a", 3)]  # fmt: skip
+    records = _run(tmp_path / "full", Square(), groups, key_field="group",
+                   progress=True, postfix=postfix)  # fmt: skip
+    assert [r["group"] for r in records] == list("aaabbbabbbb")
+    assert shown == ["a", "b", "a", "b", "b"]
+    with pytest.raises(InputError, match="key_field"):
+        Runner(groups, Square(), str(tmp_path), batch=3)
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    """The output directory's lock: a run started while another writes it fails at
+    once, naming the holder; the first run is unharmed."""
+    refused = []
+
+    def starts_a_second_run(group, indices, report):
+        with pytest.raises(InputError) as e:
+            _run(tmp_path, Square(), resume=True, what="sijax evaluate")
+        refused.append(str(e.value))
+        return Square()(group, indices)
+
+    _run(tmp_path, starts_a_second_run)
+    assert len(refused) == 4
+    assert re.search(r"another sijax evaluate \(pid \d+ on .*\)", refused[0])
+    assert [r["index"] for r in _file(tmp_path)] == list(range(10))
+
+
+def test_worker_processes_give_the_records_of_one_process(tmp_path, capsys):
+    """workers=2: the batch function is pickled once into each spawned worker (its
+    state with it); the records are those of one process, each index once (batches
+    may finish in any order), and the workers' progress reports reach the bar."""
+    one = _run(tmp_path / "one", Square(offset=5))
+    capsys.readouterr()
+    two = _run(tmp_path / "two", Square(offset=5), workers=2, progress=True)
+    assert "batch: 10 pieces" in capsys.readouterr().err
+    assert sorted(two, key=lambda r: r["index"]) == one
+    assert sorted(json.dumps(r) for r in _file(tmp_path / "two")) == sorted(
+        json.dumps(r) for r in one
+    )
