@@ -314,41 +314,10 @@ def _experiment_args(p: argparse.ArgumentParser):
                    "count")
 
 
-def _use_cpu_devices(n: int) -> None:
-    """n single-threaded XLA CPU devices (before the backend starts; 1: unchanged).
-
-    Batches are sharded over the devices and each device runs its own searches, which
-    uses the cores far better than XLA's threads inside these small products
-    (benchmarks/README.md, "Throughput"). Only the CPU platform is affected.
-    """
-    import jax
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n <= 1 or "xla_force_host_platform_device_count" in flags:
-        return
-    jax.config.update("jax_num_cpu_devices", n)
-    from sijax.experiments import SINGLE_THREAD_FLAGS
-
-    if "intra_op_parallelism_threads" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + SINGLE_THREAD_FLAGS).strip()
-
-
-def _auto_workers(engine: str, backend: str, processes: int) -> int:
-    """Default --workers: propagation tests one image at a time from Python, so on a
-    CPU it needs a process per core to use the machine; walking shards its batches
-    over --cpu-devices instead, and on an accelerator (or multi-host) one process
-    drives the device."""
-    if engine == "propagate" and backend == "cpu" and processes == 1:
-        return _usable_cores()
-    return 1
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity on Linux; all cores where the
-    platform has no affinity call, e.g. macOS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+# The device policy (also `sijax evaluate`'s) lives with the worker pool it serves.
+from sijax.experiments.pool import auto_workers as _auto_workers  # noqa: E402
+from sijax.experiments.pool import usable_cores as _usable_cores  # noqa: E402
+from sijax.experiments.pool import use_cpu_devices as _use_cpu_devices  # noqa: E402
 
 
 def _experiment_run(a: argparse.Namespace) -> int:
