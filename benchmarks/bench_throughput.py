@@ -59,7 +59,8 @@ from sijax.checkpoint import (  # noqa: E402
 )
 from sijax.config import TrainConfig  # noqa: E402
 from sijax.detect.dal import ENGINES, _core_batch, _split, default_lanes  # noqa: E402
-from sijax.experiments import _shard, device_mesh  # noqa: E402
+from sijax.experiments import device_mesh  # noqa: E402
+from sijax.experiments import shard as _shard  # noqa: E402
 from sijax.selective.statistics import as_covariance  # noqa: E402
 
 

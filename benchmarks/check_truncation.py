@@ -35,11 +35,11 @@ from sijax.diffusion.sampler import Noises  # noqa: E402
 from sijax.experiments import (  # noqa: E402
     TRIALS_FILE,
     Setting,
-    _load_models,
     latest_records,
     read_trials,
     trial_data,
 )
+from sijax.experiments import load_models as _load_models  # noqa: E402
 from sijax.selective.statistics import line_statistic  # noqa: E402
 
 
