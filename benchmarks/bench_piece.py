@@ -29,13 +29,13 @@ import numpy as np  # noqa: E402
 import vs_si4onnx  # noqa: E402  (benchmarks/vs_si4onnx.py: the same model loaders)
 
 import sijax  # noqa: E402
-from sijax.detect.dal import _detector  # noqa: E402
+from sijax.detect.dal import detector  # noqa: E402
 from sijax.tracking import track  # noqa: E402
 
 
 def _tracked_piece(model, noises):
     """jit'd (a, b, z) -> piece of the detector's mask along a + b t."""
-    detect = _detector(model, noises, sijax.DALConfig(), vs_si4onnx.SIJAX_THRESHOLD)
+    detect = detector(model, noises, sijax.DALConfig(), vs_si4onnx.SIJAX_THRESHOLD)
 
     def mask(x):
         return detect(x)[2]

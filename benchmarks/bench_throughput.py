@@ -58,10 +58,9 @@ from sijax.checkpoint import (  # noqa: E402
     init_unet,
 )
 from sijax.config import TrainConfig  # noqa: E402
-from sijax.detect.dal import ENGINES, _core_batch, _split, default_lanes  # noqa: E402
+from sijax.detect.dal import ENGINES, compile_batch, default_lanes  # noqa: E402
 from sijax.experiments import device_mesh  # noqa: E402
 from sijax.experiments import shard as _shard  # noqa: E402
-from sijax.selective.statistics import as_covariance  # noqa: E402
 
 
 def model_for(size: int):
@@ -89,11 +88,9 @@ def batch(model, b: int, seed: int):
 
 
 def memory_per_image(model, xs, refs, noises, cfg, lanes) -> float:
-    static, nums = _split(cfg)
-    cov = as_covariance(1.0, model.image_shape)
-    compiled = _core_batch.lower(
-        model, xs, refs, noises, cov, cov, nums, static, lanes=lanes
-    ).compile()
+    compiled = compile_batch(
+        model, xs, refs, sigma=1.0, noises=noises, config=cfg, lanes=lanes
+    )
     m = compiled.memory_analysis()
     if m is None:
         return float("nan")
@@ -133,9 +130,9 @@ def _product_flops(jaxpr, times: int = 1) -> float:
 
 def gflop_per_pass(model, noises, cfg) -> float:
     """Products and convolutions of one value-and-slope pass (jvp) of the detector."""
-    from sijax.detect.dal import _detector
+    from sijax.detect.dal import detector
 
-    detect = _detector(model, jax.tree.map(lambda a: a[0], noises), cfg)
+    detect = detector(model, jax.tree.map(lambda a: a[0], noises), cfg)
     x = jnp.zeros(model.image_shape, jnp.float64)
     closed = jax.make_jaxpr(lambda x, v: jax.jvp(lambda y: detect(y)[1], (x,), (v,)))
     return _product_flops(closed(x, x).jaxpr) / 1e9

@@ -30,7 +30,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 import sijax  # noqa: E402
-from sijax.detect.dal import _detect_jit, _prepare, _split  # noqa: E402
+from sijax.detect.dal import detector, prepare_inputs  # noqa: E402
 from sijax.diffusion.sampler import Noises  # noqa: E402
 from sijax.experiments import (  # noqa: E402
     TRIALS_FILE,
@@ -68,10 +68,10 @@ def grid_disagreements(model, line, noises, cfg, res, n: int, eps: float) -> lis
     ])  # fmt: skip
     ends = np.array([e for iv in res.truncated_intervals for e in iv])
     zs = zs[np.min(np.abs(zs[:, None] - ends[None, :]), axis=1) > eps]
-    static, nums = _split(cfg)
+    detect = detector(model, noises, cfg)
 
     def mask(z):
-        return _detect_jit(model, line.a + line.b * z, noises, nums, static)[2]
+        return detect(line.a + line.b * z)[2]
 
     masks = jax.jit(jax.vmap(mask))
     chunk, bad = 32, []
@@ -94,7 +94,7 @@ def check_trial(model, setting: Setting, index: int, eps: float, grid: int = 0) 
     res = sijax.dal_test(
         model, data.x, data.x_ref, sigma=setting.covariance, noises=noises, config=cfg
     )
-    x, x_ref, cov, cov_ref = _prepare(
+    x, x_ref, cov, cov_ref = prepare_inputs(
         model, data.x, data.x_ref, setting.covariance, None, cfg
     )
     line = line_statistic(

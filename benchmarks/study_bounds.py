@@ -34,13 +34,13 @@ TITLE = "Fewer pieces: what stretch bounds could skip (issue 6 item 4)"
 def score_pieces(size: int, half_width: float, cap: int) -> dict:
     """Exact pieces of the score map (affine per pixel) along the DAL line."""
     from sijax import DALConfig, draw_noises, load_model
-    from sijax.detect.dal import _detector
+    from sijax.detect.dal import detector
     from sijax.tracking import enumerate_pieces
 
     _, a, b, z_obs, mask = _pipeline(size)
     model = load_model(f"dal_v5_{size}")
     config = DALConfig()
-    detect = _detector(
+    detect = detector(
         model, draw_noises(jax.random.key(0), model.image_shape, config), config
     )
 

@@ -48,16 +48,15 @@ def line_pieces(model, x, x_ref, noises, cfg, half_width):
     wrong (K, pixels: status on piece k differs from the observed region's), score
     (K, pixels: the score map at the piece's midpoint), mask (observed, flat) and
     direct (pixels: |filter(b)|, the slope of the score's x part along the line)."""
-    static, nums = dal._split(cfg)
-    x, x_ref, cov, cov_ref = dal._prepare(model, x, x_ref, 1.0, None, cfg)
-    _, _, mask, line = dal._front_jit(
-        model, x, x_ref, noises, cov, cov_ref, nums, static
+    static, nums = dal.split_config(cfg)
+    _, _, mask, line = dal.observed_line(
+        model, x, x_ref, sigma=1.0, noises=noises, config=cfg
     )
     z0 = float(line.z_obs)
 
     def f(params, x):  # (score, mask): the pieces of the mask, scores at midpoints
         model, noises, threshold = params
-        return dal._detector(model, noises, static, threshold)(x)[1:]
+        return dal.detector(model, noises, static, threshold)(x)[1:]
 
     p = enumerate_line(
         f, line.a, line.b, min(z0, 0.0) - half_width, max(z0, 0.0) + half_width,

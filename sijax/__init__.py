@@ -12,6 +12,7 @@ from sijax.config import TrainConfig
 from sijax.detect.dal import (
     BatchResult,
     DALConfig,
+    Engine,
     TestResult,
     dal_test,
     dal_test_batch,
@@ -25,6 +26,7 @@ from sijax.errors import (
     CheckpointError,
     InputError,
     NotPiecewiseLinearError,
+    SearchError,
     SijaxError,
 )
 from sijax.selective import (
@@ -41,6 +43,8 @@ from sijax.selective import (
     search,
     selective_p_value,
 )
+from sijax.selective.search import Progress
+from sijax.status import Status
 from sijax.tracking import Affine, Piece, Pieces, enumerate_pieces, evaluate, track
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "CheckpointError",
     "DALConfig",
     "DiffusionModel",
+    "Engine",
     "InputError",
     "Intervals",
     "LineStatistic",
@@ -58,11 +63,14 @@ __all__ = [
     "OperatorCovariance",
     "Piece",
     "PermutationResult",
+    "Progress",
     "Pieces",
     "ReconstructionModel",
+    "SearchError",
     "SearchResult",
     "SearchStatus",
     "SijaxError",
+    "Status",
     "TestResult",
     "TrainConfig",
     "as_covariance",

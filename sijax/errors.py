@@ -17,6 +17,45 @@ class NotPiecewiseLinearError(SijaxError, TypeError):
     """The traced function uses a primitive that is not piecewise linear in the line."""
 
 
+class LineDependentControlError(SijaxError, NotImplementedError):
+    """`cond` or `while` whose predicate depends on the line: the propagation engine
+    (:func:`sijax.tracking.enumerate_line`) cannot follow it (the walking tracker,
+    :func:`sijax.tracking.enumerate_pieces`, can)."""
+
+
+class UnsupportedOperatorError(InputError):
+    """The ONNX graph uses an operator (or an operator option) sijax cannot import.
+
+    Attributes:
+      op_type: the ONNX operator type, e.g. ``"Softmax"``.
+      node_name: the name of the offending node ('' when the node has none).
+    """
+
+    def __init__(self, op_type: str, node_name: str, detail: str = ""):
+        self.op_type = op_type
+        self.node_name = node_name
+        where = f"node {node_name!r}" if node_name else "an unnamed node"
+        msg = f"unsupported ONNX operator {op_type!r} at {where}"
+        if detail:
+            msg += f": {detail}"
+        else:
+            from sijax.onnx import SUPPORTED_OPS
+
+            msg += f" (supported: {', '.join(sorted(SUPPORTED_OPS))})"
+        super().__init__(msg)
+
+
+class SearchError(SijaxError, RuntimeError):
+    """A search along the line failed or stopped early where ``throw=True`` was asked
+    for: the cap ``max_pieces`` was hit, the piece oracle stalled, the piece at z_obs
+    did not reproduce the observed region, or a piece end was NaN."""
+
+
+class MaxPiecesError(SearchError):
+    """:func:`sijax.tracking.enumerate_pieces` ran out of room (status MAX_PIECES)
+    with ``throw=True``."""
+
+
 def ensure_output_dir(path) -> str:
     """Creates ``path`` if needed and checks that files can be written in it.
 

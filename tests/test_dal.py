@@ -19,6 +19,7 @@ from sijax.checkpoint import load_model
 from sijax.detect.dal import (
     REPORT_EVERY,
     DALConfig,
+    Engine,
     dal_test,
     dal_test_batch,
     default_lanes,
@@ -27,9 +28,10 @@ from sijax.detect.dal import (
 )
 from sijax.detect.report import write_report
 from sijax.diffusion.sampler import reconstruct
-from sijax.errors import InputError, NotPiecewiseLinearError
+from sijax.errors import InputError, NotPiecewiseLinearError, SearchError
 from sijax.selective.search import new_pieces
 from sijax.selective.statistics import line_statistic
+from sijax.status import Status
 
 TINY = os.environ.get("SIJAX_TINY") or os.path.join(
     os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8"
@@ -69,6 +71,7 @@ def test_exhaustive_truncation_set_matches_dense_grid(model, example, exhaustive
     x, x_ref, nz = example
     res = exhaustive
     assert res.status == "ok" and res.mask.any()
+    assert res.status is Status.OK and str(res.status) == "ok"
     line = line_statistic(x, x_ref, jnp.asarray(res.mask), sigma=1.0)
     z_obs = float(line.z_obs)
     assert z_obs == pytest.approx(res.stat, rel=1e-12)
@@ -141,12 +144,17 @@ def test_propagate_engine_gives_the_walking_result(
 def test_engine_is_checked():
     with pytest.raises(InputError, match="engine"):
         DALConfig(engine="fast")
+    # checked and converted once: the string and the member give the same config
+    cfg = DALConfig(engine="propagate")
+    assert cfg.engine is Engine.PROPAGATE and cfg.engine == "propagate"
+    assert cfg == DALConfig(engine=Engine.PROPAGATE)
+    assert dataclasses.replace(cfg, engine="walk").engine is Engine.WALK
 
 
 def detect_region_core(model, x, nz):
-    from sijax.detect.dal import _detector
+    from sijax.detect.dal import detector
 
-    return _detector(model, nz, DALConfig())(x)[2]
+    return detector(model, nz, DALConfig())(x)[2]
 
 
 def test_detect_region_matches_observed_mask(model, example, exhaustive):
@@ -280,7 +288,7 @@ def test_max_pieces_reports_status_and_bounds(model, example):
     res = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg)
     assert res.status == "max_pieces" and res.search_count == 3
     assert 0.0 <= res.inf_p <= res.p_value <= res.sup_p <= 1.0
-    with pytest.raises(InputError, match="max_pieces"):
+    with pytest.raises(SearchError, match="max_pieces"):
         dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg, throw=True)
 
 

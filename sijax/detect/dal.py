@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -32,12 +32,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sijax.detect.score import region, score_map
 from sijax.diffusion.sampler import Noises
 from sijax.diffusion.sampler import draw_noises as _draw_noises
-from sijax.errors import InputError
+from sijax.errors import InputError, SearchError
 from sijax.selective.intervals import to_list
 from sijax.selective.pvalues import check_alternative, naive_p_value
 from sijax.selective.search import (
     POLICIES,
     TERMINATIONS,
+    Progress,
     SearchStatus,
     reporting,
     search,
@@ -49,21 +50,52 @@ from sijax.selective.statistics import (
     as_covariance,
     line_statistic,
 )
+from sijax.status import Status
 from sijax.tracking import LineCache, memo_init, track, track_memo
 
-# How the DAL test finds the pieces of the line (DALConfig.engine).
-ENGINES: tuple[str, ...] = ("walk", "propagate")
+
+class Engine(str, enum.Enum):
+    """How the DAL test finds the pieces of the line (:attr:`DALConfig.engine`).
+
+    A ``str`` enum: ``DALConfig(engine="propagate")`` (and ``--set
+    engine=propagate``) is checked and converted once, in ``DALConfig``, and
+    ``config.engine == "walk"`` keeps working.
+
+    Members:
+      WALK: one value-and-slope pass per piece inside one compiled search (jit,
+        vmap, lanes, sharding).
+      PROPAGATE: stretches of the line enumerated by batched breakpoint
+        propagation, the search driven from the host; one image at a time.
+    """
+
+    WALK = "walk"
+    PROPAGATE = "propagate"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The engines' names, for argument parsers.
+ENGINES: tuple[str, ...] = tuple(e.value for e in Engine)
 
 __all__ = [
     "DALConfig",
+    "Engine",
+    "Numbers",
     "TestResult",
     "BatchResult",
-    "STATUS",
+    "Status",
+    "compile_batch",
     "dal_test",
     "dal_test_batch",
     "default_lanes",
     "detect_region",
+    "detect_and_line",
+    "detector",
     "draw_noises",
+    "observed_line",
+    "prepare_inputs",
+    "split_config",
 ]
 
 
@@ -88,7 +120,8 @@ class DALConfig:
       margin: "exhaustive" covers [-margin - |z_obs|, margin + |z_obs|].
       memo: reuse the sampler steps whose piece still holds while walking the line
         (:func:`sijax.tracking.track_memo`); same pieces and p-values, less work.
-      engine: how the pieces are found. "walk" (default): one value-and-slope pass
+      engine: how the pieces are found (an :class:`Engine`; its name, a string, is
+        converted). "walk" (default): one value-and-slope pass
         per piece inside one compiled search (jit, vmap, lanes, sharding).
         "propagate": stretches of the line enumerated
         by batched breakpoint propagation (:class:`sijax.tracking.LineCache`,
@@ -116,7 +149,7 @@ class DALConfig:
     max_pieces: int = 20_000
     margin: float = 10.0
     memo: bool = True
-    engine: str = "walk"
+    engine: Engine = Engine.WALK
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
@@ -131,6 +164,7 @@ class DALConfig:
             )
         if self.engine not in ENGINES:
             raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
+        object.__setattr__(self, "engine", Engine(self.engine))
         if self.search not in POLICIES:
             raise InputError(f"search={self.search!r} must be one of {POLICIES}")
         if self.termination not in TERMINATIONS:
@@ -157,14 +191,6 @@ class DALConfig:
             )
 
 
-# Outcome of one test, as a string in TestResult.status.
-STATUS = {
-    "ok": "ok",
-    "no region": "no region",  # M is empty: nothing to test (spec section 3)
-    "max_pieces": "max_pieces",  # cap hit: p-value and bounds of the part searched
-}
-
-
 def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) -> Noises:
     """All sampler noises of one test, drawn once from ``key`` (STYLE habit 2).
 
@@ -179,13 +205,19 @@ def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) ->
     return _draw_noises(key, tuple(image_shape), len(config.steps))
 
 
-def _detector(model, noises: Noises, config: DALConfig, threshold=None):
-    """x (H, W, C) -> (reconstruction, score (H, W), mask (H, W)) for fixed noises.
+def detector(model, noises: Noises, config: DALConfig, threshold=None):
+    """The detection function of one test (spec section 6), for fixed noises.
 
-    ``model`` is any :class:`sijax.detect.models.Reconstructor`; its ``score_fn``,
-    if it has one (not None), replaces the paper's score map.
+    Args:
+      model: any :class:`sijax.detect.models.Reconstructor`; its ``score_fn``, if
+        it has one (not None), replaces the paper's score map.
+      noises: from :func:`draw_noises` (no batch axis).
+      config: gives the steps, eta, the filter size and the threshold.
+      threshold: overrides ``config.threshold``; may be traced.
 
-    ``threshold`` (possibly traced) overrides ``config.threshold``.
+    Returns:
+      A pure function x (H, W, C) -> (reconstruction (H, W, C), score (H, W),
+      mask (H, W) bool), piecewise linear in x: :func:`sijax.track` follows it.
     """
     threshold = config.threshold if threshold is None else threshold
     score_fn = getattr(model, "score_fn", None)
@@ -234,13 +266,14 @@ def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
     """
     _check_model(model)
     x = _check_image("x", x, model.image_shape)
-    static, nums = _split(config)
+    static, nums = split_config(config)
     _, score, mask = _detect_jit(model, x, noises, nums, static)
     return score, mask
 
 
-class _Numbers(NamedTuple):
-    """The float options, passed traced so that changing them does not recompile."""
+class Numbers(NamedTuple):
+    """The float options of a :class:`DALConfig` as float64 () arrays, passed
+    traced so that changing them does not recompile (:func:`split_config`)."""
 
     threshold: jax.Array
     precision: jax.Array
@@ -248,10 +281,15 @@ class _Numbers(NamedTuple):
     margin: jax.Array
 
 
-def _split(config: DALConfig) -> tuple[DALConfig, _Numbers]:
-    """(structural config with the float options zeroed, the float options)."""
-    nums = _Numbers(
-        *(jnp.asarray(getattr(config, f), jnp.float64) for f in _Numbers._fields)
+def split_config(config: DALConfig) -> tuple[DALConfig, Numbers]:
+    """(structural config with the float options zeroed, the float options).
+
+    The structural config is the static (hashable) argument of the compiled
+    stages, the :class:`Numbers` their traced one: tests that differ only in
+    threshold, precision, alpha or margin share one compiled program.
+    """
+    nums = Numbers(
+        *(jnp.asarray(getattr(config, f), jnp.float64) for f in Numbers._fields)
     )
     static = dataclasses.replace(
         config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0
@@ -261,7 +299,7 @@ def _split(config: DALConfig) -> tuple[DALConfig, _Numbers]:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _detect_jit(model, x, noises, nums, config):
-    return _detector(model, noises, config, nums.threshold)(x)
+    return detector(model, noises, config, nums.threshold)(x)
 
 
 class _Core(NamedTuple):
@@ -281,7 +319,7 @@ class _Core(NamedTuple):
 def _mask_fn(params, config):
     """x -> detected mask, for the oracle's fixed model, noises and threshold."""
     model, noises, _, _, _, threshold = params
-    detect = _detector(model, noises, config, threshold)
+    detect = detector(model, noises, config, threshold)
     return lambda x: detect(x)[2]
 
 
@@ -307,13 +345,17 @@ def _oracle_memo(params, config):
     return memo_init(_mask_fn(params, config), params[2], params[3])
 
 
-def _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
+def detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
     """Detection, then the statistic and line of the detected region (spec 3-4).
+
+    Pure and traceable: the inputs are those :func:`prepare_inputs` returns, with the
+    config split by :func:`split_config` (``nums``, ``config``); the permutation test
+    and the compiled stages here share it.
 
     Returns:
       (reconstruction, score map, mask, :class:`LineStatistic`).
     """
-    rec, score, mask = _detector(model, noises, config, nums.threshold)(x)
+    rec, score, mask = detector(model, noises, config, nums.threshold)(x)
     line = line_statistic(
         x,
         x_ref,
@@ -342,11 +384,11 @@ def _core(
     noises,
     cov,
     cov_ref,
-    nums: _Numbers,
+    nums: Numbers,
     config: DALConfig,
     report_every: int = 0,
 ) -> _Core:
-    rec, score, mask, line = _detect_and_line(
+    rec, score, mask, line = detect_and_line(
         model, x, x_ref, noises, cov, cov_ref, nums, config
     )
     ok = line.status == StatStatus.OK
@@ -362,7 +404,7 @@ def _core(
     return _with_search(rec, score, mask, line, res, config)
 
 
-def _search_options(config: DALConfig, nums: _Numbers) -> dict:
+def _search_options(config: DALConfig, nums: Numbers) -> dict:
     """The options of both searches (compiled and host-driven)."""
     return dict(
         policy=config.search,
@@ -401,12 +443,12 @@ def _line_mask(steps: tuple[int, ...], eta: float, filter_size: int):
 
     def mask(params, x):
         model, noises, threshold = params
-        return _detector(model, noises, config, threshold)(x)[2]
+        return detector(model, noises, config, threshold)(x)[2]
 
     return mask
 
 
-_front_jit = jax.jit(_detect_and_line, static_argnames=("config",))
+_front_jit = jax.jit(detect_and_line, static_argnames=("config",))
 
 
 def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=None):
@@ -556,7 +598,8 @@ class TestResult(NamedTuple):
       mask: (H, W) bool detected region.
       score_map: (H, W) float64.
       reconstruction: (H, W, C) float64 D(X).
-      status: "ok", "no region" or "max_pieces" (see also ``message``).
+      status: :class:`sijax.status.Status` OK, NO_REGION or MAX_PIECES (a str
+        enum: equal to "ok", "no region", "max_pieces"; see also ``message``).
       message: a sentence explaining a status other than "ok".
       raw_stat, sd: eta^T x~ and sqrt(eta^T Sigma~ eta).
     """
@@ -573,7 +616,7 @@ class TestResult(NamedTuple):
     mask: np.ndarray
     score_map: np.ndarray
     reconstruction: np.ndarray
-    status: str
+    status: Status
     message: str
     raw_stat: float
     sd: float
@@ -584,7 +627,7 @@ class TestResult(NamedTuple):
         for k, v in self._asdict().items():
             if isinstance(v, np.ndarray):
                 continue
-            out[k] = v
+            out[k] = str(v) if isinstance(v, Status) else v
         out["region_size"] = int(self.mask.sum())
         return out
 
@@ -592,8 +635,9 @@ class TestResult(NamedTuple):
 class BatchResult(NamedTuple):
     """Device arrays of :func:`dal_test_batch` (leading axis: images).
 
-    ``status`` codes: 0 ok, 1 no region, 2 max_pieces, 3 other failure (see
-    ``search_status`` and ``stat_status``).
+    ``status`` holds :attr:`sijax.status.Status.code` integers (OK 0, NO_REGION 1,
+    MAX_PIECES 2, ERROR 3: see ``search_status`` and ``stat_status``);
+    :meth:`Status.from_code` names them.
     """
 
     stat: jax.Array  # (B,)
@@ -604,13 +648,13 @@ class BatchResult(NamedTuple):
     search_count: jax.Array  # (B,) int32
     truncated: Any  # Intervals with (B, K, 2) bounds
     mask: jax.Array  # (B, H, W)
-    status: jax.Array  # (B,) int32
+    status: jax.Array  # (B,) int32 Status.code
     stat_status: jax.Array  # (B,) int32
     search_status: jax.Array  # (B,) int32
 
 
 def error_message(stat_status, search_status) -> str:
-    """Why a test ended with status 3 (error), from its two status codes."""
+    """Why a test ended with :attr:`Status.ERROR`, from its two status codes."""
     if int(stat_status) != StatStatus.OK:
         return StatStatus.MESSAGES[int(stat_status)]
     return "search failed: " + SearchStatus.MESSAGES[int(search_status)]
@@ -621,14 +665,17 @@ def _status_code(core: _Core) -> jax.Array:
         core.stat_status == StatStatus.EMPTY_COMPARISON
     )
     s = core.search.status
+    error = Status.ERROR.code
     return jnp.where(
         no_region,
-        1,
+        Status.NO_REGION.code,
         jnp.where(
             core.stat_status != StatStatus.OK,
-            3,
+            error,
             jnp.where(
-                s == SearchStatus.OK, 0, jnp.where(s == SearchStatus.MAX_PIECES, 2, 3)
+                s == SearchStatus.OK,
+                Status.OK.code,
+                jnp.where(s == SearchStatus.MAX_PIECES, Status.MAX_PIECES.code, error),
             ),
         ),
     ).astype(jnp.int32)
@@ -643,23 +690,67 @@ def _check_model(model) -> None:
         )
 
 
-def _prepare(model, x, x_ref, sigma, sigma_ref, config):
+def _check_images(name: str, xs, shape) -> jax.Array:
+    """A batch (B, H, W, C) of finite images of the model's shape, float64."""
+    xs = jnp.asarray(xs, jnp.float64)
+    if xs.ndim != 4 or xs.shape[1:] != tuple(shape):
+        raise InputError(f"{name}.shape={xs.shape} must be (B, *{tuple(shape)})")
+    if not bool(jnp.all(jnp.isfinite(xs))):
+        raise InputError(f"{name} holds NaN or Inf pixels")
+    return xs
+
+
+def prepare_inputs(
+    model, x, x_ref, sigma, sigma_ref, config, *, noises=None, batched: bool = False
+):
+    """The inputs of a DAL test, checked once at the public entry.
+
+    :func:`dal_test` (one image) and :func:`dal_test_batch` (``batched``) call it;
+    the compiled stages behind them check nothing again. Finiteness is checked
+    here because :func:`sijax.selective.statistics.line_statistic` can only check
+    concrete arrays, and under jit its inputs are traced.
+
+    Args:
+      model: a :class:`sijax.detect.models.Reconstructor`.
+      x: (H, W, C) image (or (H, W) for one channel); (B, H, W, C) if ``batched``.
+      x_ref: the reference, shaped like ``x``, or None (zeros: only the
+        "background" and "neighbour" hypotheses do without one).
+      sigma, sigma_ref: covariances of X and X_ref (``sigma_ref`` None: ``sigma``).
+      config: :class:`DALConfig`.
+      noises: the sampler noises, checked against the image shape and the steps
+        (with a leading batch axis if ``batched``); None: not checked.
+      batched: ``x`` and ``x_ref`` carry a leading batch axis.
+
+    Returns:
+      (x, x_ref, cov, cov_ref): float64 images and
+      :class:`sijax.selective.statistics.Covariance` objects.
+
+    Raises:
+      InputError: not a DALConfig or a model, a wrong shape, NaN/Inf pixels, a
+        missing reference, noises of the wrong shape, an invalid covariance.
+    """
     if not isinstance(config, DALConfig):
         raise InputError(f"config must be a DALConfig, got {type(config).__name__}")
     _check_model(model)
     shape = tuple(model.image_shape)
-    x = _check_image("x", x, shape)
-    if config.hypothesis == "reference":
-        if x_ref is None:
+    names = ("xs", "x_refs") if batched else ("x", "x_ref")
+    check = _check_images if batched else _check_image
+    x = check(names[0], x, shape)
+    if x_ref is None:
+        if config.hypothesis == "reference":
             raise InputError(
-                "the reference test needs x_ref (or choose "
+                f"the reference test needs {names[1]} (or choose "
                 "hypothesis='background' or 'neighbour')"
             )
-        x_ref = _check_image("x_ref", x_ref, shape)
+        x_ref = jnp.zeros_like(x)
     else:
-        x_ref = (
-            jnp.zeros(shape) if x_ref is None else _check_image("x_ref", x_ref, shape)
-        )
+        x_ref = check(names[1], x_ref, shape)
+        if x_ref.shape != x.shape:
+            raise InputError(
+                f"{names[1]}.shape={x_ref.shape} must equal {names[0]}.shape={x.shape}"
+            )
+    if noises is not None:
+        _check_noises(noises, shape, config)
     cov = as_covariance(sigma, shape)
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     return x, x_ref, cov, cov_ref
@@ -682,7 +773,7 @@ def dal_test(
     sigma_ref=None,
     config: DALConfig = DALConfig(),
     throw: bool = False,
-    progress: Callable[[int, float, float, float, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> TestResult:
     """Selective p-value of the region the diffusion model detects in ``x``.
 
@@ -697,7 +788,8 @@ def dal_test(
       noises: sampler noises from :func:`draw_noises` (fixed along the line).
       sigma_ref: covariance of X_ref (default: ``sigma``).
       config: :class:`DALConfig`.
-      throw: raise instead of returning a "max_pieces" status.
+      throw: raise :class:`sijax.errors.SearchError` instead of returning a
+        "max_pieces" status.
       progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)``, called every
         ``REPORT_EVERY`` pieces and at the end of the search with the searched range
         [lo, hi] and the current p-value bounds (a progress bar, a log). The
@@ -708,30 +800,36 @@ def dal_test(
 
     Raises:
       InputError: bad shapes, NaN/Inf, an invalid or singular covariance.
+      SearchError: the search failed (its oracle stalled, the piece at z_obs did
+        not reproduce the region), or hit ``max_pieces`` with ``throw``.
       NotPiecewiseLinearError: the model is not piecewise linear.
     """
-    x, x_ref, cov, cov_ref = _prepare(model, x, x_ref, sigma, sigma_ref, config)
-    _check_noises(noises, x.shape, config)
-    static, nums = _split(config)
-    if config.engine == "propagate":
+    x, x_ref, cov, cov_ref = prepare_inputs(
+        model, x, x_ref, sigma, sigma_ref, config, noises=noises
+    )
+    static, nums = split_config(config)
+    if config.engine is Engine.PROPAGATE:
         core = jax.device_get(
             _core_host(model, x, x_ref, noises, cov, cov_ref, nums, static, progress)
         )
     else:
         core = _walk(model, x, x_ref, noises, cov, cov_ref, nums, static, progress)
-    code = int(_status_code(core))
+    status = Status.from_code(_status_code(core))
     res = core.search
-    if code == 3:
-        raise InputError(error_message(core.stat_status, res.status))
-    status = {0: "ok", 1: "no region", 2: "max_pieces"}[code]
+    if status is Status.ERROR:
+        # the statistic's failures are the input's (NaN, a singular covariance);
+        # the rest are the search's
+        bad_input = int(core.stat_status) != StatStatus.OK
+        error = InputError if bad_input else SearchError
+        raise error(error_message(core.stat_status, res.status))
     message = {
-        0: "",
-        1: StatStatus.MESSAGES[int(core.stat_status)],
-        2: SearchStatus.MESSAGES[SearchStatus.MAX_PIECES],
-    }[code]
-    if code == 2 and throw:
-        raise InputError(message)
-    has = code != 1
+        Status.OK: "",
+        Status.NO_REGION: StatStatus.MESSAGES[int(core.stat_status)],
+        Status.MAX_PIECES: SearchStatus.MESSAGES[SearchStatus.MAX_PIECES],
+    }[status]
+    if status is Status.MAX_PIECES and throw:
+        raise SearchError(message)
+    has = status is not Status.NO_REGION
     nan = float("nan")
     return TestResult(
         stat=float(core.z_obs) if has else nan,
@@ -784,7 +882,7 @@ def dal_test_batch(
     sigma_ref=None,
     config: DALConfig = DALConfig(),
     lanes: int | None = None,
-    progress: Callable[[int, float, float, float, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> BatchResult:
     """:func:`dal_test` over a batch of images in one compiled call.
 
@@ -811,28 +909,12 @@ def dal_test_batch(
     Returns:
       :class:`BatchResult` of device arrays.
     """
-    _check_model(model)
-    xs = jnp.asarray(xs, jnp.float64)
-    shape = tuple(model.image_shape)
-    if xs.ndim != 4 or xs.shape[1:] != shape:
-        raise InputError(f"xs.shape={xs.shape} must be (B, *{shape})")
-    if not bool(jnp.all(jnp.isfinite(xs))):
-        raise InputError("xs holds NaN or Inf pixels")
-    if x_refs is None:
-        if config.hypothesis == "reference":
-            raise InputError("the reference test needs x_refs")
-        x_refs = jnp.zeros_like(xs)
-    x_refs = jnp.asarray(x_refs, jnp.float64)
-    if x_refs.shape != xs.shape:
-        raise InputError(f"{x_refs.shape=} must equal {xs.shape=}")
-    if not bool(jnp.all(jnp.isfinite(x_refs))):
-        raise InputError("x_refs holds NaN or Inf pixels")
-    _check_noises(noises, shape, config)
-    cov = as_covariance(sigma, shape)
-    cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
-    static, nums = _split(config)
+    xs, x_refs, cov, cov_ref = prepare_inputs(
+        model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
+    )
+    static, nums = split_config(config)
     b = xs.shape[0]
-    if config.engine == "propagate":
+    if config.engine is Engine.PROPAGATE:
         core = _cores_host(
             model, xs, x_refs, noises, cov, cov_ref, nums, static, progress
         )
@@ -862,6 +944,57 @@ def dal_test_batch(
             jax.block_until_ready(core)
             jax.effects_barrier()  # every report has arrived
     return _batch_result(core)
+
+
+def compile_batch(
+    model,
+    xs,
+    x_refs=None,
+    *,
+    sigma,
+    noises: Noises,
+    sigma_ref=None,
+    config: DALConfig = DALConfig(),
+    lanes: int | None = None,
+) -> jax.stages.Compiled:
+    """The compiled program of :func:`dal_test_batch` ("walk" engine, one device),
+    for its memory and cost analyses; arguments as :func:`dal_test_batch`.
+
+    ``lanes`` None: all images in lockstep (the GPU default).
+    """
+    xs, x_refs, cov, cov_ref = prepare_inputs(
+        model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
+    )
+    static, nums = split_config(config)
+    return _core_batch.lower(
+        model, xs, x_refs, noises, cov, cov_ref, nums, static, lanes=lanes
+    ).compile()
+
+
+def observed_line(
+    model,
+    x,
+    x_ref=None,
+    *,
+    sigma,
+    noises: Noises,
+    sigma_ref=None,
+    config: DALConfig = DALConfig(),
+):
+    """The detection and the line of one test, without the search (spec 3-4).
+
+    Arguments as :func:`dal_test`.
+
+    Returns:
+      (reconstruction (H, W, C), score map (H, W), mask (H, W) bool,
+      :class:`sijax.selective.statistics.LineStatistic` with the line a + b z, z_obs
+      and the statistic's status), device arrays.
+    """
+    x, x_ref, cov, cov_ref = prepare_inputs(
+        model, x, x_ref, sigma, sigma_ref, config, noises=noises
+    )
+    static, nums = split_config(config)
+    return _front_jit(model, x, x_ref, noises, cov, cov_ref, nums, static)
 
 
 def _cores_host(model, xs, x_refs, noises, cov, cov_ref, nums, config, progress):

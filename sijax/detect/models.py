@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import jax
 from flax import struct
 
+from sijax.errors import InputError
+
 __all__ = ["Reconstructor", "ReconstructionModel"]
 
 
@@ -65,7 +67,7 @@ class ReconstructionModel:
         del noises, steps, eta
         rec = self.fn(self.params, x)
         if rec.shape != x.shape:
-            raise ValueError(
+            raise InputError(
                 f"the reconstruction has shape {rec.shape}, the image {x.shape}"
             )
         return rec

@@ -21,14 +21,14 @@ import numpy as np
 
 from sijax.detect.dal import (
     DALConfig,
-    _check_noises,
-    _detect_and_line,
-    _prepare,
-    _split,
+    detect_and_line,
+    prepare_inputs,
+    split_config,
 )
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError
 from sijax.selective.statistics import StatStatus
+from sijax.status import Status
 
 __all__ = ["PermutationResult", "permutation_test"]
 
@@ -42,19 +42,20 @@ class PermutationResult(NamedTuple):
       stat: observed standardised statistic z_obs (NaN without a region).
       num_valid: permutations with a non-empty region (the denominator).
       num_skipped: permutations whose region was empty.
-      status: "ok" or "no region" (the observed region is empty).
+      status: :attr:`Status.OK` or :attr:`Status.NO_REGION` (the observed region is
+        empty).
     """
 
     p_value: float
     stat: float
     num_valid: int
     num_skipped: int
-    status: str
+    status: Status
 
 
 def _z(model, x, x_ref, noises, cov, cov_ref, nums, config: DALConfig):
     """(z, valid) of one (test, reference) pair: detection, then the statistic."""
-    *_, line = _detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config)
+    *_, line = detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config)
     ok = line.status == StatStatus.OK
     return jnp.where(ok, line.z_obs, jnp.nan), ok
 
@@ -136,14 +137,15 @@ def permutation_test(
         )
     if num_permutations < 1 or chunk < 1:
         raise InputError(f"need {num_permutations=} >= 1 and {chunk=} >= 1")
-    x, x_ref, cov, cov_ref = _prepare(model, x, x_ref, sigma, sigma_ref, config)
-    _check_noises(noises, x.shape, config)
-    static, nums = _split(config)
+    x, x_ref, cov, cov_ref = prepare_inputs(
+        model, x, x_ref, sigma, sigma_ref, config, noises=noises
+    )
+    static, nums = split_config(config)
     z_obs, ok = jax.device_get(
         _observed(model, x, x_ref, noises, cov, cov_ref, nums, static)
     )
     if not bool(ok):
-        return PermutationResult(float("nan"), float("nan"), 0, 0, "no region")
+        return PermutationResult(float("nan"), float("nan"), 0, 0, Status.NO_REGION)
     pooled = jnp.concatenate([x.ravel(), x_ref.ravel()])
     keys = jax.random.split(key, num_permutations)
     perm = jax.vmap(lambda k: jax.random.permutation(k, pooled.shape[0]))
@@ -168,5 +170,5 @@ def permutation_test(
         stat=float(z_obs),
         num_valid=valid,
         num_skipped=num_permutations - valid,
-        status="ok",
+        status=Status.OK,
     )

@@ -10,6 +10,8 @@ import platform
 
 import numpy as np
 
+from sijax.status import Status
+
 
 def _versions() -> dict:
     import flax
@@ -155,7 +157,7 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
         ("reconstruction D(X)", show(result.reconstruction)),
         (f"score (region: > {threshold})", result.score_map),
     ]
-    line = result.status != "no region" and bool(result.searched_intervals)
+    line = result.status != Status.NO_REGION and bool(result.searched_intervals)
     fig = plt.figure(figsize=(3.2 * len(panels), 5.8 if line else 3.6))
     grid = fig.add_gridspec(
         2 if line else 1, len(panels), height_ratios=((3.6, 2.0) if line else None)

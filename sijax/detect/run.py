@@ -12,6 +12,7 @@ import jax
 from sijax.detect.dal import DALConfig, dal_test, draw_noises
 from sijax.detect.report import write_report
 from sijax.errors import ensure_output_dir
+from sijax.status import Status
 
 DEFAULT_CHECKPOINTS = os.path.join(
     os.path.dirname(os.path.dirname(__file__)), "checkpoints"
@@ -113,7 +114,7 @@ def format_result(result) -> str:
     more = len(result.truncated_intervals) - 6
     if more > 0:
         iv += f", ... ({more} more)"
-    if result.status == "no region":
+    if result.status == Status.NO_REGION:
         return f"no region detected ({result.message}); nothing to test"
     return (
         f"region: {int(result.mask.sum())} pixels   z = {result.stat:.4f}\n"

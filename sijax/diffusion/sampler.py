@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sijax.diffusion.schedule import Schedule, alpha_bar
+from sijax.errors import InputError
 
 DAL_STEPS = (460, 345, 230, 115, 0)
 
@@ -59,14 +60,14 @@ def ddim_coefficients(schedule: Schedule, steps: Sequence[int],
     Computed in NumPy float64 from a concrete schedule.
 
     Raises:
-        ValueError: steps not strictly decreasing in 0..T-1, or eta outside [0, 1].
+        InputError: steps not strictly decreasing in 0..T-1, or eta outside [0, 1].
     """
     t = np.asarray(tuple(steps), dtype=np.int64)
     if t.ndim != 1 or t.size < 1 or np.any(np.diff(t) >= 0) or t[-1] < 0 \
             or t[0] >= schedule.T:
-        raise ValueError(f"steps must decrease strictly within 0..T-1: {steps=}")
+        raise InputError(f"steps must decrease strictly within 0..T-1: {steps=}")
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"{eta=} must lie in [0, 1]")
+        raise InputError(f"{eta=} must lie in [0, 1]")
     s = np.append(t[1:], -1)
     ab_t = alpha_bar(schedule, t)
     ab_s = alpha_bar(schedule, s)
@@ -116,7 +117,7 @@ def ddim(eps_fn: EpsFn, x_t: jax.Array, eps: jax.Array, *, schedule: Schedule,
     """
     co = ddim_coefficients(schedule, steps, eta)
     if eps.shape != (len(co.t), *x_t.shape):
-        raise ValueError(f"{eps.shape=} must be (S, *x_t.shape) with S={len(co.t)}")
+        raise InputError(f"{eps.shape=} must be (S, *x_t.shape) with S={len(co.t)}")
     dt = x_t.dtype
     xs = (jnp.asarray(co.t, dtype=dt),
           jnp.asarray(np.sqrt(co.ab_t), dtype=dt),
@@ -156,7 +157,7 @@ def reconstruct(eps_fn: EpsFn, x: jax.Array, noises: Noises, *, schedule: Schedu
         (H, W, C) D(x), dtype of x.
     """
     if noises.eps0.shape != x.shape:
-        raise ValueError(f"{noises.eps0.shape=} must equal {x.shape=}")
+        raise InputError(f"{noises.eps0.shape=} must equal {x.shape=}")
     ab = float(alpha_bar(schedule, int(steps[0])))
     x_t = np.sqrt(ab) * x + np.sqrt(1.0 - ab) * noises.eps0
     return ddim(eps_fn, x_t, noises.eps, schedule=schedule, steps=steps, eta=eta)

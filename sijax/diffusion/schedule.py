@@ -5,6 +5,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from sijax.errors import InputError
+
 
 class Schedule(NamedTuple):
     """A discrete diffusion schedule with T steps indexed 0..T-1.
@@ -35,7 +37,7 @@ def linear_schedule(
         Schedule with betas and alpha_bar of shape (T,), float64.
     """
     if T < 1 or not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(f"bad schedule: {T=} {beta_start=} {beta_end=}")
+        raise InputError(f"bad schedule: {T=} {beta_start=} {beta_end=}")
     betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     return Schedule(betas=betas, alpha_bar=np.cumprod(1.0 - betas))
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sijax.diffusion.conv import conv2d
+from sijax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +46,11 @@ class UNetConfig:
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if len(self.channels) < 1 or min(self.channels) < 1:
-            raise ValueError(f"channels must be positive: {self.channels=}")
+            raise InputError(f"channels must be positive: {self.channels=}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"{self.activation=} must be one of {ACTIVATIONS}")
+            raise InputError(f"{self.activation=} must be one of {ACTIVATIONS}")
         if self.in_channels < 1 or self.temb_dim < 2:
-            raise ValueError(f"bad {self.in_channels=} or {self.temb_dim=}")
+            raise InputError(f"bad {self.in_channels=} or {self.temb_dim=}")
 
     @property
     def depth(self) -> int:
@@ -104,7 +105,7 @@ def activation_fn(name: str):
     if name == "relu":
         return jax.nn.relu
     if name not in PWL_KNOTS:
-        raise ValueError(f"{name=} must be one of {ACTIVATIONS}")
+        raise InputError(f"{name=} must be one of {ACTIVATIONS}")
     v0, terms = pwl_coefficients(name)
 
     def pwl(x: jax.Array) -> jax.Array:

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sijax.errors import InputError, SijaxError
+from sijax.errors import InputError, SearchError
 from sijax.selective.intervals import Intervals, merge_pieces
 from sijax.selective.pvalues import (
     bounds_from_log_masses,
@@ -73,6 +73,7 @@ __all__ = [
     "TERMINATIONS",
     "PieceFn",
     "PieceSource",
+    "Progress",
     "SearchError",
     "SearchResult",
     "SearchStatus",
@@ -89,6 +90,10 @@ TERMINATIONS: tuple[str, ...] = ("precision", "decision")
 PieceFn = Callable[
     [object, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]
 ]
+
+# A progress report of a search: fn(pieces, lo, hi, inf_p, sup_p) with the pieces
+# searched, the searched range [lo, hi] of z and the current bounds of the p-value.
+Progress = Callable[[int, float, float, float, float], None]
 
 
 class SearchStatus:
@@ -110,10 +115,6 @@ class SearchStatus:
         " detection and search disagree",
         4: "z_obs or a piece end point is NaN",
     }
-
-
-class SearchError(SijaxError, RuntimeError):
-    """A search ended with a non-OK status and ``throw=True`` was asked for."""
 
 
 class SearchResult(NamedTuple):
@@ -171,7 +172,7 @@ _REPORTERS: list[Callable] = []
 
 
 @contextlib.contextmanager
-def reporting(fn: Callable[[int, float, float, float, float], None]) -> Iterator[None]:
+def reporting(fn: Progress) -> Iterator[None]:
     """Sends the progress reports of searches run inside the block to ``fn``.
 
     ``fn(pieces, lo, hi, inf_p, sup_p)`` receives the pieces evaluated so far, the
@@ -546,7 +547,7 @@ def search_host(
     max_pieces: int = 2048,
     margin: float = 10.0,
     throw: bool = False,
-    progress: Callable[[int, float, float, float, float], None] | None = None,
+    progress: Progress | None = None,
     report_every: int = 10,
 ) -> SearchResult:
     """:func:`search` driven from the host, for a piece oracle that is not jittable.
