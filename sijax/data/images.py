@@ -403,7 +403,7 @@ def _read_png16(path: str) -> np.ndarray:
             raise InputError(f"{path}: corrupt PNG (filter type {ftype})")
         out[i] = prev = cur
     x = (out[:, 0::2] << 8 | out[:, 1::2]).astype(np.uint16).reshape(h, w, channels)
-    return x[:, :, :3] if channels == 4 else x[:, :, :1]
+    return {2: x[:, :, :1], 3: x, 4: x[:, :, :3]}[channels]
 
 
 def _unfilter_sequential(ftype: int, line, prev, bpp: int) -> np.ndarray:
