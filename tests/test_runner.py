@@ -58,6 +58,14 @@ def test_every_index_once_completes_and_summarises(tmp_path):
 
     assert _run(tmp_path, spy, resume=True, summary=summaries.append) == records
     assert calls == [] and len(summaries) == 2
+    # `summary_every`: also after the batches (here every one: always due)
+    sizes = []
+    _run(tmp_path / "periodic", Square(), summary=lambda r: sizes.append(len(r)),
+         summary_every=-1.0)  # fmt: skip
+    assert sizes == [3, 6, 9, 10, 10]
+    # workers need a batch function they can unpickle
+    with pytest.raises(InputError, match="picklable"):
+        _run(tmp_path / "local", spy, workers=2)
 
 
 def test_resume_after_an_interruption_redoes_and_loses_nothing(tmp_path):

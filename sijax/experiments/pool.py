@@ -141,6 +141,13 @@ def worker_pool(
 
     if jax.process_count() > 1:
         raise InputError("workers > 1 is for one host; multi-host runs shard batches")
+    try:
+        setup = b"" if fn is None else pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise InputError(
+            "worker processes need a picklable batch function (a top-level function, "
+            f"or an instance of a top-level class): {e}"
+        ) from None
     ctx = _Spawn()
     reports = ctx.Queue() if report is not None else None
 
@@ -154,8 +161,7 @@ def worker_pool(
     try:
         with ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_worker_init,
-            initargs=(SINGLE_THREAD_FLAGS, reports,
-                      b"" if fn is None else pickle.dumps(fn)),
+            initargs=(SINGLE_THREAD_FLAGS, reports, setup),
         ) as pool:  # fmt: skip
             try:
                 yield pool
