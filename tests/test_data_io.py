@@ -438,3 +438,21 @@ def test_data_source_hash(tmp_path):
 def test_missing_path():
     with pytest.raises(InputError, match="not found"):
         open_dataset("/nonexistent/sijax/data")
+
+
+def test_multipage_tiff_is_an_error(tmp_path, monkeypatch):
+    frames = [Image.fromarray(GREY8), Image.fromarray(255 - GREY8)]
+    frames[0].save(tmp_path / "m.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match="m.tif: a (TIFF|file) with 2 images"):
+        read_raw(tmp_path / "m.tif")
+    monkeypatch.setattr(images_mod, "_read_tiff", lambda path: None)  # Pillow only
+    with pytest.raises(InputError, match="m.tif: a file with 2 images"):
+        read_raw(tmp_path / "m.tif")
+
+
+def test_planar_tiff(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    x = RNG.integers(0, 65536, (5, 6, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(x, -1, 0),
+                     planarconfig="separate", photometric="rgb")
+    np.testing.assert_array_equal(read_raw(tmp_path / "p.tif"), x)

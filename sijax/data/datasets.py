@@ -194,7 +194,8 @@ class Dataset(NamedTuple):
             if preprocessing is None:
                 yield LabelledImage(scale_intensity(raw, it.source), mask, it)
             else:
-                yield LabelledImage(preprocessing.check_input(raw, it.name),
+                where = it.source if it.index is None else f"{it.source}[{it.index}]"
+                yield LabelledImage(preprocessing.check_input(raw, where),
                                preprocessing.resize_mask(mask), it)
 
 

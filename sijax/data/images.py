@@ -296,6 +296,9 @@ def _read_pil(path: str, suffix: str) -> np.ndarray:
         if x is not None:
             return x
     with Image.open(path) as im:
+        if getattr(im, "n_frames", 1) > 1:
+            raise InputError(f"{path}: a file with {im.n_frames} images (frames); "
+                             "sijax reads one image per file")
         im.load()
         mode = im.mode
         if suffix in (".tif", ".tiff"):
@@ -332,9 +335,15 @@ def _read_tiff(path: str) -> np.ndarray | None:
         import tifffile
     except ImportError:
         return None
-    x = np.asarray(tifffile.imread(path))
-    if x.ndim == 3 and x.shape[0] in (3, 4) and x.shape[2] not in (1, 3, 4):
-        x = np.moveaxis(x, 0, -1)  # planar storage (C, H, W)
+    with tifffile.TiffFile(path) as tif:
+        pages = [p for p in tif.pages if not getattr(p, "is_reduced", False)]
+        if len(pages) != 1:
+            raise InputError(f"{path}: a TIFF with {len(pages)} images (pages); sijax "
+                             "reads one image per file")
+        page = pages[0]
+        x = np.asarray(page.asarray())
+        if x.ndim == 3 and int(page.planarconfig) == 2:  # separate planes (C, H, W)
+            x = np.moveaxis(x, 0, -1)
     if x.ndim == 3 and x.shape[2] in (2, 4):
         x = x[:, :, : x.shape[2] - 1]  # drop alpha, as for every format
     if x.dtype == np.bool_:
