@@ -456,3 +456,15 @@ def test_planar_tiff(tmp_path):
     tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(x, -1, 0),
                      planarconfig="separate", photometric="rgb")
     np.testing.assert_array_equal(read_raw(tmp_path / "p.tif"), x)
+
+
+def test_unreadable_file_in_folder_named_on_open(tmp_path):
+    _save_all(tmp_path, RNG.integers(0, 256, (2, 6, 6), dtype=np.uint8))
+    (tmp_path / "002.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(InputError, match="002.png"):
+        open_dataset(tmp_path)
+    os.remove(tmp_path / "002.png")
+    np.save(tmp_path / "003.npy", np.full((6, 6), np.nan))
+    ds = open_dataset(tmp_path)
+    with pytest.raises(InputError, match="003.npy: 36 NaN/Inf"):
+        ds.train_images()

@@ -416,13 +416,18 @@ def _read_png16(path: str) -> np.ndarray:
 
 
 def _unfilter_sequential(ftype: int, line, prev, bpp: int) -> np.ndarray:
-    """PNG filters Sub (1), Average (3) and Paeth (4): each byte needs its left one."""
-    cur = line.copy()
+    """PNG filters Sub (1), Average (3) and Paeth (4): each byte needs its left one.
+
+    Plain Python lists: several times faster than indexing numpy scalars (about
+    1 s per million bytes for Paeth).
+    """
+    line, prev = line.tolist(), prev.tolist()
+    cur = list(line)
     n = len(line)
     if ftype == 1:
         for j in range(bpp, n):
             cur[j] = (cur[j] + cur[j - bpp]) & 255
-        return cur
+        return np.asarray(cur, np.int64)
     for j in range(n):
         left = cur[j - bpp] if j >= bpp else 0
         up = prev[j]
@@ -434,4 +439,4 @@ def _unfilter_sequential(ftype: int, line, prev, bpp: int) -> np.ndarray:
         pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
         pred = left if pa <= pb and pa <= pc else up if pb <= pc else up_left
         cur[j] = (line[j] + pred) & 255
-    return cur
+    return np.asarray(cur, np.int64)
