@@ -356,7 +356,8 @@ def _png_depth(path: str) -> tuple[int, int]:
     with open(path, "rb") as f:
         head = f.read(26)
     if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise InputError(f"{path}: not a PNG file (bad signature or header)")
+        raise InputError(f"cannot read image {path}: not a PNG file (bad signature "
+                         "or header)")
     return head[24], head[25]
 
 
@@ -374,7 +375,8 @@ def _read_png16(path: str) -> np.ndarray:
         kind = data[pos + 4 : pos + 8]
         body = data[pos + 8 : pos + 8 + n]
         if len(body) < n:
-            raise InputError(f"{path}: truncated PNG ({kind!r} chunk cut short)")
+            raise InputError(f"cannot read image {path}: truncated PNG ({kind!r} chunk "
+                             "cut short)")
         if kind == b"IHDR":
             ihdr = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
@@ -383,7 +385,7 @@ def _read_png16(path: str) -> np.ndarray:
             break
         pos += 12 + n
     else:
-        raise InputError(f"{path}: truncated PNG (no IEND chunk)")
+        raise InputError(f"cannot read image {path}: truncated PNG (no IEND chunk)")
     w, h, depth, colour_type, _, _, interlace = ihdr
     if interlace:
         raise InputError(f"{path}: interlaced 16-bit colour PNG is not supported; "
@@ -393,10 +395,10 @@ def _read_png16(path: str) -> np.ndarray:
     try:
         raw = zlib.decompress(b"".join(idat))
     except zlib.error as e:
-        raise InputError(f"{path}: corrupt PNG data ({e})") from None
+        raise InputError(f"cannot read image {path}: corrupt PNG data ({e})") from None
     stride = w * bpp
     if len(raw) < h * (stride + 1):
-        raise InputError(f"{path}: truncated PNG image data")
+        raise InputError(f"cannot read image {path}: truncated PNG image data")
     rows = np.frombuffer(raw, np.uint8, h * (stride + 1)).reshape(h, stride + 1)
     out = np.zeros((h, stride), np.int64)
     prev = np.zeros(stride, np.int64)
@@ -409,7 +411,8 @@ def _read_png16(path: str) -> np.ndarray:
         elif ftype in (1, 3, 4):
             cur = _unfilter_sequential(ftype, line, prev, bpp)
         else:
-            raise InputError(f"{path}: corrupt PNG (filter type {ftype})")
+            raise InputError(f"cannot read image {path}: corrupt PNG (filter type "
+                             f"{ftype})")
         out[i] = prev = cur
     x = (out[:, 0::2] << 8 | out[:, 1::2]).astype(np.uint16).reshape(h, w, channels)
     return {2: x[:, :, :1], 3: x, 4: x[:, :, :3]}[channels]
