@@ -349,7 +349,9 @@ def _mvtec(root, n=3, size=6):
 def test_mvtec_layout_with_masks(tmp_path):
     imgs, masks = _mvtec(tmp_path)
     (tmp_path / "license.txt").write_text("CC")
+    (tmp_path / "test" / "notes.txt").write_text("loose file")
     ds = open_dataset(tmp_path)
+    assert [os.path.basename(p) for p in ds.skipped] == ["notes.txt"]
     assert ds.layout == "mvtec" and ds.kinds == ("good", "scratch")
     assert len(ds.train) == 3 and len(ds.test) == 6
     assert [it.kind for it in ds.test] == ["good"] * 3 + ["scratch"] * 3

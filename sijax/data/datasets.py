@@ -368,9 +368,13 @@ def _open_mvtec(root: str) -> Dataset:
     items = [Item(f, None, "train", "good", None) for f in train]
     test_dir = os.path.join(root, "test")
     gt_dir = os.path.join(root, "ground_truth")
-    kinds = sorted(d for d in os.listdir(test_dir)
-                   if os.path.isdir(os.path.join(test_dir, d))) if os.path.isdir(
-                       test_dir) else []
+    kinds = []
+    if os.path.isdir(test_dir):
+        for d in sorted(os.listdir(test_dir)):
+            if os.path.isdir(os.path.join(test_dir, d)):
+                kinds.append(d)
+            else:
+                skipped.append(os.path.join(test_dir, d))
     kinds.sort(key=lambda k: (k != "good", k))
     for kind in kinds:
         files, skip = _list_images(os.path.join(test_dir, kind))

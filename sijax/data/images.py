@@ -227,6 +227,9 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
         return tuple(int(s) for s in shape)
     if suffix not in _PIL_SUFFIXES:
         raise InputError(f"unknown image type {suffix!r} for {path}")
+    if suffix in (".tif", ".tiff"):
+        # Float, planar or multi-page TIFFs: only the full reader knows the shape.
+        return tuple(int(s) for s in read_raw(path).shape)
     try:
         from PIL import Image
 
