@@ -125,6 +125,8 @@ def test_bad_arguments(tmp_path):
         build_dataset("mnist", tmp_path / "x")
     with pytest.raises(InputError, match="n_train"):
         build_dataset("digits", tmp_path / "x", n_train=0)
+    with pytest.raises(InputError, match="seed"):
+        build_dataset("digits", tmp_path / "x", seed=-1)
     with pytest.raises(InputError, match="too large"):
         build_dataset("brick", tmp_path / "x", size=300, **SMALL)
     (tmp_path / "full").mkdir()

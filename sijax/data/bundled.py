@@ -121,11 +121,20 @@ def build_dataset(name: str, out_dir: str | os.PathLike, *, size: int | None = N
     n_test_defect = d_defect if n_test_defect is None else n_test_defect
     for k, v, lo in (("size", size, 4), ("n_train", n_train, 1),
                      ("n_test_good", n_test_good, 0),
-                     ("n_test_defect", n_test_defect, 0)):
+                     ("n_test_defect", n_test_defect, 0), ("seed", seed, 0)):
         if not isinstance(v, int | np.integer) or v < lo:
             raise InputError(f"build_dataset: {k} must be an integer >= {lo}; "
                              f"got {v!r}")
     out = _prepare_out(os.path.abspath(os.fspath(out_dir)), overwrite)
+    try:
+        _build(name, out, size, n_train, n_test_good, n_test_defect, seed)
+    except OSError as e:  # disk full, permissions
+        raise InputError(f"cannot write {e.filename or out}: {e.strerror or e}"
+                         ) from None
+    return out
+
+
+def _build(name, out, size, n_train, n_test_good, n_test_defect, seed):
     # The name enters the seed so that two data sets of one seed differ in layout.
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     kinds = defect_kinds(name)
@@ -152,7 +161,6 @@ def build_dataset(name: str, out_dir: str | os.PathLike, *, size: int | None = N
                              "patch in some channel"}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
-    return out
 
 
 # -------------------------------------------------------------------------- defects

@@ -215,6 +215,14 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         InputError: naming the file, for every problem listed in the module docstring.
     """
     path = os.fspath(path)
+    try:
+        return _open(path)
+    except OSError as e:  # permissions, a file vanishing while listed
+        raise InputError(f"cannot read {e.filename or path}: {e.strerror or e}"
+                         ) from None
+
+
+def _open(path: str) -> Dataset:
     if os.path.isfile(path):
         suffix = os.path.splitext(path)[1].lower()
         if suffix in (".npy", ".npz"):
@@ -261,7 +269,11 @@ def data_source(path: str | os.PathLike) -> dict:
     h = hashlib.sha256()
     for f in files:
         rel = os.path.relpath(f, base).replace(os.sep, "/")
-        h.update(f"{rel}\0{os.path.getsize(f)}\0{_file_sha256(f)}\n".encode())
+        try:
+            line = f"{rel}\0{os.path.getsize(f)}\0{_file_sha256(f)}\n"
+        except OSError as e:
+            raise InputError(f"cannot read {f}: {e.strerror or e}") from None
+        h.update(line.encode())
     return {"path": root, "layout": ds.layout, "count": len(ds.items),
             "n_train": len(ds.train), "sha256": h.hexdigest()}
 
