@@ -231,6 +231,7 @@ def test_preprocessing_fit_roundtrip_apply(tmp_path):
     crop = raw[0, 3:17].astype(np.float64) / 255
     np.testing.assert_allclose(x[0], (resize(crop, 8, 8) - pre.mean) / pre.std,
                                atol=1e-12)
+    np.testing.assert_allclose(pre.unapply(x[0]), resize(crop, 8, 8), atol=1e-12)
     # A file path gives the same as its pixels.
     Image.fromarray(raw[0]).save(tmp_path / "r.png")
     np.testing.assert_array_equal(pre.apply(tmp_path / "r.png"), x[0])

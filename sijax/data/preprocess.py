@@ -195,6 +195,17 @@ class Preprocessing:
         x = self.resample(raw)
         return (x - np.asarray(self.mean)) / np.asarray(self.std)
 
+    def unapply(self, x) -> np.ndarray:
+        """Inverse of step 4, for viewing model outputs: ``x * std + mean``.
+
+        Args:
+            x: (..., channels) model-scale values (e.g. a reconstruction).
+
+        Returns:
+            float64, same shape, on the [0, 1] intensity scale of step 1 (not clipped).
+        """
+        return np.asarray(x, np.float64) * np.asarray(self.std) + np.asarray(self.mean)
+
     def apply_batch(self, raws: Iterable) -> np.ndarray:
         """:meth:`apply` over images: float64 (N, size, size, channels)."""
         out = [self.apply(r) for r in raws]
