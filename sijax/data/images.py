@@ -17,7 +17,9 @@ Colour conversion on reading: an alpha channel is dropped (RGBA -> RGB, grey+alp
 grey; the colour values are kept as stored, not composited on a background); palette
 images are expanded to RGB; 1-bit images to grey 0/255; CMYK and YCbCr to RGB. A
 ``.npy`` must already have 1 or 3 channels (or be 2-D): four channels could be RGBA or
-four bands, so sijax does not guess.
+four bands, so sijax does not guess. Pixels are taken as stored: EXIF orientation,
+ICC profiles and gamma are ignored (so an image and its PNG mask always align). A
+multi-page TIFF (or any multi-frame file) is an error, not its first page.
 
 Pillow pitfalls handled here: Pillow reads a 16-bit grey PNG/TIFF as mode ``"I;16"``
 (kept as uint16), but it silently reduces 16-bit RGB(A) PNG and TIFF files to 8 bits.
