@@ -4,9 +4,14 @@ A model directory (what ``sijax train`` exports to ``WORKDIR/model`` and what is
 committed under ``sijax/checkpoints/NAME``) holds
 
     config.json   the TrainConfig (architecture, schedule, recipe), a summary and
-                  the SHA-256 of every file under state/ ("state_sha256")
+                  the SHA-256 of every file under state/ ("state_sha256"); for a
+                  model trained on data also "data" (path, count, SHA-256 of the
+                  file list), "preprocessing" (what turns a file into the
+                  network's input) and "detect" (the calibrated threshold)
     state/        Orbax checkpoint of the eval-mode network state: parameters and
                   batch-norm running statistics, stored float32
+    noise/KIND/   (trained on data) the noise models estimated from the normal
+                  images: pixel, stationary, lowrank
 
 Orbax stores the arrays without checksums: a flipped bit in a chunk loads silently as
 a different weight (and so a different model, reconstruction and p-value), and a
@@ -55,6 +60,27 @@ def apply_unet(graphdef, state, x: jax.Array, t: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(x, t, train=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a model directory says beyond the network (static, hashable).
+
+    Attributes:
+        directory: where the model was loaded from (None if built in memory).
+        preprocessing: the ``sijax.data.Preprocessing`` that turns an image file
+            into the network's input (None: the model was trained on N(0, 1)
+            images, and files are read as they are).
+        threshold: the detection threshold calibrated on held-out normal images
+            (None: the DAL default 0.8).
+        noise_model: default noise model kind of ``--sigma model`` (None: none
+            stored).
+    """
+
+    directory: str | None = None
+    preprocessing: Any = None
+    threshold: float | None = None
+    noise_model: str | None = None
+
+
 @struct.dataclass
 class DiffusionModel:
     """A trained noise predictor in eval mode: a pytree (state) with static config.
@@ -64,11 +90,43 @@ class DiffusionModel:
         graphdef: the Flax NNX graph definition (static).
         state: parameters and batch-norm running statistics (pytree of arrays,
             float64 after :func:`load_model`).
+        info: what its directory records besides (preprocessing, threshold, noise
+            models); static.
     """
 
     config: TrainConfig = struct.field(pytree_node=False)
     graphdef: Any = struct.field(pytree_node=False)
     state: Any
+    info: ModelInfo = struct.field(pytree_node=False, default=ModelInfo())
+
+    @property
+    def preprocessing(self):
+        """The recorded ``sijax.data.Preprocessing``, or None (N(0, 1) models)."""
+        return self.info.preprocessing
+
+    def noise_model(self, kind: str | None = None):
+        """The stored noise model ``kind`` (default: the model's default kind).
+
+        Raises:
+            InputError: the model stores no noise models (trained without data,
+                or built in memory) or none of that kind.
+            CheckpointError: a damaged noise model file.
+        """
+        from sijax.noise_model import load_noise_model
+
+        kind = kind or self.info.noise_model
+        root = None if self.info.directory is None else os.path.join(
+            self.info.directory, "noise")
+        if root is None or kind is None or not os.path.isdir(root):
+            raise InputError(
+                "this model stores no noise model (it was not trained on data with "
+                "sijax train --data): give --sigma as a variance, iid, corr or a "
+                ".npy file")
+        path = os.path.join(root, kind)
+        if not os.path.isdir(path):
+            raise InputError(f"no noise model {kind!r} in {root}; stored: "
+                             f"{sorted(os.listdir(root))}")
+        return load_noise_model(path)
 
     @property
     def unet_config(self) -> UNetConfig:
@@ -145,6 +203,7 @@ def save_model(
     state,
     *,
     summary: dict | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Writes a model directory (config.json + float32 Orbax state).
 
@@ -156,6 +215,8 @@ def save_model(
         config: the model's TrainConfig.
         state: nnx.State of the U-Net (params and batch stats).
         summary: extra JSON-serialisable facts (final loss, steps, ...).
+        extra: more top-level entries of config.json ("data", "preprocessing",
+            "detect").
 
     Returns:
         The absolute directory.
@@ -167,6 +228,7 @@ def save_model(
         "config": dataclasses.asdict(config),
         "summary": summary or {},
         "format": "sijax-model-1",
+        **(extra or {}),
     }
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "state"), _to_numpy_tree(state), force=True)
@@ -303,8 +365,28 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise CheckpointError(f"model state in {state_path} has NaN/Inf values")
     return DiffusionModel(
-        config=config, graphdef=graphdef, state=cast_state(state, dtype)
+        config=config, graphdef=graphdef, state=cast_state(state, dtype),
+        info=_model_info(directory, meta),
     )
+
+
+def _model_info(directory: str, meta: dict) -> ModelInfo:
+    try:
+        prep = None
+        if "preprocessing" in meta:
+            from sijax.data import Preprocessing
+
+            prep = Preprocessing.from_dict(meta["preprocessing"])
+        threshold = meta.get("detect", {}).get("threshold")
+        noise = None
+        if os.path.isdir(os.path.join(directory, "noise")):
+            noise = meta["config"].get("noise_model", "lowrank")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"corrupt config.json in {directory}: {type(e).__name__}: {e}") from None
+    return ModelInfo(directory=directory, preprocessing=prep,
+                     threshold=None if threshold is None else float(threshold),
+                     noise_model=noise)
 
 
 def read_summary(directory: str | os.PathLike) -> dict:

@@ -27,8 +27,13 @@ def _configure_jax():
 # --- train -------------------------------------------------------------------------
 
 def _train_args(p: argparse.ArgumentParser):
-    p.add_argument("--config", help="preset name (dal_v5, tiny); with --resume it "
-                   "may be omitted and is read from the workdir")
+    p.add_argument("--config", help="preset name (dal_v5, tiny; default dal_v5 with "
+                   "--data); with --resume it may be omitted and is read from the "
+                   "workdir")
+    p.add_argument("--data", help="normal images to train on: a folder of images "
+                   "(PNG, JPEG, TIFF, NPY), an .npy/.npz stack, or an MVTec AD "
+                   "category root (uses train/good); without it, iid N(0, 1) images "
+                   "(the paper's synthetic setting)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--workdir", required=True, help="run directory")
@@ -45,20 +50,24 @@ def _train_run(a: argparse.Namespace) -> int:
     from sijax.train import train
 
     stored = os.path.join(a.workdir, "config.json")
-    if a.config is None:
-        if not (a.resume and os.path.isfile(stored)):
-            raise InputError("--config is required (except with --resume on an "
-                             "existing --workdir)")
+    if a.config is None and a.resume and os.path.isfile(stored):
         with open(stored) as f:
             cfg = TrainConfig.from_dict(json.load(f))
+    elif a.config is None and a.data is None:
+        raise InputError("--config is required (except with --data, or with "
+                         "--resume on an existing --workdir)")
     else:
-        cfg = get_config(a.config)
+        cfg = get_config(a.config or "dal_v5")
     cfg = apply_overrides(cfg, a.overrides)
     _configure_jax()
-    res = train(cfg, a.workdir, resume=a.resume, progress=not a.no_progress)
-    print(f"trained {cfg.name} size={cfg.size}: {int(res.state.step)} steps, "
-          f"final loss {res.losses[-1, 1]:.4f}, {res.seconds_per_step * 1e3:.1f} "
-          f"ms/step; model in {os.path.join(a.workdir, 'model')}")
+    res = train(cfg, a.workdir, data=a.data, resume=a.resume,
+                progress=not a.no_progress)
+    cfg = res.model.config
+    print(f"trained {cfg.name} size={cfg.size} channels={cfg.in_channels} on "
+          f"{cfg.n_train} {'images' if a.data else 'N(0, 1) images'}: "
+          f"{int(res.state.step)} steps, final loss {res.losses[-1, 1]:.4f}, "
+          f"{res.seconds_per_step * 1e3:.1f} ms/step; model in "
+          f"{os.path.join(a.workdir, 'model')}")
     return 0
 
 
@@ -106,20 +115,23 @@ def _sample_run(a: argparse.Namespace) -> int:
 def _reconstruct_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True,
                    help="model directory, training workdir, or committed name")
-    p.add_argument("--image", required=True, help=".npy, .png or .jpg image")
+    p.add_argument("--image", required=True,
+                   help="PNG, JPEG, TIFF or .npy image (a model trained on data "
+                   "applies its recorded preprocessing)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler noises")
 
 
 def _reconstruct_run(a: argparse.Namespace) -> int:
     from sijax.checkpoint import load_model
-    from sijax.data.images import load_image
+    from sijax.data.images import read_raw
     from sijax.diffusion.reconstruction import reconstruct_image, save_reconstruction
+    from sijax.evaluation.images import model_input
 
     ensure_output_dir(a.out)
     _configure_jax()
     model = load_model(a.checkpoint)
-    x = load_image(a.image, model.image_shape)
+    x = model_input(model, read_raw(a.image), a.image)
     rec = reconstruct_image(model, x, seed=a.seed)
     paths = save_reconstruction(a.out, rec)
     print(f"wrote {len(paths)} files to {a.out}; max |error| "
@@ -129,11 +141,15 @@ def _reconstruct_run(a: argparse.Namespace) -> int:
 
 # --- test / demo ---------------------------------------------------------------------
 
-def _dal_config(a: argparse.Namespace):
+def _dal_config(a: argparse.Namespace, model=None):
+    """The DAL options of the command line; a data-trained model's calibrated
+    threshold is the default threshold."""
     from sijax.config import apply_overrides
     from sijax.detect.dal import DALConfig
 
     cfg = DALConfig()
+    if model is not None and model.info.threshold is not None:
+        cfg = DALConfig(threshold=model.info.threshold)
     sets = [f"{k}={getattr(a, k)}" for k in ("hypothesis", "search", "termination",
                                               "alternative", "threshold", "precision",
                                               "engine")
@@ -181,31 +197,95 @@ def _sigma(raw: str):
 
 def _test_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, help="model directory")
-    p.add_argument("--image", required=True, help="test image (.npy, .png, .jpg)")
-    p.add_argument("--reference", help="reference image (reference test)")
-    p.add_argument("--sigma", required=True,
-                   help="noise covariance of the image: a variance, 'iid', 'corr', or "
-                   "a .npy file (per-pixel variances or an n x n matrix)")
+    p.add_argument("--image", required=True,
+                   help="test image (PNG, JPEG, TIFF or .npy; a model trained on "
+                   "data applies its recorded preprocessing)")
+    p.add_argument("--reference",
+                   help="reference image (reference test), or 'template' (the mean "
+                   "of the normal training images; the default with --sigma model)")
+    p.add_argument("--sigma",
+                   help="noise covariance of the image: 'model' or 'model:KIND' (the "
+                   "noise model estimated from the training data: pixel, stationary, "
+                   "lowrank; the default for models trained on data), a variance, "
+                   "'iid', 'corr', or a .npy file (per-pixel variances or an n x n "
+                   "matrix)")
+    p.add_argument("--tiles", action="store_true",
+                   help="an image larger than the model: test every model-sized tile "
+                   "at the image's resolution (Holm-adjusted over the tiles); writes "
+                   "tiles.json and tiles.png")
     _dal_options(p)
 
 
 def _test_run(a: argparse.Namespace) -> int:
     from sijax.checkpoint import load_model
-    from sijax.data.images import load_image
+    from sijax.data.images import read_raw
     from sijax.detect.run import format_result, run_test
+    from sijax.evaluation.images import model_input, resolve_reference
 
     _configure_jax()
-    config = _dal_config(a)
     model = load_model(a.checkpoint)
-    x = load_image(a.image, model.image_shape)
-    x_ref = load_image(a.reference, model.image_shape) if a.reference else None
-    result, seconds = run_test(model, x, x_ref, sigma=_sigma(a.sigma),
-                               out_dir=a.out, checkpoint=a.checkpoint, seed=a.seed,
-                               config=config,
-                               progress=not a.no_progress,
-                               extra={"image": a.image, "reference": a.reference})
+    config = _dal_config(a, model)
+    sigma = a.sigma
+    if sigma is None:
+        if model.info.noise_model is None:
+            raise InputError("--sigma is required: this model stores no noise model "
+                             "(it was not trained with --data)")
+        sigma = "model"
+    sigma = sigma if sigma.startswith("model") else _sigma(sigma)
+    raw_ref = a.reference
+    if a.reference not in (None, "template"):
+        raw_ref = read_raw(a.reference)
+    ref = resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    extra = {"image": a.image, "reference": a.reference or
+             ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}
+    if a.tiles:
+        return _test_tiles(a, model, ref, config, extra)
+    x = model_input(model, read_raw(a.image), a.image)
+    result, seconds = run_test(model, x, ref.x_ref, sigma=ref.sigma,
+                               sigma_ref=ref.sigma_ref, out_dir=a.out,
+                               checkpoint=a.checkpoint, seed=a.seed, config=config,
+                               progress=not a.no_progress, extra=extra)
     print(format_result(result))
     print(f"{seconds:.1f} s (compilation included); report in {a.out}/")
+    return 0
+
+
+def _test_tiles(a, model, ref, config, extra) -> int:
+    import json
+
+    from sijax.data.images import read_raw
+    from sijax.evaluation.tiles import plot_tiles, run_tiled_test
+
+    ensure_output_dir(a.out)
+    prep = model.preprocessing
+    raw = read_raw(a.image)
+    image = prep.apply_native(raw, a.image) if prep is not None else raw
+    bar = None
+    if not a.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tiles", unit="tile", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    res = run_tiled_test(model, image, ref, config=config, seed=a.seed,
+                         progress=None if bar is None else progress)
+    if bar is not None:
+        bar.close()
+    with open(os.path.join(a.out, "tiles.json"), "w") as f:
+        json.dump({"tiles": res.tiles, "size": res.size, "alpha": config.alpha,
+                   "adjustment": "holm", **extra}, f, indent=1)
+    plot_tiles(os.path.join(a.out, "tiles.png"), image, res, alpha=config.alpha)
+    print(f"{len(res.tiles)} tiles of {res.size}x{res.size}: {res.tested} with a "
+          f"region, {res.significant} significant at {config.alpha:g} (Holm)")
+    for t in res.tiles:
+        if t["adjusted_p"] is not None:
+            print(f"  tile {t['tile']} at ({t['row']}, {t['col']}): region "
+                  f"{t['region_size']} px, p = {t['p_value']:.4g}, adjusted "
+                  f"{t['adjusted_p']:.4g}" + ("  *" if t["significant"] else ""))
+    print(f"report in {a.out}/ (tiles.json, tiles.png)")
     return 0
 
 
@@ -358,6 +438,110 @@ def _experiment_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate ------------------------------------------------------------------------
+
+def _evaluate_args(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint", required=True, help="model directory")
+    p.add_argument("--data", required=True,
+                   help="an MVTec AD category root (test/good, test/<defect>, "
+                   "ground_truth/), or a folder or stack of images (all tested)")
+    p.add_argument("--sigma", default=None,
+                   help="'model' (default: the noise model stored with a model "
+                   "trained on data) or 'model:KIND' (pixel, stationary, lowrank), "
+                   "or a variance, 'iid', 'corr', a .npy file")
+    p.add_argument("--reference", default=None,
+                   help="'template' (default with a noise model) or an image file")
+    p.add_argument("--fdr", type=float, default=0.05,
+                   help="false discovery rate of the Benjamini-Hochberg selection "
+                   "over the images (0.05)")
+    p.add_argument("--kinds", nargs="+", help="test only these kinds (good, a "
+                   "defect folder's name)")
+    p.add_argument("--max-per-kind", type=int,
+                   help="test at most this many images of each kind")
+    p.add_argument("--workers", type=int,
+                   help="worker processes (default: one per usable core on a CPU, "
+                   "else 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an evaluation in --out (nothing is redone)")
+    p.add_argument("--no-reports", action="store_true",
+                   help="no report picture per image (only the overview)")
+    p.add_argument("--alpha", type=float, help="level of each image's test (0.05)")
+    _dal_options(p)
+    p.set_defaults(out=None)
+
+
+def _evaluate_run(a: argparse.Namespace) -> int:
+    if a.out is None:
+        raise InputError("--out is required")
+    from sijax.experiments.pool import usable_cores
+
+    workers = a.workers or usable_cores()
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1; got {workers}")
+    _configure_jax()
+    import jax
+
+    from sijax.checkpoint import load_model
+    from sijax.data import open_dataset
+    from sijax.data.images import read_raw
+    from sijax.evaluation.evaluate import evaluate
+    from sijax.evaluation.images import resolve_reference
+
+    if jax.default_backend() != "cpu" and a.workers is None:
+        workers = 1
+    model = load_model(a.checkpoint)
+    config = _dal_config(a, model)
+    if a.alpha is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, alpha=a.alpha)
+    sigma = a.sigma or "model"
+    sigma = sigma if sigma.startswith("model") else _sigma(sigma)
+    raw_ref = a.reference
+    if a.reference not in (None, "template"):
+        raw_ref = read_raw(a.reference)
+    ref = resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    dataset = open_dataset(a.data)
+    summary = evaluate(model, dataset, ref, a.out, config=config,
+                       checkpoint=a.checkpoint, seed=a.seed, fdr=a.fdr,
+                       kinds=a.kinds, max_per_kind=a.max_per_kind, resume=a.resume,
+                       workers=workers, progress=not a.no_progress,
+                       reports=not a.no_reports)
+    with open(os.path.join(a.out, "summary.md")) as f:
+        print(f.read())
+    print(f"wrote images.jsonl, summary.json, summary.md and overview.png to "
+          f"{a.out}/ ({summary['images']} images)")
+    return 0
+
+
+# --- data --------------------------------------------------------------------------
+
+def _data_args(p: argparse.ArgumentParser):
+    p.add_argument("name", help="digits (scikit-learn's handwritten digits) or a "
+                   "scikit-image texture: brick, grass, gravel, ihc")
+    p.add_argument("--out", required=True, help="output folder (MVTec AD layout)")
+    p.add_argument("--size", type=int, help="image side (digits: 8)")
+    p.add_argument("--n-train", type=int, help="normal training images")
+    p.add_argument("--n-test-good", type=int, help="normal test images")
+    p.add_argument("--n-test-defect", type=int, help="test images per defect kind")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing data set in --out")
+
+
+def _data_run(a: argparse.Namespace) -> int:
+    from sijax.data import build_dataset, open_dataset
+
+    path = build_dataset(a.name, a.out, size=a.size, n_train=a.n_train,
+                         n_test_good=a.n_test_good, n_test_defect=a.n_test_defect,
+                         seed=a.seed, overwrite=a.overwrite)
+    ds = open_dataset(path)
+    counts = {k: sum(it.kind == k for it in ds.test) for k in ds.kinds}
+    print(f"wrote {path}: {len(ds.train)} training images "
+          f"{ds.shape[0]}x{ds.shape[1]}x{ds.shape[2]}, test {counts}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int]]
 
@@ -370,6 +554,12 @@ COMMANDS: dict[str, Command] = {
              _test_args, _test_run),
     "demo": ("the DAL test on the bundled example (no downloads)", _demo_args,
              _demo_run),
+    "evaluate": ("test every image of a data set (MVTec AD layout or a folder): "
+                 "images.jsonl, summary.json with AUROC, AUPRO, type I error and "
+                 "power, overview.png", _evaluate_args, _evaluate_run),
+    "data": ("build a small real data set offline (digits, textures) in the "
+             "MVTec AD layout, with synthetic defects and masks (needs the [data] "
+             "extra)", _data_args, _data_run),
     "experiment": ("the paper's experiments: type I error, power, pieces, "
                    "robustness, piecewise-linear activations", _experiment_args,
                    _experiment_run),

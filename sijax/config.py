@@ -14,6 +14,8 @@ from sijax.diffusion.schedule import Schedule, linear_schedule
 from sijax.diffusion.unet import UNetConfig
 from sijax.errors import InputError
 
+NOISE_MODELS = ("pixel", "stationary", "lowrank")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -26,7 +28,9 @@ class TrainConfig:
         channels: U-Net widths; the last is the bottleneck.
         temb_dim: time-embedding size.
         T, beta_start, beta_end: the linear noise schedule.
-        n_train: number of iid N(0, 1) training images.
+        n_train: number of training images: iid N(0, 1) images when training
+            without data; with data (``train(data=...)``) the number of images left
+            for training after the validation split (set by ``train``).
         batch_size: images per step (the last partial batch of an epoch is dropped).
         epochs: passes over the training set.
         lr: Adam learning rate.
@@ -34,6 +38,17 @@ class TrainConfig:
         steps_per_dispatch: optimiser steps per compiled call (a ``lax.scan``).
         save_every: checkpoint period in steps (rounded up to a multiple of
             ``steps_per_dispatch``); the last step is always saved.
+        flips: augment the training data with random horizontal and vertical
+            flips (a function of (seed, step), so resumed runs stay exact).
+        val_fraction: share of the data images held out for the validation loss
+            (logged at each checkpoint) and the threshold calibration; unused
+            without data.
+        threshold_quantile: with data, the detection threshold stored with the
+            model is this quantile of the score maps of the held-out images.
+        noise_model: with data, the noise model ``sijax test --sigma model``
+            uses by default ("pixel", "stationary" or "lowrank"; all three are
+            stored).
+        noise_rank: rank of the "lowrank" noise model.
     """
 
     name: str = "dal_v5"
@@ -51,6 +66,11 @@ class TrainConfig:
     seed: int = 0
     steps_per_dispatch: int = 10
     save_every: int = 500
+    flips: bool = False
+    val_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    noise_model: str = "lowrank"
+    noise_rank: int = 32
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -65,6 +85,16 @@ class TrainConfig:
                 raise InputError(f"{key}={getattr(self, key)} must be >= 1")
         if self.batch_size > self.n_train:
             raise InputError(f"{self.batch_size=} exceeds {self.n_train=}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InputError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0.0 < self.threshold_quantile < 1.0:
+            raise InputError(
+                f"threshold_quantile={self.threshold_quantile} must be in (0, 1)")
+        if self.noise_model not in NOISE_MODELS:
+            raise InputError(
+                f"noise_model={self.noise_model!r} must be one of {NOISE_MODELS}")
+        if self.noise_rank < 1:
+            raise InputError(f"noise_rank={self.noise_rank} must be >= 1")
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(channels=self.channels, in_channels=self.in_channels,

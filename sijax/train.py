@@ -12,6 +12,7 @@ parameters.
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -75,8 +76,11 @@ class TrainResult(NamedTuple):
 
 def _keys(seed: int):
     root = jax.random.key(seed)
+    # Appended names only: the keys of the first four must not change (committed
+    # checkpoints are reproduced from them).
     return {name: jax.random.fold_in(root, i)
-            for i, name in enumerate(("data", "init", "order", "step"))}
+            for i, name in enumerate(("data", "init", "order", "step", "flip",
+                                      "val"))}
 
 
 def init_state(cfg: TrainConfig) -> tuple[Any, TrainState, Any]:
@@ -89,9 +93,81 @@ def init_state(cfg: TrainConfig) -> tuple[Any, TrainState, Any]:
     return graphdef, state, opt
 
 
-def training_data(cfg: TrainConfig) -> jax.Array:
-    """The cfg.n_train iid N(0, 1) images, (n, H, W, C) float32."""
-    return normal_images(_keys(cfg.seed)["data"], cfg.n_train, cfg.image_shape, DTYPE)
+class TrainingData(NamedTuple):
+    """The images a model is trained on, as the network sees them.
+
+    Attributes:
+        train: (N, H, W, C) float32 training images (preprocessed).
+        val: (V, H, W, C) float32 held-out normal images (V may be 0): the
+            validation loss and the threshold calibration.
+        preprocessing: the ``sijax.data.Preprocessing`` that maps a file to these
+            values (None for the synthetic N(0, 1) images).
+        source: {"path", "count", "sha256"} of the data (None for synthetic).
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    preprocessing: Any
+    source: dict | None
+
+
+def training_data(cfg: TrainConfig, data=None) -> TrainingData:
+    """The training images of ``cfg``: iid N(0, 1) without ``data``, else ``data``.
+
+    Args:
+        cfg: the configuration (size, seed, val_fraction).
+        data: None (cfg.n_train iid N(0, 1) images, the paper's), a path (a folder
+            of images, an .npy/.npz stack, or an MVTec AD category root, whose
+            ``train/good`` is used; see ``sijax.data.open_dataset``) or an array
+            (N, H, W) / (N, H, W, C) of raw images (integers are scaled by their
+            bit depth, floats taken as they are).
+
+    With data, a :class:`sijax.data.Preprocessing` is fitted (resize to cfg.size,
+    per-channel standardisation by the statistics of these images), and a
+    ``cfg.val_fraction`` share, drawn with cfg.seed, is held out.
+
+    Raises:
+        InputError: unreadable data, fewer than 2 images, or fewer training images
+            than one batch.
+    """
+    if data is None:
+        x = normal_images(_keys(cfg.seed)["data"], cfg.n_train, cfg.image_shape, DTYPE)
+        return TrainingData(np.asarray(x), np.zeros((0, *cfg.image_shape),
+                                                    np.float32), None, None)
+    from sijax.data import Preprocessing, data_source, open_dataset
+
+    if isinstance(data, (str, os.PathLike)):
+        raw = open_dataset(data).train_images()
+        source = data_source(data)
+    else:
+        raw = np.asarray(data)
+        if raw.ndim == 3:
+            raw = raw[..., None]
+        source = {"path": "<array>", "count": int(raw.shape[0]),
+                  "sha256": hashlib.sha256(np.ascontiguousarray(raw).tobytes()
+                                           ).hexdigest()}
+    if raw.ndim != 4 or raw.shape[0] < 2:
+        raise InputError(f"need at least 2 images (N, H, W[, C]); got {raw.shape}")
+    prep = Preprocessing.fit(raw, size=cfg.size)
+    x = np.stack([prep.apply(r) for r in raw]).astype(np.float32)
+    n = len(x)
+    n_val = int(round(cfg.val_fraction * n)) if n >= 10 else 0
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    val, train = x[order[:n_val]], x[order[n_val:]]
+    if len(train) < cfg.batch_size:
+        raise InputError(
+            f"{len(train)} training images (of {n}, {n_val} held out) are fewer than "
+            f"one batch (batch_size={cfg.batch_size}): --set batch_size=N or more "
+            "images")
+    return TrainingData(train, val, prep, source)
+
+
+def data_config(cfg: TrainConfig, data: TrainingData) -> TrainConfig:
+    """``cfg`` with the image count and channels of ``data`` (a no-op without)."""
+    if data.source is None:
+        return cfg
+    return dataclasses.replace(cfg, n_train=len(data.train),
+                               in_channels=int(data.train.shape[-1]))
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,6 +196,11 @@ def make_train_chunk(cfg: TrainConfig) -> Callable:
         epoch, k = step // spe, step % spe
         order = jax.random.permutation(jax.random.fold_in(keys["order"], epoch), n)
         x0 = data[jax.lax.dynamic_slice_in_dim(order, k * bs, bs)]
+        if cfg.flips:
+            fh, fv = jax.random.bernoulli(
+                jax.random.fold_in(keys["flip"], step), 0.5, (2, bs, 1, 1, 1))
+            x0 = jnp.where(fh, x0[:, :, ::-1], x0)
+            x0 = jnp.where(fv, x0[:, ::-1], x0)
         kt, ke = jax.random.split(jax.random.fold_in(keys["step"], step))
         t = jax.random.randint(kt, (bs,), 0, cfg.T)
         eps = jax.random.normal(ke, x0.shape, DTYPE)
@@ -144,6 +225,53 @@ def make_train_chunk(cfg: TrainConfig) -> Callable:
         return jax.lax.scan(body, state, steps)
 
     return chunk
+
+
+VAL_IMAGES = 256  # at most this many held-out images enter the validation loss
+
+
+@functools.lru_cache(maxsize=8)
+def make_val_loss(cfg: TrainConfig) -> Callable:
+    """``val_loss(state, x0) -> loss``: the noise-prediction loss of held-out images
+    in eval mode (running batch-norm statistics), with a fixed t per image (evenly
+    spread over 0..T-1) and a fixed noise (from cfg.seed), so that the numbers of
+    one run are comparable between checkpoints. Jitted once per config."""
+    graphdef, _, _ = init_state(cfg)
+    schedule, key = cfg.schedule(), _keys(cfg.seed)["val"]
+
+    @jax.jit
+    def val_loss(state: TrainState, x0: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
+        t = (jnp.arange(x0.shape[0]) * cfg.T) // x0.shape[0]
+        eps = jax.random.normal(key, x0.shape, x0.dtype)
+        return noise_prediction_loss(lambda x, tt: model(x, tt, train=False),
+                                     schedule, x0, t, eps)
+
+    return val_loss
+
+
+def calibrate_threshold(model: DiffusionModel, images: np.ndarray,
+                        quantile: float, draws: int = 3) -> float:
+    """The ``quantile`` of the score maps of normal ``images`` (V, H, W, C).
+
+    Each image is reconstructed with ``draws`` noise draws (keys 0..draws-1, the
+    keys ``sijax test --seed`` uses), with the default DAL detector. A threshold
+    fixed from held-out normal images, before any test image is seen, leaves the
+    test's validity untouched; it sets how much of a normal image is flagged
+    (about 1 - quantile of its pixels).
+    """
+    from sijax.detect.dal import DALConfig, detect_region, draw_noises
+
+    config = DALConfig()
+    scores = []
+    dtype = jax.tree.leaves(model.state)[0].dtype
+    noises = [draw_noises(jax.random.key(k), model.image_shape, config)
+              for k in range(draws)]
+    for x in images:
+        for nz in noises:
+            score, _ = detect_region(model, x.astype(dtype), nz, config)
+            scores.append(np.asarray(score).ravel())
+    return float(np.quantile(np.concatenate(scores), quantile))
 
 
 class _Checkpoints:
@@ -232,7 +360,8 @@ class _Checkpoints:
         self.mngr.close()
 
 
-def _read_losses(path: str, upto: int) -> list[tuple[int, float]]:
+def _read_log(path: str, upto: int) -> list[dict]:
+    """The records of ``losses.jsonl`` up to step ``upto`` (a cut last line ends it)."""
     rows = []
     if os.path.isfile(path):
         with open(path) as f:
@@ -242,49 +371,89 @@ def _read_losses(path: str, upto: int) -> list[tuple[int, float]]:
                 except ValueError:
                     break  # a line cut by a kill
                 if rec["step"] <= upto:
-                    rows.append((rec["step"], rec["loss"]))
+                    rows.append(rec)
     return rows
 
 
-def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
-          progress: bool = True,
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _check_stored(workdir: str, cfg: TrainConfig, data: TrainingData,
+                  resume: bool) -> None:
+    """A new run records its config (and data) in ``workdir``; a resumed one must
+    match them."""
+    cfg_path = os.path.join(workdir, "config.json")
+    data_path = os.path.join(workdir, "data.json")
+    if not os.path.isfile(cfg_path):
+        with open(cfg_path + ".tmp", "w") as f:
+            f.write(cfg.to_json())
+        os.replace(cfg_path + ".tmp", cfg_path)
+        if data.source is not None:
+            _write_json(data_path, {"source": data.source,
+                                    "preprocessing": data.preprocessing.to_dict()})
+        return
+    with open(cfg_path) as f:
+        stored = TrainConfig.from_dict(json.load(f))
+    if not resume:
+        raise InputError(f"{workdir} already holds a run; pass --resume to "
+                         "continue it or choose a new --workdir")
+    if stored != cfg:
+        diff = {k: (getattr(stored, k), getattr(cfg, k))
+                for k in dataclasses.asdict(cfg)
+                if getattr(stored, k) != getattr(cfg, k)}
+        raise InputError(f"config differs from the run in {workdir} "
+                         f"(stored, given): {diff}")
+    had = None
+    if os.path.isfile(data_path):
+        with open(data_path) as f:
+            had = json.load(f)["source"]
+    now = data.source
+    if (had is None) != (now is None) or (had and had["sha256"] != now["sha256"]):
+        raise InputError(
+            f"the training data differ from the run in {workdir}: stored "
+            f"{had and {k: had[k] for k in ('path', 'count')}}, given "
+            f"{now and {k: now[k] for k in ('path', 'count')}}; resume with the "
+            "same --data, or choose a new --workdir")
+
+
+def train(cfg: TrainConfig, workdir: str | os.PathLike, *, data=None,
+          resume: bool = False, progress: bool = True,
           on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
     """Trains (or resumes training) the noise predictor of ``cfg`` in ``workdir``.
 
     Writes ``workdir/config.json``, checkpoints in ``workdir/ckpt/``, a loss log
-    ``workdir/losses.jsonl`` (one line per dispatched chunk), and at the end the
-    eval-mode model in ``workdir/model`` (load it with ``sijax.checkpoint.load_model``).
+    ``workdir/losses.jsonl`` (one line per dispatched chunk; with data also
+    ``val_loss`` at each checkpoint), and at the end the eval-mode model in
+    ``workdir/model`` (load it with ``sijax.checkpoint.load_model``).
+
+    With ``data`` (see :func:`training_data`) the model directory also records the
+    data source (path, count, SHA-256), the preprocessing every command applies to
+    an image file, the detection threshold calibrated on the held-out images
+    (``cfg.threshold_quantile`` of their score maps), and noise models estimated
+    from all the normal images (``noise/<kind>/``: "pixel", "stationary" and
+    "lowrank"; ``cfg.noise_model`` is the default of ``sijax test --sigma model``).
 
     Args:
-        cfg: the configuration (with ``resume``, it must equal the stored one).
+        cfg: the configuration (with ``resume``, it must equal the stored one; with
+            data, ``n_train`` and ``in_channels`` are taken from the data).
         workdir: run directory.
+        data: None (iid N(0, 1) images), a path or an array of images.
         resume: continue from the latest checkpoint in ``workdir``.
         progress: show a tqdm bar with the loss.
         on_checkpoint: called with the step after each checkpoint is written
             (tests use it to simulate a kill).
 
     Raises:
-        InputError: existing run without ``resume``, or a config that differs from
-            the stored one.
+        InputError: existing run without ``resume``, a config or data that differ
+            from the stored ones, unreadable data.
     """
     workdir = ensure_output_dir(os.path.abspath(os.fspath(workdir)))
-    cfg_path = os.path.join(workdir, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            stored = TrainConfig.from_dict(json.load(f))
-        if not resume:
-            raise InputError(f"{workdir} already holds a run; pass --resume to "
-                             "continue it or choose a new --workdir")
-        if stored != cfg:
-            diff = {k: (getattr(stored, k), getattr(cfg, k))
-                    for k in dataclasses.asdict(cfg)
-                    if getattr(stored, k) != getattr(cfg, k)}
-            raise InputError(f"config differs from the run in {workdir} "
-                             f"(stored, given): {diff}")
-    else:
-        with open(cfg_path + ".tmp", "w") as f:
-            f.write(cfg.to_json())
-        os.replace(cfg_path + ".tmp", cfg_path)
+    images = training_data(cfg, data)
+    cfg = data_config(cfg, images)
+    _check_stored(workdir, cfg, images, resume)
 
     graphdef, state, _ = init_state(cfg)
     ckpts = _Checkpoints(workdir)
@@ -292,11 +461,13 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
     if resume:
         start, state = ckpts.restore_latest(state)
     loss_path = os.path.join(workdir, "losses.jsonl")
-    losses = _read_losses(loss_path, start)
+    log_rows = _read_log(loss_path, start)
     with open(loss_path, "w") as f:  # drop lines after the restored step
-        f.writelines(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses)
+        f.writelines(json.dumps(r) + "\n" for r in log_rows)
 
-    data = training_data(cfg)
+    train_x = jnp.asarray(images.train)
+    val_x = jnp.asarray(images.val[:VAL_IMAGES])
+    val_loss = make_val_loss(cfg) if len(val_x) else None
     chunk = make_train_chunk(cfg)
     d, total = cfg.steps_per_dispatch, cfg.total_steps
     save_every = -(-cfg.save_every // d) * d
@@ -313,19 +484,27 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
                 end = min(step + d, total)
                 t0 = time.perf_counter()
                 state, chunk_losses = chunk(
-                    state, data, jnp.arange(step, step + d, dtype=jnp.int32))
+                    state, train_x, jnp.arange(step, step + d, dtype=jnp.int32))
                 mean_loss = float(jnp.nanmean(chunk_losses))
                 dt = time.perf_counter() - t0
                 if step > start:  # the first chunk pays for compilation
                     run_time, timed_steps = run_time + dt, timed_steps + end - step
                 step = end
-                losses.append((step, mean_loss))
-                log.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
+                row = {"step": step, "loss": mean_loss}
+                saving = step % save_every == 0 or step == total
+                if saving and val_loss is not None:
+                    row["val_loss"] = float(val_loss(state, val_x))
+                log_rows.append(row)
+                log.write(json.dumps(row) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.update(end - bar.n)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                if step % save_every == 0 or step == total:
+                    shown = {"loss": f"{mean_loss:.4f}"}
+                    vals = [r["val_loss"] for r in log_rows if "val_loss" in r]
+                    if vals:
+                        shown["val"] = f"{vals[-1]:.4f}"
+                    bar.set_postfix(shown)
+                if saving:
                     ckpts.save(step, state)
                     if on_checkpoint is not None:
                         on_checkpoint(step)
@@ -334,13 +513,58 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False,
             bar.close()
         ckpts.close()
     sec = run_time / timed_steps if timed_steps else float("nan")
-    loss_arr = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
+    loss_arr = np.asarray([(r["step"], r["loss"]) for r in log_rows],
+                          dtype=np.float64).reshape(-1, 2)
     net_state = nnx.merge_state(state.params, state.batch_stats)
     tail = loss_arr[-max(1, len(loss_arr) // 10):, 1]
     summary = {"steps": int(step), "final_loss": float(tail.mean()),
                "final_loss_window_steps": int(len(tail) * d),
                "seconds_per_step": sec, "backend": jax.default_backend()}
-    save_model(os.path.join(workdir, "model"), cfg, net_state, summary=summary)
+    vals = [r["val_loss"] for r in log_rows if "val_loss" in r]
+    if vals:
+        summary["final_val_loss"] = vals[-1]
     model = DiffusionModel(config=cfg, graphdef=graphdef,
                            state=cast_state(net_state, DTYPE))
+    model_dir = os.path.join(workdir, "model")
+    extra = None
+    if images.source is not None:
+        extra = _data_facts(cfg, model, images)
+    save_model(model_dir, cfg, net_state, summary=summary, extra=extra)
+    if images.source is not None:
+        save_noise_models(model_dir, cfg, images)
     return TrainResult(model, state, loss_arr, sec)
+
+
+def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
+    """What config.json records of a data-trained model: the data, the
+    preprocessing and the calibrated threshold."""
+    facts = {"data": images.source,
+             "preprocessing": images.preprocessing.to_dict()}
+    if len(images.val):
+        x64 = jnp.result_type(float) == jnp.float64
+        threshold = calibrate_threshold(
+            model.astype(jnp.float64 if x64 else jnp.float32), images.val,
+            cfg.threshold_quantile)
+        facts["detect"] = {"threshold": threshold,
+                           "quantile": cfg.threshold_quantile,
+                           "images": len(images.val)}
+    else:
+        warnings.warn("no held-out images (fewer than 10, or val_fraction=0): the "
+                      "model keeps the default threshold 0.8, which was chosen for "
+                      "N(0, 1) images; pass --threshold to sijax test",
+                      stacklevel=3)
+    return facts
+
+
+def save_noise_models(model_dir: str, cfg: TrainConfig,
+                      images: TrainingData) -> None:
+    """Estimates the three noise models from all the normal images (training and
+    held-out, preprocessed) and writes them to ``model_dir/noise/<kind>/``."""
+    from sijax.noise_model import estimate_noise_model, save_noise_model
+
+    x = np.concatenate([images.train, images.val]).astype(np.float64)
+    for kind in ("pixel", "stationary", "lowrank"):
+        options = {"rank": min(cfg.noise_rank, len(x) - 1)} if kind == "lowrank" \
+            else {}
+        nm = estimate_noise_model(x, kind, **options)
+        save_noise_model(os.path.join(model_dir, "noise", kind), nm)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from sijax.errors import InputError
-from sijax.evaluation.metrics import aupro, benjamini_hochberg, roc_auc, storey_bh
+from sijax.evaluation.metrics import (
+    aupro,
+    benjamini_hochberg,
+    holm,
+    roc_auc,
+    storey_bh,
+)
 
 
 def test_roc_auc_counts_pairs_with_ties_one_half():
@@ -69,3 +75,15 @@ def test_bh_controls_the_fdr_on_independent_p_values():
         rej = benjamini_hochberg(p, q)
         fdp.append(rej[:m0].sum() / max(1, rej.sum()))
     assert np.mean(fdp) <= q * m0 / m + 3 * np.std(fdp) / np.sqrt(len(fdp))
+
+
+def test_holm_matches_its_definition():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        p = rng.random(rng.integers(1, 12)) ** 3
+        m = len(p)
+        order = np.argsort(p)
+        want = np.empty(m)
+        for i, k in enumerate(order):
+            want[k] = min(1.0, max((m - j) * p[order[j]] for j in range(i + 1)))
+        np.testing.assert_allclose(holm(p), want, rtol=0, atol=0)

@@ -206,6 +206,23 @@ class Preprocessing:
         """
         return np.asarray(x, np.float64) * np.asarray(self.std) + np.asarray(self.mean)
 
+    def apply_native(self, raw, path: str | os.PathLike | None = None) -> np.ndarray:
+        """Steps 1, 2 and 4 without the geometry: an image at its own resolution in
+        the model's units, for testing a large image tile by tile
+        (:mod:`sijax.evaluation.tiles`).
+
+        Args:
+            raw: (H, W) or (H, W, C) image as stored, or a file path.
+            path: named in messages.
+
+        Returns:
+            float64 (H, W, channels).
+        """
+        where = os.fspath(path) if path is not None else "image"
+        x = _convert_channels(scale_intensity(_as_raw(raw, where), where),
+                              self.channels, where)
+        return (x - np.asarray(self.mean)) / np.asarray(self.std)
+
     def apply_batch(self, raws: Iterable) -> np.ndarray:
         """:meth:`apply` over images: float64 (N, size, size, channels)."""
         out = [self.apply(r) for r in raws]

@@ -25,6 +25,7 @@ def run_test(
     x_ref,
     *,
     sigma,
+    sigma_ref=None,
     out_dir: str,
     checkpoint: str | None = None,
     seed: int = 0,
@@ -38,6 +39,7 @@ def run_test(
       model: the loaded model (:func:`sijax.load_model`, loaded once by the caller).
       x, x_ref: (H, W, C) arrays (x_ref may be None for background/neighbour tests).
       sigma: covariance of X (see :func:`dal_test`).
+      sigma_ref: covariance of X_ref (None: ``sigma``).
       out_dir: where report.json, the .npy arrays and report.png go.
       checkpoint: the model's directory, recorded in report.json (data only: the
         model is not loaded again).
@@ -58,7 +60,8 @@ def run_test(
     t0 = time.perf_counter()
     with search_bar(progress) as report:
         result = dal_test(
-            model, x, x_ref, sigma=sigma, noises=noises, config=config, progress=report
+            model, x, x_ref, sigma=sigma, sigma_ref=sigma_ref, noises=noises,
+            config=config, progress=report,
         )
     seconds = time.perf_counter() - t0
     write_report(

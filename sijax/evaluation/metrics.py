@@ -10,7 +10,8 @@ scored, and the same functions serve ``sijax evaluate`` and the benchmarks.
   rate of 0.3, normalised to [0, 1] (Bergmann et al., MVTec AD, IJCV 2021): each
   connected ground-truth region counts equally, whatever its size.
 * :func:`benjamini_hochberg` and :func:`storey_bh`: which p-values are rejected at
-  a false discovery rate ``q``.
+  a false discovery rate ``q``; :func:`holm`: family-wise adjusted p-values (the
+  tiles of one large image).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import scipy.stats
 
 from sijax.errors import InputError
 
-__all__ = ["aupro", "benjamini_hochberg", "roc_auc", "storey_bh"]
+__all__ = ["aupro", "benjamini_hochberg", "holm", "roc_auc", "storey_bh"]
 
 
 def roc_auc(scores, labels) -> float:
@@ -139,3 +140,22 @@ def storey_bh(p_values, q: float = 0.05, lam: float = 0.5) -> np.ndarray:
         raise InputError(f"lam={lam} must be in (0, 1)")
     pi0 = min(1.0, (1.0 + np.sum(p > lam)) / (p.size * (1.0 - lam)))
     return benjamini_hochberg(p, q / pi0)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control, any
+    dependence): the i-th smallest becomes max_{j <= i} min(1, (m - j + 1) p_(j)).
+
+    Args:
+      p_values: (m,) p-values in [0, 1].
+
+    Returns:
+      (m,) adjusted p-values, in the input order; reject where <= alpha.
+    """
+    p = _check_p(p_values)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adj
+    return out

@@ -1,0 +1,237 @@
+"""``sijax evaluate``: the DAL test of every test image of a data set.
+
+For an MVTec AD category root (or a folder/stack, whose images are all tested as
+"unlabelled"), every test image is preprocessed as the model records, tested
+against the reference (by default the template and the noise model stored with a
+data-trained model) and its record appended to ``OUT/images.jsonl`` as it
+finishes; its score map and region go to ``OUT/maps/INDEX.npz`` and, unless
+switched off, its report picture to ``OUT/images/INDEX_KIND_NAME/``. The run is
+the experiments' :class:`sijax.experiments.runner.Runner` with one group, every
+index once: resumable (``resume=True`` redoes nothing that finished), spread over
+worker processes (one per core on a CPU), with a progress bar. ``summary.json``,
+``summary.md`` and ``overview.png`` (see :mod:`sijax.evaluation.summary`) are
+rewritten every few minutes and at the end.
+
+Image i's sampler noises are a function of (seed, i) only, so any image's result
+can be reproduced on its own with ``sijax test --seed`` semantics of
+:func:`sijax.evaluation.images.image_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from sijax.detect.dal import DALConfig
+from sijax.errors import InputError, ensure_output_dir
+from sijax.evaluation.images import (
+    Reference,
+    image_key,
+    model_input,
+    run_image_test,
+)
+from sijax.evaluation.summary import plot_overview, summarize_images, summary_markdown
+
+RECORDS_FILE = "images.jsonl"
+
+
+def evaluation_items(dataset, kinds: Sequence[str] | None = None,
+               max_per_kind: int | None = None) -> list:
+    """The items ``evaluate`` tests: the test split (all items of a folder or stack
+    without one, as "unlabelled"), optionally only ``kinds`` and at most
+    ``max_per_kind`` of each kind (the first by name)."""
+    items = list(dataset.test)
+    if not items:
+        items = [it._replace(split="test", kind="unlabelled") for it in dataset.items]
+    if kinds:
+        unknown = sorted(set(kinds) - {it.kind for it in items})
+        if unknown:
+            raise InputError(f"no test images of kind {unknown} in {dataset.path}; "
+                             f"kinds: {sorted({it.kind for it in items})}")
+        items = [it for it in items if it.kind in kinds]
+    if max_per_kind is not None:
+        seen: dict = {}
+        kept = []
+        for it in items:
+            seen[it.kind] = seen.get(it.kind, 0) + 1
+            if seen[it.kind] <= max_per_kind:
+                kept.append(it)
+        items = kept
+    if not items:
+        raise InputError(f"no test images in {dataset.path}")
+    return items
+
+
+@dataclasses.dataclass
+class ImageBatch:
+    """The batch function of an evaluation (picklable: each worker process holds
+    one copy of the model, the reference and the data set's index)."""
+
+    model: object
+    reference: Reference
+    dataset: object
+    items: list
+    config: DALConfig
+    seed: int
+    out_dir: str
+    checkpoint: str
+    reports: bool = True
+
+    def __call__(self, group, indices, report=None) -> list[dict]:
+        from sijax.detect.report import write_report
+
+        out = []
+        for i in indices:
+            item = self.items[i]
+            raw = self.dataset.read(item)
+            x = model_input(self.model, raw, item.name)
+            rec, res = run_image_test(self.model, x, self.reference,
+                                      config=self.config,
+                                      key=image_key(self.seed, i))
+            np.savez_compressed(map_path(self.out_dir, i),
+                                score=res.score_map.astype(np.float32),
+                                region=res.mask)
+            record = {"index": i, "path": item.source, "name": item.name,
+                      "kind": item.kind, **rec}
+            if self.reports:
+                folder = os.path.join(self.out_dir, "images", _slug(i, item))
+                write_report(folder, res, x, self.reference.x_ref,
+                             config=self.config, checkpoint=self.checkpoint,
+                             extra={"image": item.source, "kind": item.kind,
+                                    "sigma": self.reference.name, "index": i})
+            out.append(record)
+        return out
+
+
+def _slug(i: int, item) -> str:
+    base = os.path.splitext(item.name.replace("/", "_"))[0]
+    return f"{i:05d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:60]
+
+
+def map_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "maps", f"{index:05d}.npz")
+
+
+def evaluate(model, dataset, reference: Reference, out_dir: str, *,
+             config: DALConfig, checkpoint: str = "", seed: int = 0,
+             fdr: float = 0.05, kinds: Sequence[str] | None = None,
+             max_per_kind: int | None = None, resume: bool = False,
+             workers: int = 1, progress: bool = True, reports: bool = True,
+             summary_every: float = 120.0, max_batches: int | None = None) -> dict:
+    """Tests every test image of ``dataset``; returns the summary.
+
+    Args:
+      model: a loaded model (a data-trained one applies its preprocessing).
+      dataset: ``sijax.data.open_dataset(path)``.
+      reference: from :func:`sijax.evaluation.images.resolve_reference`.
+      out_dir: where images.jsonl, maps/, images/, summary.* and overview.png go.
+      config: the DAL options (``alpha``: the per-image level).
+      checkpoint: the model's path, recorded in the reports.
+      seed: image i's noises come from ``image_key(seed, i)``.
+      fdr: the Benjamini-Hochberg rate over the images.
+      kinds, max_per_kind: test only these kinds, at most this many of each.
+      resume: continue a killed run (required when ``out_dir`` holds records).
+      workers: worker processes (1: this process).
+      progress: show a progress bar.
+      reports: write a report picture per image.
+      summary_every: rewrite the summary files every this many seconds.
+      max_batches: stop after this many batches (resumable).
+
+    Raises:
+      InputError: no test images, records without ``resume``, another run in
+        ``out_dir``, a reference of another shape.
+    """
+    from sijax.experiments.runner import EveryIndex, Runner
+
+    items = evaluation_items(dataset, kinds, max_per_kind)
+    if reference.x_ref is not None and tuple(reference.x_ref.shape) != tuple(
+            model.image_shape):
+        raise InputError(f"reference shape {reference.x_ref.shape} does not match "
+                         f"the model's {model.image_shape}")
+    ensure_output_dir(out_dir)
+    os.makedirs(os.path.join(out_dir, "maps"), exist_ok=True)
+    meta = {"checkpoint": checkpoint, "data": dataset.path, "layout": dataset.layout,
+            "sigma": reference.name, "seed": seed, "fdr": fdr,
+            "config": dataclasses.asdict(config), "images": len(items)}
+    meta_path = os.path.join(out_dir, "evaluation.json")
+    if resume and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            had = json.load(f)
+        changed = {k: (had.get(k), v) for k, v in json.loads(
+            json.dumps(meta, default=str)).items() if had.get(k) != v}
+        if changed:
+            raise InputError(f"{out_dir} holds an evaluation with other settings "
+                             f"(stored, given): {changed}; choose another --out")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    batch_fn = ImageBatch(model, reference, dataset, items, config, seed, out_dir,
+                          checkpoint, reports)
+
+    def write_summary(records):
+        write_evaluation_summary(out_dir, dataset, items, records, model=model,
+                                 reference=reference, alpha=config.alpha, fdr=fdr)
+
+    runner = Runner([EveryIndex("images", len(items))], batch_fn, out_dir, batch=1,
+                    records_file=RECORDS_FILE, resume=resume, workers=workers,
+                    progress=progress, desc="evaluate", unit="image",
+                    postfix=_postfix, summary=write_summary,
+                    summary_every=summary_every, max_batches=max_batches,
+                    what="sijax evaluate")
+    runner.run()
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _postfix(group, records) -> str:
+    tested = [r for r in records if r["status"] in ("ok", "max_pieces")]
+    good = [r for r in tested if r["kind"] == "good"]
+    text = f"{len(tested)} with a region"
+    if good:
+        text += (f", good rejected {np.mean([r['reject'] for r in good]):.3f} "
+                 f"(naive {np.mean([r['naive_reject'] for r in good]):.3f})")
+    return text
+
+
+def latest_by_index(records: Sequence[dict]) -> list[dict]:
+    """One record per index (the last written), in index order."""
+    by = {}
+    for r in records:
+        by[r["index"]] = r
+    return [by[i] for i in sorted(by)]
+
+
+def write_evaluation_summary(out_dir: str, dataset, items, records, *, model,
+                             reference, alpha: float, fdr: float) -> dict:
+    """summary.json, summary.md and overview.png from the records so far."""
+    records = latest_by_index(records)
+    if not records:
+        return {}
+    prep = model.preprocessing
+    maps, regions, masks = [], [], []
+    for r in records:
+        with np.load(map_path(out_dir, r["index"])) as z:
+            maps.append(z["score"])
+            regions.append(z["region"])
+        m = dataset.read_mask(items[r["index"]])
+        masks.append(prep.resize_mask(m) if prep is not None else m)
+    maps, regions, masks = np.stack(maps), np.stack(regions), np.stack(masks)
+    summary = summarize_images(records, maps, masks, alpha=alpha, fdr=fdr)
+    summary["sigma"] = reference.name
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+
+    class Inputs:  # the images of the overview, read only when drawn
+        def __getitem__(self, k):
+            it = items[records[k]["index"]]
+            return model_input(model, dataset.read(it), it.name)
+
+    plot_overview(os.path.join(out_dir, "overview.png"), records, Inputs(), maps,
+                  masks, regions, alpha=alpha)
+    return summary

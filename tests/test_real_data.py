@@ -1,0 +1,164 @@
+"""Real images end to end: a bundled data set, ``sijax train --data``, ``sijax test``
+with the stored noise model, ``sijax evaluate`` (resumable) and large images by
+tiles."""
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn", reason="the bundled digits need the [data] extra")
+
+from sijax.checkpoint import load_model  # noqa: E402
+from sijax.cli import main  # noqa: E402
+from sijax.data import build_dataset, open_dataset  # noqa: E402
+from sijax.detect.dal import DALConfig  # noqa: E402
+from sijax.errors import InputError  # noqa: E402
+from sijax.evaluation.evaluate import evaluate  # noqa: E402
+from sijax.evaluation.images import model_input, resolve_reference  # noqa: E402
+from sijax.evaluation.tiles import tile_origins  # noqa: E402
+from sijax.train import train  # noqa: E402
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained on 66 digits (6 held out) for 12 epochs."""
+    root = tmp_path_factory.mktemp("real")
+    data = build_dataset("digits", root / "digits", n_train=66, n_test_good=6,
+                         n_test_defect=3, seed=1)
+    workdir = root / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # digits have constant border pixels
+        rc = main(["train", "--data", data, "--config", "tiny", "--set", "epochs=12",
+                   "--set", "batch_size=16", "--workdir", str(workdir),
+                   "--no-progress"])
+    assert rc == 0
+    return data, workdir
+
+
+def test_train_on_data_records_source_preprocessing_threshold_noise(trained):
+    data, workdir = trained
+    meta = json.loads((workdir / "model" / "config.json").read_text())
+    assert meta["data"]["path"] == os.path.abspath(data)
+    assert len(meta["data"]["sha256"]) == 64
+    assert meta["config"]["n_train"] == 59  # 66 minus round(10%) = 7 held out
+    prep = meta["preprocessing"]
+    assert prep["size"] == 8 and prep["channels"] == 1
+    assert 0.0 < meta["detect"]["threshold"] < 50.0
+    assert sorted(os.listdir(workdir / "model" / "noise")) == [
+        "lowrank", "pixel", "stationary"]
+    rows = [json.loads(line) for line in open(workdir / "losses.jsonl")]
+    assert "val_loss" in rows[-1] and np.isfinite(rows[-1]["val_loss"])
+    model = load_model(workdir)
+    assert model.info.threshold == meta["detect"]["threshold"]
+    assert model.preprocessing.mean == tuple(prep["mean"])
+    # The data changed since the run started: resuming refuses it.
+    other = build_dataset("digits", workdir.parent / "other", n_train=66,
+                          n_test_good=6, n_test_defect=3, seed=2)
+    cfg = model.config
+    with pytest.raises(InputError, match="training data differ"):
+        train(cfg, workdir, data=other, resume=True, progress=False)
+
+
+def test_one_file_gives_one_input_whatever_its_format(trained, tmp_path):
+    from PIL import Image
+
+    data, workdir = trained
+    model = load_model(workdir)
+    path = os.path.join(data, "test", "good", sorted(os.listdir(
+        os.path.join(data, "test", "good")))[0])
+    u8 = np.asarray(Image.open(path))
+    np.save(tmp_path / "u8.npy", u8)
+    Image.fromarray(u8.astype(np.uint16) * 257).save(tmp_path / "u16.png")
+    from sijax.data.images import read_raw
+
+    want = model_input(model, read_raw(path), path)
+    for other in ("u8.npy", "u16.png"):
+        got = model_input(model, read_raw(tmp_path / other), other)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_cli_test_uses_the_stored_noise_model_and_threshold(trained, capsys,
+                                                            tmp_path):
+    data, workdir = trained
+    spot = os.path.join(data, "test", "spot")
+    image = os.path.join(spot, sorted(os.listdir(spot))[0])
+    rc, out, err = run(capsys, "test", "--checkpoint", str(workdir), "--image",
+                       image, "--out", str(tmp_path / "t"), "--no-progress",
+                       "--search", "exhaustive")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["sigma"] == "model:lowrank"
+    assert report["reference"] == "template"
+    model = load_model(workdir)
+    assert report["config"]["threshold"] == model.info.threshold
+    # Another stored kind, and a model with none: a clear error.
+    rc, _, err = run(capsys, "test", "--checkpoint", str(workdir), "--image", image,
+                     "--sigma", "model:nope", "--out", str(tmp_path / "t2"))
+    assert rc == 2 and "no noise model 'nope'" in err
+    rc, _, err = run(capsys, "test", "--checkpoint", "tiny_8", "--image", image,
+                     "--out", str(tmp_path / "t3"))
+    assert rc == 2 and "--sigma is required" in err
+
+
+def test_evaluate_resumes_without_redoing_or_losing_an_image(trained, tmp_path):
+    data, workdir = trained
+    model = load_model(workdir)
+    ds = open_dataset(data)
+    ref = resolve_reference(model, "model:pixel")
+    config = DALConfig(threshold=model.info.threshold, termination="decision")
+    out = str(tmp_path / "ev")
+    kw = dict(config=config, checkpoint=str(workdir), reports=False,
+              progress=False, max_per_kind=2)
+    evaluate(model, ds, ref, out, max_batches=3, **kw)
+    first = [json.loads(line) for line in open(os.path.join(out, "images.jsonl"))]
+    assert len(first) == 3
+    with pytest.raises(InputError, match="--resume"):
+        evaluate(model, ds, ref, out, **kw)
+    summary = evaluate(model, ds, ref, out, resume=True, **kw)
+    recs = [json.loads(line) for line in open(os.path.join(out, "images.jsonl"))]
+    assert recs[:3] == first  # kept, not redone
+    assert sorted(r["index"] for r in recs) == list(range(8))  # 4 kinds x 2
+    for r in recs:
+        assert {"path", "kind", "region_size", "p_value", "inf_p", "sup_p",
+                "naive_p_value", "status"} <= set(r)
+    assert summary["images"] == 8
+    for key in ("pixel_auroc", "aupro", "image_auroc"):
+        assert key in summary and 0.0 <= summary[key] <= 1.0
+    assert set(summary["kinds"]) == {"good", "missing", "scratch", "spot"}
+    assert os.path.isfile(os.path.join(out, "overview.png"))
+    # Changed settings are refused on resume.
+    with pytest.raises(InputError, match="other settings"):
+        evaluate(model, ds, ref, out, resume=True, seed=5, **kw)
+
+
+def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path):
+    from PIL import Image
+
+    assert tile_origins(20, 16, 8) == [(r, c) for r in (0, 8, 12) for c in (0, 8)]
+    with pytest.raises(InputError, match="smaller than one tile"):
+        tile_origins(7, 20, 8)
+    data, workdir = trained
+    rng = np.random.default_rng(0)
+    big = (rng.random((20, 16)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    rc, out, err = run(capsys, "test", "--checkpoint", str(workdir), "--image",
+                       str(tmp_path / "big.png"), "--tiles", "--out",
+                       str(tmp_path / "tiles"), "--no-progress", "--termination",
+                       "decision")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "tiles" / "tiles.json").read_text())
+    assert len(rep["tiles"]) == 6 and rep["adjustment"] == "holm"
+    tested = [t for t in rep["tiles"] if t["adjusted_p"] is not None]
+    m = len(tested)
+    for t in tested:  # Holm never lowers a p-value and is at most m times it
+        assert t["sup_p"] <= t["adjusted_p"] <= min(1.0, m * t["sup_p"]) + 1e-12
+    assert (tmp_path / "tiles" / "tiles.png").is_file()
