@@ -101,13 +101,14 @@ print(f"permutation (B=200): p = {perm.p_value:.3f}, "
 ]
 
 
-def build() -> nbformat.NotebookNode:
+def notebook(cells) -> nbformat.NotebookNode:
+    """A notebook of (kind, source) cells, kind "md" or "code"."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_markdown_cell(src)
         if kind == "md"
         else nbformat.v4.new_code_cell(src)
-        for kind, src in CELLS
+        for kind, src in cells
     ]
     nb.metadata["kernelspec"] = {
         "name": "python3",
@@ -115,6 +116,10 @@ def build() -> nbformat.NotebookNode:
         "language": "python",
     }
     return nb
+
+
+def build() -> nbformat.NotebookNode:
+    return notebook(CELLS)
 
 
 def execute(nb, cwd: str, timeout: int = 900):
