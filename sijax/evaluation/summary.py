@@ -11,26 +11,13 @@ counts as p = 1, it has nothing to reject).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.stats
 
 from sijax.evaluation.metrics import aupro, benjamini_hochberg, roc_auc, storey_bh
-
-CONFIDENCE = 0.99
-
-
-def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE):
-    """Exact binomial interval of k successes in n trials ((nan, nan) for n = 0)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    a = (1.0 - confidence) / 2
-    lo = 0.0 if k == 0 else scipy.stats.beta.ppf(a, k, n - k + 1)
-    hi = 1.0 if k == n else scipy.stats.beta.ppf(1 - a, k + 1, n - k)
-    return (float(lo), float(hi))
+from sijax.experiments.summary import clopper_pearson
 
 
 def _rate(flags: Sequence[bool]) -> dict:
