@@ -38,12 +38,12 @@ def _pipeline(size: int):
     """(mask function, a, b, z_obs) of the DAL test of the bundled example."""
     from sijax import DALConfig, draw_noises, line_statistic, load_model
     from sijax.data.examples import load_example
-    from sijax.detect.dal import _detector
+    from sijax.detect.dal import detector
 
     model = load_model(f"dal_v5_{size}")
     config = DALConfig()
     noises = draw_noises(jax.random.key(0), model.image_shape, config)
-    detect = _detector(model, noises, config)
+    detect = detector(model, noises, config)
 
     def f(x):
         with jax.default_matmul_precision("highest"):
@@ -77,6 +77,7 @@ def _walk(f, summary, a, b, lo, hi, cap):
 
 def _propagate(f, summary, a, b, lo, hi):
     import sijax.tracking.propagate as propagate
+    from sijax.tracking.propagate import timing
 
     t0 = time.perf_counter()
     propagate.enumerate_line(f, a, b, lo, hi, summary=summary)
@@ -85,9 +86,9 @@ def _propagate(f, summary, a, b, lo, hi):
     t0 = time.perf_counter()
     pieces = propagate.enumerate_line(f, a, b, lo, hi, summary=summary)
     run_s = time.perf_counter() - t0
-    propagate.PROFILE = {}  # one more run, synchronised step by step
+    timing.PROFILE = {}  # one more run, synchronised step by step
     propagate.enumerate_line(f, a, b, lo, hi, summary=summary)
-    profile, propagate.PROFILE = propagate.PROFILE, None
+    profile, timing.PROFILE = timing.PROFILE, None
     return dict(pieces=pieces, run_s=run_s, compile_s=first_s - run_s,
                 profile=profile)  # fmt: skip
 

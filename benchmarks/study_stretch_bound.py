@@ -36,8 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
-from sijax.tracking.control import CALLS, _sub_jaxpr  # noqa: E402
-from sijax.tracking.rules import LINEAR, _windows, bind, with_operands  # noqa: E402
+from sijax.tracking.control import CALLS, sub_jaxpr  # noqa: E402
+from sijax.tracking.rules import LINEAR, bind, reduce_windows, with_operands  # noqa: E402
 
 
 class Box:
@@ -152,9 +152,9 @@ def _reduce_window(eqn, invals):
     if ops != ["add"]:
         raise NotImplementedError(f"reduce_window {ops}")
     init = jnp.asarray(init, x.c.dtype)
-    return [Box(jnp.sum(_windows(x.c, init, eqn.params), -1) + init,
-                jnp.sum(_windows(x.g, 0.0, eqn.params), -1),
-                jnp.sum(_windows(x.r, 0.0, eqn.params), -1))]  # fmt: skip
+    return [Box(jnp.sum(reduce_windows(x.c, init, eqn.params), -1) + init,
+                jnp.sum(reduce_windows(x.g, 0.0, eqn.params), -1),
+                jnp.sum(reduce_windows(x.r, 0.0, eqn.params), -1))]  # fmt: skip
 
 
 def _div(eqn, invals):
@@ -195,7 +195,7 @@ def run_jaxpr(closed, args):
         if not any(map(_is_box, invals)):
             outs = bind(eqn, invals)
         elif name in CALLS:
-            outs = run_jaxpr(_sub_jaxpr(eqn), invals)
+            outs = run_jaxpr(sub_jaxpr(eqn), invals)
         elif name == "scan":
             outs = _scan(eqn, invals, run_jaxpr)
         elif name in ("sub", "neg") or name in LINEAR:

@@ -3,6 +3,7 @@
 Imports nothing from `sijax.diffusion` or `sijax.detect`: it works on any JAX function.
 """
 
+from sijax.errors import MaxPiecesError
 from sijax.tracking.affine import Affine, Piece
 from sijax.tracking.interpreter import (
     DEFAULT_TIE_TOL,
@@ -15,7 +16,6 @@ from sijax.tracking.propagate import LineCache, LinePieces, enumerate_line
 from sijax.tracking.search import (
     COVERED,
     MAX_PIECES,
-    MaxPiecesError,
     Pieces,
     check_pieces,
     enumerate_pieces,

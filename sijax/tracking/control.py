@@ -54,7 +54,8 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _sub_jaxpr(eqn):
+def sub_jaxpr(eqn):
+    """The jaxpr a call equation (pjit, closed_call, custom_jvp/vjp, remat) runs."""
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         if key in eqn.params:
             return eqn.params[key]
@@ -113,7 +114,7 @@ def _reusable_steps(ctx, lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 def call_rule(ctx, eqn, invals) -> list:
     """jit / pjit / closed_call / custom_jvp_call / custom_vjp_call / remat: inline."""
-    return ctx.eval(_sub_jaxpr(eqn), invals)
+    return ctx.eval(sub_jaxpr(eqn), invals)
 
 
 def scan_rule(ctx, eqn, invals) -> list:

@@ -38,7 +38,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from sijax.errors import NotPiecewiseLinearError
+from sijax.errors import InputError, NotPiecewiseLinearError
 from sijax.kernels import decide as decide_kernel
 from sijax.tracking.affine import Affine, Lin, Piece
 from sijax.tracking.control import (
@@ -47,9 +47,9 @@ from sijax.tracking.control import (
     StepMemo,
     _reusable_steps,
     _shift,
-    _sub_jaxpr,
     flags_of,
     flatten,
+    sub_jaxpr,
     unflatten,
 )
 from sijax.tracking.rules import RULES, bind, is_lin
@@ -59,7 +59,7 @@ ALL_RULES = {**RULES, **CONTROL_RULES}
 DEFAULT_TIE_TOL = 1e-10
 
 
-def _where(eqns) -> str:
+def source_line(eqns) -> str:
     """The user's source line of the innermost equation that has one, or ''.
 
     Equations inside a nested jit (jax.nn.silu, jnp functions) carry no user frame;
@@ -75,7 +75,7 @@ def _where(eqns) -> str:
     return ""
 
 
-def _hash_weights(shape, salt: int, dtype) -> jax.Array:
+def hash_weights(shape, salt: int, dtype) -> jax.Array:
     """Deterministic pseudo-random weights in (0, 1) for the decision fingerprint."""
     n = 1
     for d in shape:
@@ -134,7 +134,7 @@ class Context:
         return eval_jaxpr(self, jaxpr, [], args)
 
     def fail(self, eqn, why: str):
-        where = _where([eqn, *reversed(self.shared["stack"])])
+        where = source_line([eqn, *reversed(self.shared["stack"])])
         raise NotPiecewiseLinearError(
             f"primitive '{eqn.primitive.name}' is not piecewise linear along the line: "
             f"{why}{where}. Replace it by a piecewise-linear approximation "
@@ -146,7 +146,7 @@ class Context:
         if not self.fingerprint:
             return
         self.shared["count"] += 1
-        w = _hash_weights(x.shape, self.shared["count"], self.fp.dtype)
+        w = hash_weights(x.shape, self.shared["count"], self.fp.dtype)
         self.fp = self.fp + jnp.sum(x.astype(self.fp.dtype) * w)
 
     def keep_nonneg(self, v: jax.Array, s: jax.Array) -> None:
@@ -237,7 +237,7 @@ def _reaches_scan(jaxpr) -> bool:
     """Whether a top-level scan (the step memo's unit) is met, calls inlined."""
     return any(
         e.primitive.name == "scan"
-        or (e.primitive.name in CALLS and _reaches_scan(_sub_jaxpr(e).jaxpr))
+        or (e.primitive.name in CALLS and _reaches_scan(sub_jaxpr(e).jaxpr))
         for e in jaxpr.eqns
     )
 
@@ -342,19 +342,25 @@ def _eval_segments(ctx: Context, jaxpr, consts, args) -> list:
     return [_read(env, v) for v in jaxpr.outvars]
 
 
-def _validate(a, b, z, direction):
+def validate_line(a, b, z, direction):
+    """Checks the line a + b z and the query (z, direction) of a tracker.
+
+    Raises:
+      InputError: a and b differ in shape or are not floating, z is not a scalar,
+        or direction is not +1 or -1.
+    """
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape; got {a.shape=} {b.shape=}")
+        raise InputError(f"a and b must have the same shape; got {a.shape=} {b.shape=}")
     if jnp.ndim(z) != 0:
-        raise ValueError(f"z must be a scalar; got shape {jnp.shape(z)}")
+        raise InputError(f"z must be a scalar; got shape {jnp.shape(z)}")
     if not isinstance(direction, jax.core.Tracer):
         d = np.asarray(direction)
         if d.ndim != 0 or d not in (-1, 1):
-            raise ValueError(f"direction must be +1 or -1; got {direction!r}")
+            raise InputError(f"direction must be +1 or -1; got {direction!r}")
     dtype = jnp.result_type(a, b, jnp.float32)
     if not jnp.issubdtype(dtype, jnp.floating):  # pragma: no cover
-        raise ValueError(f"a and b must be floating; got {dtype=}")
+        raise InputError(f"a and b must be floating; got {dtype=}")
     return a.astype(dtype), b.astype(dtype)
 
 
@@ -429,7 +435,7 @@ def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Pie
     """
 
     def tracked(a, b, z, direction=1) -> Piece:
-        a, b = _validate(a, b, z, direction)
+        a, b = validate_line(a, b, z, direction)
         closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
         piece, _ = track_jaxpr(closed, treedef, a, b, z, direction, tie_tol=tie_tol)
         return piece
@@ -439,7 +445,7 @@ def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Pie
 
 def memo_init(f: Callable, a, b, *, tie_tol: float = DEFAULT_TIE_TOL):
     """The empty step memo of `track_memo(f)` on the line a + b t (nothing cached)."""
-    a, b = _validate(a, b, 0.0, 1)
+    a, b = validate_line(a, b, 0.0, 1)
     closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
     shapes = jax.eval_shape(
         lambda a, b: _run(closed, treedef, a, b, 0.0, 1, tie_tol, False, ())[2], a, b
@@ -471,7 +477,7 @@ def track_memo(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL):
     """
 
     def tracked(a, b, z, direction, memo):
-        a, b = _validate(a, b, z, direction)
+        a, b = validate_line(a, b, z, direction)
         closed, treedef = make_line_jaxpr(f, a.shape, a.dtype)
         piece, _, memo = _run(closed, treedef, a, b, z, direction, tie_tol, False, memo)
         return piece, memo

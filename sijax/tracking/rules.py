@@ -226,7 +226,8 @@ def sign_rule(ctx, eqn, invals) -> list:
     return [ctx.decide(x.value, x.slope).astype(x.value.dtype)]
 
 
-_COMPARE = {
+# The comparison primitives, each x OP y as a test of the sign of x - y.
+COMPARE = {
     "gt": lambda s: s > 0,
     "ge": lambda s: s >= 0,
     "lt": lambda s: s < 0,
@@ -239,10 +240,10 @@ _COMPARE = {
 def compare_rule(ctx, eqn, invals) -> list:
     """x OP y is a constant boolean on the piece; it ends where x - y crosses 0."""
     sigma, _, _ = _sign_of_difference(ctx, eqn, *invals)
-    return [_COMPARE[eqn.primitive.name](sigma)]
+    return [COMPARE[eqn.primitive.name](sigma)]
 
 
-def _to_last(v: jax.Array, axes: Sequence[int]) -> jax.Array:
+def to_last(v: jax.Array, axes: Sequence[int]) -> jax.Array:
     """Moves `axes` to the end and flattens them into one."""
     keep = [i for i in range(v.ndim) if i not in axes]
     v = jnp.transpose(v, keep + list(axes))
@@ -251,7 +252,7 @@ def _to_last(v: jax.Array, axes: Sequence[int]) -> jax.Array:
 
 def _reduce_max(ctx, eqn, x: Lin, axes: Sequence[int], negate: bool):
     """Winner of a max (or min) over `axes`: (value, slope, flat winner index)."""
-    v, s = _to_last(x.value, axes), _to_last(x.slope, axes)
+    v, s = to_last(x.value, axes), to_last(x.slope, axes)
     if negate:
         v, s = -v, -s
     win, wv, ws = ctx.argmax_last(v, s)
@@ -276,7 +277,7 @@ def argmax_rule(ctx, eqn, invals) -> list:
     return [win.astype(eqn.params["index_dtype"])]
 
 
-def _windows(x: jax.Array, fill, params) -> jax.Array:
+def reduce_windows(x: jax.Array, fill, params) -> jax.Array:
     """All windows of a reduce_window as a trailing axis: (*out_shape, window_size)."""
     wd = params["window_dimensions"]
     strides = params["window_strides"]
@@ -305,8 +306,8 @@ def reduce_window_max_rule(ctx, eqn, invals) -> list:
     (x,) = invals
     negate = eqn.primitive.name == "reduce_window_min"
     fill = jnp.inf if negate else -jnp.inf
-    v = _windows(x.value, fill, eqn.params)
-    s = _windows(x.slope, 0.0, eqn.params)
+    v = reduce_windows(x.value, fill, eqn.params)
+    s = reduce_windows(x.slope, 0.0, eqn.params)
     if negate:
         v, s = -v, -s
     _, wv, ws = ctx.argmax_last(v, s)
@@ -327,8 +328,8 @@ def reduce_window_rule(ctx, eqn, invals) -> list:
     if is_lin(init):
         ctx.fail(eqn, "its initial value depends on the line")
     init = jnp.asarray(init, x.value.dtype)
-    v = _windows(x.value, init, eqn.params)
-    s = _windows(x.slope, 0.0, eqn.params)
+    v = reduce_windows(x.value, init, eqn.params)
+    s = reduce_windows(x.slope, 0.0, eqn.params)
     if ops == ["add"]:
         return [Lin(jnp.sum(v, axis=-1) + init, jnp.sum(s, axis=-1))]
     # The initial value takes part in the max/min like one more (constant) entry.
@@ -374,6 +375,6 @@ RULES.update(
         "reduce_window_max": reduce_window_max_rule,
         "reduce_window_min": reduce_window_max_rule,
         "reduce_window": reduce_window_rule,
-        **{name: compare_rule for name in _COMPARE},
+        **{name: compare_rule for name in COMPARE},
     }
 )

@@ -15,20 +15,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sijax.errors import SijaxError
+from sijax.errors import InputError, MaxPiecesError
 from sijax.tracking.interpreter import (
     DEFAULT_TIE_TOL,
-    _validate,
     make_line_jaxpr,
     track_jaxpr,
+    validate_line,
 )
 
 COVERED = 0  # the pieces tile [z_min, z_max]
 MAX_PIECES = 1  # max_pieces were recorded before z_max was reached
-
-
-class MaxPiecesError(SijaxError, RuntimeError):
-    """enumerate_pieces ran out of room (status MAX_PIECES) with throw=True."""
 
 
 class Pieces(NamedTuple):
@@ -100,16 +96,16 @@ def enumerate_pieces(
       `Pieces` with lo/hi tiling [z_min, hi[count - 1]] exactly.
     """
     if max_pieces < 1:
-        raise ValueError(f"max_pieces must be >= 1; got {max_pieces=}")
-    a, b = _validate(a, b, z_min, 1)
+        raise InputError(f"max_pieces must be >= 1; got {max_pieces=}")
+    a, b = validate_line(a, b, z_min, 1)
     dtype = a.dtype
     z_min = jnp.asarray(z_min, dtype)
     z_max = jnp.asarray(z_max, dtype)
     if jnp.ndim(z_max) != 0:
-        raise ValueError(f"z_max must be a scalar; got shape {jnp.shape(z_max)}")
+        raise InputError(f"z_max must be a scalar; got shape {jnp.shape(z_max)}")
     concrete = not any(isinstance(z, jax.core.Tracer) for z in (z_min, z_max))
     if concrete and not bool(z_min <= z_max):
-        raise ValueError(f"need z_min <= z_max; got {z_min=} {z_max=}")
+        raise InputError(f"need z_min <= z_max; got {z_min=} {z_max=}")
     closed, treedef = make_line_jaxpr(f, a.shape, dtype)
     summarize = summary if summary is not None else (lambda out: ())
 
