@@ -165,13 +165,24 @@ def test_mode_conversions(tmp_path):
     (np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN/Inf"),
     (np.array([[1.0, np.inf], [0.0, 1.0]]), "NaN/Inf"),
     (np.zeros((3, 3), np.int64), "no defined intensity scale"),
-    (np.zeros((3, 3, 4), np.uint8), "4 channels"),
     (np.zeros((3, 3), bool), "real numbers"),
-], ids=["nan", "inf", "int64", "four_channels", "bool"])
+], ids=["nan", "inf", "int64", "bool"])
 def test_bad_npy_names_the_file(tmp_path, array, why):
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(InputError, match=f"bad.npy.*{why}"):
         load_image(tmp_path / "bad.npy")
+
+
+def test_npy_bands_are_kept_as_they_are(tmp_path):
+    """A .npy with C channels is C bands (multispectral), never guessed as RGBA;
+    a model of C channels takes it, a grey or RGB model refuses it by name."""
+    bands = RNG.random((12, 12, 4))
+    np.save(tmp_path / "four.npy", bands)
+    np.testing.assert_array_equal(read_raw(tmp_path / "four.npy"), bands)
+    pre = Preprocessing.fit(bands[None], size=6)
+    assert pre.channels == 4 and pre.apply(tmp_path / "four.npy").shape == (6, 6, 4)
+    with pytest.raises(InputError, match="four.npy.*cannot convert 4 channels to 3"):
+        Preprocessing(size=6, channels=3).check_input(tmp_path / "four.npy")
 
 
 def test_truncated_and_unreadable_files_name_the_file(tmp_path):

@@ -16,9 +16,10 @@ input, and a 16-bit file of it gives the same input up to the 8-bit rounding.
 Colour conversion on reading: an alpha channel is dropped (RGBA -> RGB, grey+alpha ->
 grey; the colour values are kept as stored, not composited on a background); palette
 images are expanded to RGB; 1-bit images to grey 0/255; CMYK and YCbCr to RGB. A
-``.npy`` must already have 1 or 3 channels (or be 2-D): four channels could be RGBA or
-four bands, so sijax does not guess. Pixels are taken as stored: EXIF orientation,
-ICC profiles and gamma are ignored (so an image and its PNG mask always align). A
+``.npy`` holds numbers, not a picture format: its C >= 1 channels are taken as C
+bands as they are (multispectral images, stacks of modalities), never as RGBA.
+Pixels are taken as stored: EXIF orientation, ICC profiles and gamma are ignored (so
+an image and its PNG mask always align). A
 multi-page TIFF (or any multi-frame file) is an error, not its first page.
 
 Pillow pitfalls handled here: Pillow reads a 16-bit grey PNG/TIFF as mode ``"I;16"``
@@ -109,14 +110,14 @@ def load_npy(path: str | os.PathLike, what: str = "array") -> np.ndarray:
 
 
 def check_pixels(x: np.ndarray, where: str) -> np.ndarray:
-    """Checks a stored image array: numeric, rank 2 or 3, 1 or 3 channels, finite.
+    """Checks a stored image array: numeric, rank 2 or 3, C >= 1 channels, finite.
 
     Args:
         x: (H, W) or (H, W, C) array in its stored dtype.
         where: the file (and index) named in error messages.
 
     Returns:
-        (H, W, C) array, same dtype, C in {1, 3}.
+        (H, W, C) array, same dtype.
 
     Raises:
         InputError: naming ``where``.
@@ -129,10 +130,8 @@ def check_pixels(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim != 3:
         raise InputError(f"{where}: an image must have shape (H, W) or (H, W, C); "
                          f"got shape={x.shape}")
-    if x.shape[2] not in (1, 3):
-        raise InputError(
-            f"{where}: {x.shape[2]} channels (shape={x.shape}); sijax reads grey (1) "
-            "or RGB (3) images. Convert it first (drop alpha, pick bands).")
+    if x.shape[2] < 1:
+        raise InputError(f"{where}: no channels (shape={x.shape})")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{where}: empty image, shape={x.shape}")
     if np.issubdtype(x.dtype, np.floating):
@@ -223,9 +222,9 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, int]:
             why = "not a NumPy .npy file" if "pickle" in str(e) else str(e)
             raise InputError(f"cannot read image {path}: {why}") from None
         shape = x.shape if x.ndim != 2 else (*x.shape, 1)
-        if len(shape) != 3 or shape[2] not in (1, 3):
-            raise InputError(f"{path}: an image must be (H, W) or (H, W, C) with C in "
-                             f"(1, 3); got shape={x.shape}")
+        if len(shape) != 3 or shape[2] < 1:
+            raise InputError(f"{path}: an image must be (H, W) or (H, W, C) with C >= "
+                             f"1; got shape={x.shape}")
         return tuple(int(s) for s in shape)
     if suffix not in _PIL_SUFFIXES:
         raise InputError(f"unknown image type {suffix!r} for {path}")

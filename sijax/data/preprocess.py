@@ -50,7 +50,8 @@ class Preprocessing:
 
     Attributes:
         size: H = W of the model input.
-        channels: C of the model input, 1 (grey) or 3 (RGB).
+        channels: C of the model input: 1 (grey), 3 (RGB), or any C >= 1 for
+            arrays of C bands (no conversion then).
         mode: "resize" or "center_crop".
         mean: per-channel mean of the training images after steps 1-3, length C.
         std: per-channel standard deviation, length C, each > 0.
@@ -71,17 +72,18 @@ class Preprocessing:
         if not isinstance(self.size, int | np.integer) or self.size < 1:
             raise InputError(f"Preprocessing.size must be a positive integer; got "
                              f"{self.size!r}")
-        if self.channels not in (1, 3):
-            raise InputError(f"Preprocessing.channels must be 1 or 3; got "
-                             f"{self.channels!r}")
+        if not isinstance(self.channels, int | np.integer) or self.channels < 1:
+            raise InputError(f"Preprocessing.channels must be a positive integer; "
+                             f"got {self.channels!r}")
         if self.mode not in MODES:
             raise InputError(f"Preprocessing.mode must be one of {MODES}; got "
                              f"{self.mode!r}")
         object.__setattr__(self, "size", int(self.size))
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(s) for s in self.std)
-        if len(mean) == 1 and self.channels == 3:
-            mean, std = mean * 3, std * 3 if len(std) == 1 else std
+        # One value stands for every channel (the defaults).
+        mean = mean * self.channels if len(mean) == 1 else mean
+        std = std * self.channels if len(std) == 1 else std
         if len(mean) != self.channels or len(std) != self.channels:
             raise InputError(f"Preprocessing: mean and std need {self.channels} values;"
                              f" got mean={mean}, std={std}")
@@ -253,6 +255,7 @@ class Preprocessing:
         where = os.fspath(path) if path is not None else (
             os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
         raw = _as_raw(raw, where)
+        _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
         x = self.apply(raw)
         flat = x.reshape(-1, self.channels)
         m, s = flat.mean(0), flat.std(0)
@@ -337,11 +340,7 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
 def _as_raw(raw, where: str = "image") -> np.ndarray:
     if isinstance(raw, str | os.PathLike):
         return read_raw(raw)
-    raw = np.asarray(raw)
-    if raw.ndim == 3 and raw.shape[2] not in (1, 3):
-        raise InputError(f"{where}: {raw.shape[2]} channels (shape={raw.shape}); "
-                         "sijax converts only grey (1) and RGB (3)")
-    return check_pixels(raw, where)
+    return check_pixels(np.asarray(raw), where)
 
 
 def _convert_channels(x: np.ndarray, channels: int, where: str) -> np.ndarray:
@@ -352,7 +351,8 @@ def _convert_channels(x: np.ndarray, channels: int, where: str) -> np.ndarray:
         return np.repeat(x, 3, axis=2)
     if c == 3 and channels == 1:
         return (x @ np.asarray(LUMA))[:, :, None]
-    raise InputError(f"{where}: cannot convert {c} channels to {channels}")
+    raise InputError(f"{where}: cannot convert {c} channels to {channels} (the "
+                     "model's): sijax converts only between grey (1) and RGB (3)")
 
 
 def _crop(x: np.ndarray, mode: str) -> np.ndarray:
