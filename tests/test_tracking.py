@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import check_piece, check_tiling_and_grid
 from jax import lax
-from test_tracking_oracles import check_piece, check_tiling_and_grid
 
 from sijax.errors import NotPiecewiseLinearError
 from sijax.tracking import (

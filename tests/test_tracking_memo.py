@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_tracking_sampler import _line_through, v5_like_sampler
+from _oracles import line_through
+from test_tracking_sampler import v5_like_sampler
 
 from sijax.tracking import interpreter, memo_init, track, track_memo
 from sijax.tracking.control import _reusable_steps
@@ -20,7 +21,7 @@ from sijax.tracking.control import _reusable_steps
 
 def _sampler(flat=False):
     f, x_obs = v5_like_sampler(flat)
-    a, b, z_obs = _line_through(x_obs, 0)
+    a, b, z_obs = line_through(x_obs, 0)
     return f, a, b, float(z_obs)
 
 

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import N_GRID, direct, enumerate_walking
 from hypothesis import given
 from jax import lax
-from test_tracking_oracles import N_GRID, _enumerate, direct
 from test_tracking_properties import _normal, _settings, convnets, mlps, scan_loops
 
 from sijax.errors import NotPiecewiseLinearError
@@ -47,7 +47,7 @@ def check_against_oracles(f, a, b, z_min, z_max, summary, reference, **kw):
         assert leaf.shape[0] == count
 
     # The walking tracker finds the same pieces and the same summaries.
-    walked = _enumerate(f, summary, a, b, 4 * count + 64, z_min, z_max)
+    walked = enumerate_walking(f, summary, a, b, 4 * count + 64, z_min, z_max)
     assert int(walked.status) == 0
     z_walk = _walk_z(walked)
     assert len(z_walk) == len(z), f"{len(z_walk) - 1} pieces walking, {count} here"
@@ -208,7 +208,7 @@ def test_windows_give_the_same_pieces():
 def test_chunked_runs_give_the_same_pieces(monkeypatch):
     """Fused runs called a few rows at a time (padding chunks skipped) change
     nothing."""
-    from sijax.tracking import propagate
+    from sijax.tracking.propagate import evaluator
 
     w1, w2, w3 = _mlp_weights(5, width=10)
 
@@ -219,7 +219,7 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
     rng = np.random.default_rng(6)
     a, b = _normal(rng, 4), _normal(rng, 4)
     whole = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
-    monkeypatch.setattr(propagate, "MAX_ROWS", 8)
+    monkeypatch.setattr(evaluator, "MAX_ROWS", 8)
     chunked = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
     assert whole.count > 8 and chunked.count == whole.count
     np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
@@ -235,7 +235,7 @@ def _mlp_with_params(params, x):
 def test_params_are_inputs_of_one_trace():
     """f(params, x): other weights reuse the trace (the same jaxpr object) and give
     the pieces of the function with those weights closed over."""
-    from sijax.tracking.propagate import _JAXPRS
+    from sijax.tracking.propagate.driver import _JAXPRS
 
     rng = np.random.default_rng(8)
     a, b = _normal(rng, 4), _normal(rng, 4)
@@ -366,25 +366,11 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints
 def test_trained_tiny_sampler_matches_walking_and_grid():
     """The real pipeline: trained tiny U-Net, 5 DDIM steps from t' = 460 (lax.scan),
     3x3 mean filter, abs, threshold 0.8 (as tests/test_tracking_sampler.py)."""
-    from test_tracking_sampler import SIZE, STEPS, THRESHOLD, _line_through, _noises
+    from _oracles import SIZE, line_through, tiny_checkpoint_detector
 
-    from sijax.checkpoint import load_model
-    from sijax.detect.score import region, score_map
-    from sijax.diffusion.sampler import Noises, reconstruct
-
-    model = load_model("tiny_8")
-    eps_fn, schedule = model.denoiser(), model.schedule
-    eps0, eps = _noises(4)
-    noises = Noises(eps0=eps0, eps=eps)
-
-    def f(x):
-        with jax.default_matmul_precision("highest"):
-            d = reconstruct(eps_fn, x, noises, schedule=schedule, steps=STEPS)
-            score = score_map(x, d)
-            return {"score": score, "mask": region(score, THRESHOLD)}
-
+    f = tiny_checkpoint_detector(4)
     x_obs = np.random.default_rng(5).normal(size=(SIZE, SIZE, 1))
-    a, b, z_obs = _line_through(x_obs, 6)
+    a, b, z_obs = line_through(x_obs, 6)
     mask_obs = np.asarray(f(a + b * z_obs)["mask"])
 
     def same_region(out):  # per piece, for both enumerators

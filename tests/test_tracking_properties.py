@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _oracles import check_piece, check_tiling_and_grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax import lax
-from test_tracking_oracles import check_piece, check_tiling_and_grid
 
 
 def _settings(n):

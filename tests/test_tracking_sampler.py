@@ -13,13 +13,21 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _oracles import (
+    SIZE,
+    STEPS,
+    THRESHOLD,
+    check_piece,
+    check_tiling_and_grid,
+    line_through,
+    sampler_noises,
+    tiny_checkpoint_detector,
+)
 from jax import lax
-from test_tracking_oracles import check_piece, check_tiling_and_grid
 
 from sijax.tracking import track
 
-SIZE, WIDTH, STEPS = 8, 4, (460, 345, 230, 115, 0)
-THRESHOLD = 0.8
+WIDTH = 4
 
 
 def _alpha_bar(t):
@@ -119,25 +127,8 @@ def _pipeline(eps_fn, noises, coefs, steps, x, flat=False):
     return {"score": score, "mask": score > THRESHOLD}
 
 
-def _noises(seed):
-    rng = np.random.default_rng(seed)
-    return (
-        jnp.asarray(rng.normal(size=(SIZE, SIZE, 1))),
-        jnp.asarray(rng.normal(size=(len(STEPS), SIZE, SIZE, 1))),
-    )
-
-
-def _line_through(x_obs, seed):
-    """The DAL line of a mean-difference statistic over a square (spec section 4)."""
-    eta = np.zeros((SIZE, SIZE, 1))
-    eta[2:5, 3:6] = 1.0
-    b = eta / np.sqrt(np.sum(eta**2))
-    z_obs = float(np.sum(b * x_obs))
-    return jnp.asarray(x_obs - z_obs * b), jnp.asarray(b), z_obs
-
-
 def _checks(f, x_obs, seed):
-    a, b, z_obs = _line_through(x_obs, seed)
+    a, b, z_obs = line_through(x_obs, seed)
     mask_obs = f(a + b * z_obs)["mask"]
 
     def same_region(out):  # per piece
@@ -171,7 +162,7 @@ def _checks(f, x_obs, seed):
 def v5_like_sampler(flat=False):
     """(f, x_obs): the v5-like pipeline (seeded weights and noises) and an image with
     a planted anomaly, so that some region is detected; ``flat``: steps unrolled."""
-    params, noises = _init(0), _noises(1)
+    params, noises = _init(0), sampler_noises(1)
     coefs, steps = _ddim_constants(), jnp.arange(len(STEPS))
 
     def f(x):
@@ -188,7 +179,7 @@ def v5_like_sampler(flat=False):
 def test_v5_like_sampler_pieces_are_exact():
     f, x_obs = v5_like_sampler()
     # Float64 throughout: no 32-bit float anywhere in the traced tracker.
-    a, b, _ = _line_through(x_obs, 0)
+    a, b, _ = line_through(x_obs, 0)
     text = str(jax.make_jaxpr(track(f))(a, b, 0.0))
     assert "f32" not in text and "f16" not in text
     pieces = _checks(f, x_obs, 3)
@@ -200,20 +191,6 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints
 
 def test_trained_tiny_checkpoint_pieces_are_exact():
     """The real v5 pipeline: trained tiny U-Net, sijax's DDIM sampler and detector."""
-    from sijax.checkpoint import load_model
-    from sijax.detect.score import region, score_map
-    from sijax.diffusion.sampler import Noises, reconstruct
-
-    model = load_model("tiny_8")
-    eps_fn, schedule = model.denoiser(), model.schedule
-    eps0, eps = _noises(4)
-    noises = Noises(eps0=eps0, eps=eps)
-
-    def f(x):
-        with jax.default_matmul_precision("highest"):
-            d = reconstruct(eps_fn, x, noises, schedule=schedule, steps=STEPS)
-            score = score_map(x, d)
-            return {"score": score, "mask": region(score, THRESHOLD)}
-
+    f = tiny_checkpoint_detector(4)
     x_obs = np.random.default_rng(5).normal(size=(SIZE, SIZE, 1))
     _checks(f, x_obs, 6)

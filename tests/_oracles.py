@@ -1,4 +1,5 @@
-"""Independent oracles for the tracker tests (direct evaluation, dense grids).
+"""Independent oracles for the tracker tests (direct evaluation, dense grids): a
+helper module that holds no tests (its name keeps pytest from collecting it).
 
 Shared by tests/test_tracking*.py. The checks compare the tracker with f itself:
   * `check_piece`: alpha + beta t against f(a + b t) at random t inside the piece, and
@@ -7,6 +8,10 @@ Shared by tests/test_tracking*.py. The checks compare the tracker with f itself:
   * `check_tiling_and_grid`: enumerate_pieces tiles [z_min, z_max] exactly and its
     per-piece summary equals direct evaluation on a dense grid.
 Each check is one jit compilation, to keep the property tests fast.
+
+Also the line and the detector of the sampler tests (test_tracking_sampler,
+test_tracking_propagate, test_tracking_memo): `line_through`, `sampler_noises`,
+`tiny_checkpoint_detector`.
 """
 
 from functools import partial
@@ -88,7 +93,7 @@ def check_piece(f, a, b, z, direction, rng, n=20):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 4))
-def _enumerate(f, summary, a, b, max_pieces, z_min, z_max):
+def enumerate_walking(f, summary, a, b, max_pieces, z_min, z_max):
     return enumerate_pieces(
         f, a, b, z_min, z_max, max_pieces=max_pieces, summary=summary
     )
@@ -100,7 +105,7 @@ def check_tiling_and_grid(f, a, b, z_min, z_max, summary, reference, *, max_piec
 
     Returns the Pieces.
     """
-    pieces = _enumerate(f, summary, a, b, max_pieces, z_min, z_max)
+    pieces = enumerate_walking(f, summary, a, b, max_pieces, z_min, z_max)
     ts = np.linspace(z_min, z_max, N_GRID)
     want = reference(direct(f, a, b, ts))  # reference works on a batch of outputs
     n_grid = N_GRID
@@ -121,3 +126,49 @@ def check_tiling_and_grid(f, a, b, z_min, z_max, summary, reference, *, max_piec
         bad = np.any((g != w).reshape(n_grid, -1), axis=1) & ~near
         assert not bad.any(), f"summary differs from the grid at t={ts[bad][:5]}"
     return pieces
+
+
+# --- the DAL line of the sampler tests (spec sections 4 and 6) ------------------------
+
+SIZE, STEPS = 8, (460, 345, 230, 115, 0)
+THRESHOLD = 0.8
+
+
+def sampler_noises(seed):
+    """Fixed sampler noises (eps0 (SIZE, SIZE, 1), eps (len(STEPS), SIZE, SIZE, 1))."""
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.normal(size=(SIZE, SIZE, 1))),
+        jnp.asarray(rng.normal(size=(len(STEPS), SIZE, SIZE, 1))),
+    )
+
+
+def line_through(x_obs, seed):
+    """The DAL line of a mean-difference statistic over a square (spec section 4)."""
+    eta = np.zeros((SIZE, SIZE, 1))
+    eta[2:5, 3:6] = 1.0
+    b = eta / np.sqrt(np.sum(eta**2))
+    z_obs = float(np.sum(b * x_obs))
+    return jnp.asarray(x_obs - z_obs * b), jnp.asarray(b), z_obs
+
+
+def tiny_checkpoint_detector(seed=4):
+    """The real v5 detection x -> {"score", "mask"}: the trained `tiny_8` U-Net,
+    sijax's DDIM sampler over STEPS with fixed noises, the 3x3 mean filter and the
+    threshold, at matmul precision "highest"."""
+    from sijax.checkpoint import load_model
+    from sijax.detect.score import region, score_map
+    from sijax.diffusion.sampler import Noises, reconstruct
+
+    model = load_model("tiny_8")
+    eps_fn, schedule = model.denoiser(), model.schedule
+    eps0, eps = sampler_noises(seed)
+    noises = Noises(eps0=eps0, eps=eps)
+
+    def f(x):
+        with jax.default_matmul_precision("highest"):
+            d = reconstruct(eps_fn, x, noises, schedule=schedule, steps=STEPS)
+            score = score_map(x, d)
+            return {"score": score, "mask": region(score, THRESHOLD)}
+
+    return f
