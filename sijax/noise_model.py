@@ -97,7 +97,8 @@ class NoiseModel:
       max_lag: (Lh, Lw) lags kept as estimated before the taper ("stationary").
       shrinkage: the weight of the mean in the residual variances ("lowrank").
       floor: the absolute variance floor that was applied (float64).
-      n_floored: how many pixels (or, for "stationary", variances) were raised to it.
+      n_floored: how many pixels fell below the floor (their sample variance, or for
+        "lowrank" their residual variance); a :class:`NoiseModelWarning` said so.
     """
 
     kind: str
@@ -218,14 +219,23 @@ def _check_images(images) -> np.ndarray:
     return x
 
 
+_FLOOR_EFFECT = {
+    "pixel": "they get the floor as their variance, so a region made of them is"
+    " tested against that tiny variance",
+    "stationary": "the stationary model gives them the variance shared by all"
+    " pixels, which they do not have (stationarity fails there)",
+    "lowrank": "their residual variance comes from the shrinkage towards the mean"
+    " (or from the floor), not from their data",
+}
+
+
 def _warn_floor(count: int, total: int, floor: float, kind: str) -> None:
     if count:
         warnings.warn(
             f"{count} of {total} pixels vary less than the variance floor {floor:.3g}"
-            " across the normal images (a constant border or saturated pixels?);"
-            f" the {kind!r} noise model gives them the floor, so a region made of"
-            " them tests against that tiny variance. Crop them away or mask them"
-            " out of the detection if they are not part of the object",
+            " across the normal images (a constant border or saturated pixels?):"
+            f" {_FLOOR_EFFECT[kind]}. Crop them away or keep the detector off them"
+            " if they are not part of the object",
             NoiseModelWarning,
             stacklevel=3,
         )

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec
 from scipy import stats
 
 from sijax.checkpoint import load_model
@@ -211,6 +212,35 @@ def test_line_statistic_equals_the_dense_covariance(form):
                 getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12
             )
         assert int(got.status) == st.StatStatus.OK
+
+
+def test_covariances_cross_shard_map_replicated():
+    """As dal_test_batch passes them to each device's block (in_specs replicated):
+    the line statistic of a batch split over two devices equals the unsplit one."""
+    rng = np.random.default_rng(16)
+    imgs = Field((H, W, C), rng).draw(rng, 30)
+    covs = (
+        estimate_noise_model(imgs, "stationary").covariance(),
+        estimate_noise_model(imgs, "lowrank", rank=3).template_covariance(),
+    )
+    xs, refs = rng.standard_normal((2, 4, H, W, C))
+    mask = np.zeros((H, W), bool)
+    mask[1:4, 2:4] = True
+
+    def block(covs, xs, refs):
+        def one(x, r):
+            line = st.line_statistic(x, r, mask, sigma=covs[0], sigma_ref=covs[1])
+            return line.z_obs, line.b
+
+        return jax.vmap(one)(xs, refs)
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
+    batch, rep = PartitionSpec("batch"), PartitionSpec()
+    split = jax.jit(
+        jax.shard_map(block, mesh=mesh, in_specs=(rep, batch, batch), out_specs=batch)
+    )
+    for got, want in zip(split(covs, xs, refs), block(covs, xs, refs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_covariance_checks_raise_clear_errors():
@@ -601,8 +631,8 @@ def test_dal_test_batch_accepts_the_new_covariances(model, normal_images, noise_
         )  # fmt: skip
     p = np.asarray(out["walk"].p_value)
     assert int(out["walk"].status[0]) == 0 and np.isfinite(p[0]) and 0 <= p[0] <= 1
-    np.testing.assert_array_equal(out["walk"].status, out["propagate"].status)
     ok = np.asarray(out["walk"].status) == 0
+    np.testing.assert_array_equal(out["walk"].status, out["propagate"].status)
     np.testing.assert_allclose(
         p[ok], np.asarray(out["propagate"].p_value)[ok], rtol=0, atol=1e-12
     )
