@@ -175,7 +175,7 @@ def _section(rows, env) -> str:
     lines += [
         "",
         "One piece costs one value-and-slope pass of the whole pipeline (about two",
-        "forward passes); shared/spec/tracking_notes.md describes a batched",
+        "forward passes); the section 'Breakpoint propagation' describes a batched",
         "alternative.",
         "",
     ]

@@ -2,7 +2,7 @@
 
 One network, one set of images, one search, the same cores:
 
-1. The v5 U-Net (spec section 6) with fixed weights (the committed ``dal_v5_{size}``
+1. The v5 U-Net (docs/method.md §6) with fixed weights (the committed ``dal_v5_{size}``
    checkpoint when there is one, else a seeded random initialisation) and the DDIM
    reconstruction with fixed noises baked in is built in PyTorch and exported to ONNX
    (float32, opset 12, Identity nodes removed: what si4onnx 0.1.13 accepts).
@@ -110,7 +110,7 @@ def torch_to_sijax(state: dict[str, np.ndarray], pure: dict, depth: int) -> dict
 
 
 def ddim_constants() -> dict:
-    """Schedule constants of the DAL reconstruction (spec section 6), float64."""
+    """Schedule constants of the DAL reconstruction (docs/method.md §6), float64."""
     betas = np.linspace(1e-4, 0.02, 1000)
     ab = np.cumprod(1.0 - betas)
     t = np.asarray(STEPS)

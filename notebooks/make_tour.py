@@ -1,6 +1,6 @@
 """Writes and executes `dal_test_tour.ipynb` (run: python notebooks/make_tour.py).
 
-The notebook drives the library only (STYLE habit 21) and runs top to bottom on a CPU
+The notebook drives the library only and runs top to bottom on a CPU
 in a couple of minutes; `tests/test_notebooks.py` executes it (marked slow).
 """
 
@@ -20,7 +20,8 @@ CELLS = [
 Detect an anomalous region with a diffusion reconstruction, then give it an exact
 selective p-value: the region was chosen from the same data, so the naive z-test is
 biased; conditioning on the selection event repairs it
-(spec: `shared/spec/dal_test.md`). Everything runs on a CPU with the committed 8x8
+(the method in our words: `docs/method.md`). Everything runs on a CPU with the
+committed 8x8
 model.""",
     ),
     (

@@ -1,6 +1,6 @@
 """sijax: diffusion-based anomaly localization with exact selective p-values.
 
-The public API (STYLE habit 11). x64 is not switched on here: call
+The public API. x64 is not switched on here: call
 ``jax.config.update("jax_enable_x64", True)`` in your entry point (the CLI does).
 """
 

@@ -50,7 +50,7 @@ def _ocp():
 
 
 def init_unet(cfg: UNetConfig, key: jax.Array, param_dtype=jnp.float32):
-    """A freshly initialised U-Net split into (graphdef, state) (STYLE habit 3)."""
+    """A freshly initialised U-Net split into (graphdef, state)."""
     model = UNet(cfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
     return nnx.split(model)
 

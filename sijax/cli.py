@@ -14,7 +14,7 @@ from sijax.errors import InputError, SijaxError, ensure_output_dir
 
 
 def _configure_jax():
-    # The test path is float64 (STYLE habit 9); switched on here, not at import.
+    # The test path is float64; switched on here, not at import.
     import jax
 
     from sijax.compile_cache import enable_compilation_cache

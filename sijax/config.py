@@ -1,6 +1,6 @@
-"""Configuration dataclasses (STYLE habit 12): frozen, flat, overridable by name.
+"""Configuration dataclasses: frozen, flat, overridable by name.
 
-``TrainConfig`` describes one diffusion model and how it is trained (spec section 6).
+``TrainConfig`` describes one diffusion model and how it is trained (docs/method.md §6).
 Presets live in ``sijax/configs/``; the CLI applies ``--set key=value`` overrides with
 :func:`apply_overrides`.
 """
@@ -19,7 +19,8 @@ NOISE_MODELS = ("pixel", "stationary", "lowrank")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A diffusion model and its training recipe (defaults: the paper's, spec 6).
+    """A diffusion model and its training recipe (defaults: the paper's, docs/method.md
+    §6).
 
     Attributes:
         name: preset name, recorded in the checkpoint.

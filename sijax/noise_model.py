@@ -1,6 +1,7 @@
 """Noise models estimated from normal images: the Sigma of the DAL test on real data.
 
-The test (spec section 2) models a test image as X = s + eps, eps ~ N(0, Sigma), and a
+The test (docs/method.md §2) models a test image as X = s + eps, eps ~ N(0, Sigma), and
+a
 reference X_ref with covariance Sigma_ref. On real images Sigma is unknown: it is
 estimated once from N normal images x_1..x_N (N, H, W, C) and stored with the model.
 The reference is then the *template*, the mean image xbar = (1/N) sum_m x_m, whose

@@ -1,4 +1,4 @@
-"""Training of the noise predictor (spec section 6), resumable and reproducible.
+"""Training of the noise predictor (docs/method.md §6), resumable and reproducible.
 
 Every source of randomness is derived from ``(cfg.seed, step)``: the training images
 from the seed, the data order of each epoch from ``fold_in(data_key, epoch)``, and

@@ -128,7 +128,7 @@ def check_tiling_and_grid(f, a, b, z_min, z_max, summary, reference, *, max_piec
     return pieces
 
 
-# --- the DAL line of the sampler tests (spec sections 4 and 6) ------------------------
+# --- the DAL line of the sampler tests (docs/method.md §4 and 6) ---------------
 
 SIZE, STEPS = 8, (460, 345, 230, 115, 0)
 THRESHOLD = 0.8
@@ -144,7 +144,7 @@ def sampler_noises(seed):
 
 
 def line_through(x_obs, seed):
-    """The DAL line of a mean-difference statistic over a square (spec section 4)."""
+    """The DAL line of a mean-difference statistic over a square (docs/method.md §4)."""
     eta = np.zeros((SIZE, SIZE, 1))
     eta[2:5, 3:6] = 1.0
     b = eta / np.sqrt(np.sum(eta**2))

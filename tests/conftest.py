@@ -1,4 +1,4 @@
-"""Strict harness (STYLE habit 18): float64, no rank promotion, fake devices."""
+"""Strict harness: float64, no rank promotion, fake devices."""
 
 import os
 

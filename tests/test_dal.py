@@ -479,7 +479,8 @@ def _null_batch(model, n, seed, delta=0.0):
 
 @pytest.mark.slow
 def test_null_p_values_are_uniform_and_naive_are_not(model):
-    """Validity (spec 8): 560 null images, about 350 with a region; iid N(0, 1),
+    """Validity (docs/method.md §8): 560 null images, about 350 with a region; iid N(0,
+    1),
     signal 0, reference test."""
     xs, refs, nzs = _null_batch(model, 560, seed=11)
     out = dal_test_batch(

@@ -1,4 +1,4 @@
-"""U-Net, schedule and sampler of spec section 6 against independent oracles."""
+"""U-Net, schedule and sampler of docs/method.md §6 against independent oracles."""
 
 import jax
 import jax.extend
@@ -100,7 +100,8 @@ def test_avg_pool_and_time_embedding():
     np.testing.assert_allclose(avg_pool2(jnp.asarray(x)), ref, atol=1e-14)
     t = np.array([0.0, 1.0, 115.0, 460.0, 999.0])
     i = np.arange(100)
-    arg = t[:, None] / 10000.0 ** (i / 100)  # exponent i/100 with i itself (spec 6)
+    # The exponent is i/100 with i itself (docs/method.md §6).
+    arg = t[:, None] / 10000.0 ** (i / 100)
     ref = np.where(i % 2 == 0, np.sin(arg), np.cos(arg))
     np.testing.assert_allclose(time_embedding(jnp.asarray(t), 100), ref, atol=1e-13)
 
@@ -169,7 +170,7 @@ def test_batchnorm_train_vs_eval():
 
 
 def test_eval_network_is_piecewise_linear_along_a_line():
-    """Second differences vanish except where a ReLU switches (spec section 4)."""
+    """Second differences vanish except where a ReLU switches (docs/method.md §4)."""
     eps_fn = jax.jit(random_model().denoiser())
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(8, 8, 1)), rng.normal(size=(8, 8, 1))

@@ -1,4 +1,5 @@
-"""The DDIM reconstruction D(x) (spec section 6) against a step-by-step NumPy oracle."""
+"""The DDIM reconstruction D(x) (docs/method.md §6) against a step-by-step NumPy
+oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ def test_spec_constants():
 
 
 def numpy_reconstruct(eps_np, x, eps0, eps, steps):
-    """Step-by-step NumPy implementation of spec section 6 (its own alpha_bar)."""
+    """Step-by-step NumPy implementation of docs/method.md §6 (its own alpha_bar)."""
     betas = np.linspace(1e-4, 0.02, 1000)
     ab_all = np.cumprod(1.0 - betas)
 
@@ -80,7 +81,7 @@ def test_reconstruct_deterministic_jit_and_vmap(model):
     traces = []
 
     def one(x, n):
-        traces.append(1)  # counts traces (STYLE habit 5)
+        traces.append(1)  # counts traces
         return reconstruct(model.denoiser(), x, n, schedule=SCHEDULE)
 
     single = jax.jit(one)

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom on a CPU (STYLE habit 21)."""
+"""The notebooks run top to bottom on a CPU."""
 
 import os
 import sys

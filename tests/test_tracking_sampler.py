@@ -1,4 +1,4 @@
-"""The tracker on a v5-like DAL pipeline (spec sections 4 and 6), in float64.
+"""The tracker on a v5-like DAL pipeline (docs/method.md §4 and 6), in float64.
 
 A small ReLU U-Net (conv, eval batch-norm as mul/add, average pooling, bilinear resize
 up, concatenation, per-step time bias) called inside a 5-step DDIM-like `lax.scan` with
@@ -36,7 +36,8 @@ def _alpha_bar(t):
 
 
 def _ddim_constants():
-    """(S, 5) rows: sqrt(ab_t), sqrt(1 - ab_t), sqrt(ab_s), c1, c2 (spec section 6)."""
+    """(S, 5) rows: sqrt(ab_t), sqrt(1 - ab_t), sqrt(ab_s), c1, c2 (docs/method.md
+    §6)."""
     rows = []
     for t, s in zip(STEPS, STEPS[1:] + (-1,), strict=True):
         ab_t, ab_s = _alpha_bar(t), _alpha_bar(s)

@@ -1,4 +1,4 @@
-"""Training (spec section 6): the loss falls, and kill + --resume is exact."""
+"""Training (docs/method.md §6): the loss falls, and kill + --resume is exact."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""Presets: small files with a ``get_config()`` each (STYLE habit 12)."""
+"""Presets: small files with a ``get_config()`` each."""
 
 from sijax.configs import dal_v5, tiny
 from sijax.errors import InputError

@@ -1,4 +1,4 @@
-"""The paper's v5 model and recipe (spec section 6), one model per image size.
+"""The paper's v5 model and recipe (docs/method.md §6), one model per image size.
 
     sijax train --config dal_v5 --set size=8 --set epochs=100 --workdir runs/dal_v5_8
 

@@ -18,7 +18,7 @@ SIZES = (8, 16, 32)
 
 def make_example(size: int, *, delta: float = 3.0, seed: int = 0):
     """A d x d x 1 N(0, 1) test image with a +delta square of side d // 3 and an
-    independent N(0, 1) reference (the power setting of spec section 7).
+    independent N(0, 1) reference (the power setting of docs/method.md §7).
 
     Returns:
       (x, x_ref) float64 arrays of shape (size, size, 1).

@@ -1,4 +1,4 @@
-"""Synthetic training data of the paper: iid N(0, 1) images (spec section 6)."""
+"""Synthetic training data of the paper: iid N(0, 1) images (docs/method.md §6)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The DAL test end to end (spec sections 2-6).
+"""The DAL test end to end (docs/method.md §2-6).
 
 Detect a region with the diffusion reconstruction, give it an exact selective p-value.
 
@@ -101,7 +101,8 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DALConfig:
-    """Options of the DAL test; the defaults are the paper's v5 settings (spec 5-6).
+    """Options of the DAL test; the defaults are the paper's v5 settings
+    (docs/method.md §5-6).
 
     Attributes:
       t_start: noise level t' the image is diffused to (must equal ``steps[0]``).
@@ -192,7 +193,7 @@ class DALConfig:
 
 
 def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) -> Noises:
-    """All sampler noises of one test, drawn once from ``key`` (STYLE habit 2).
+    """All sampler noises of one test, drawn once from ``key``.
 
     Args:
       key: a PRNG key, used once.
@@ -206,7 +207,7 @@ def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) ->
 
 
 def detector(model, noises: Noises, config: DALConfig, threshold=None):
-    """The detection function of one test (spec section 6), for fixed noises.
+    """The detection function of one test (docs/method.md §6), for fixed noises.
 
     Args:
       model: any :class:`sijax.detect.models.Reconstructor`; its ``score_fn``, if
@@ -253,7 +254,7 @@ def _check_image(name: str, x, shape) -> jax.Array:
 
 
 def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
-    """Score map and detected region of one image (spec section 6).
+    """Score map and detected region of one image (docs/method.md §6).
 
     Args:
       model: a :class:`sijax.checkpoint.DiffusionModel` (float64 on the test path).
@@ -346,7 +347,8 @@ def _oracle_memo(params, config):
 
 
 def detect_and_line(model, x, x_ref, noises, cov, cov_ref, nums, config):
-    """Detection, then the statistic and line of the detected region (spec 3-4).
+    """Detection, then the statistic and line of the detected region (docs/method.md
+    §3-4).
 
     Pure and traceable: the inputs are those :func:`prepare_inputs` returns, with the
     config split by :func:`split_config` (``nums``, ``config``); the permutation test
@@ -591,7 +593,8 @@ class TestResult(NamedTuple):
       p_value: selective p-value (of the searched part when the search stopped early).
       inf_p, sup_p: bounds on the exact selective p-value given the unsearched part.
       naive_p_value: the biased z-test p-value, same alternative.
-      alternative: which p-value ("abs": P(|Z| >= |z_obs| | Z in Zset), spec 5).
+      alternative: which p-value ("abs": P(|Z| >= |z_obs| | Z in Zset), docs/method.md
+      §5).
       truncated_intervals: Zset found, list of (lo, hi) in z units.
       searched_intervals: the searched part of the line, list of (lo, hi).
       search_count: pieces evaluated.
@@ -981,7 +984,7 @@ def observed_line(
     sigma_ref=None,
     config: DALConfig = DALConfig(),
 ):
-    """The detection and the line of one test, without the search (spec 3-4).
+    """The detection and the line of one test, without the search (docs/method.md §3-4).
 
     Arguments as :func:`dal_test`.
 

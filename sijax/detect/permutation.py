@@ -1,4 +1,4 @@
-"""The permutation baseline of the DAL paper (spec section 5).
+"""The permutation baseline of the DAL paper (docs/method.md §5).
 
 Pool the 2n pixels of the test and the reference image, permute them, split them back
 into a test and a reference image, re-run the detection on the permuted test image and

@@ -1,4 +1,4 @@
-"""Score maps and regions of the DAL detector (spec section 6, "Score and region").
+"""Score maps and regions of the DAL detector (docs/method.md §6, "Score and region").
 
 Everything here is piecewise linear in the image, so the tracker can follow it along a
 line: a 3x3 mean filter (a linear map), an absolute value and a strict threshold.

@@ -1,4 +1,4 @@
-"""The noise-prediction loss of DDPM training (spec section 6)."""
+"""The noise-prediction loss of DDPM training (docs/method.md §6)."""
 
 from collections.abc import Callable
 

@@ -21,7 +21,7 @@ class Reconstruction(NamedTuple):
     Attributes:
         x: the input image X.
         x_hat: D(X).
-        error: e = D(X) - X, the raw reconstruction error (spec section 6; the
+        error: e = D(X) - X, the raw reconstruction error (docs/method.md §6; the
             filtered score map is computed by ``sijax.detect``).
     """
 

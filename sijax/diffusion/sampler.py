@@ -1,8 +1,8 @@
-"""DDIM/DDPM sampling and the DAL reconstruction D(x) (spec section 6).
+"""DDIM/DDPM sampling and the DAL reconstruction D(x) (docs/method.md §6).
 
 Everything here is a pure function of (eps_fn, x, noises): all randomness is drawn up
 front (:func:`draw_noises`) and passed in as arrays, so the reconstruction is
-deterministic and can be tracked along a line (STYLE habit 2). ``eps_fn`` is the
+deterministic and can be tracked along a line. ``eps_fn`` is the
 noise predictor for ONE image, ``eps_hat = eps_fn(x_t, t)`` with x_t of shape
 (H, W, C) and t a scalar; batch with ``jax.vmap``.
 """
@@ -55,7 +55,8 @@ class DDIMCoefficients(NamedTuple):
 
 def ddim_coefficients(schedule: Schedule, steps: Sequence[int],
                       eta: float = 1.0) -> DDIMCoefficients:
-    """Constants of DDIM over ``steps`` (decreasing), ending at t = -1 (spec 6).
+    """Constants of DDIM over ``steps`` (decreasing), ending at t = -1 (docs/method.md
+    §6).
 
     Computed in NumPy float64 from a concrete schedule.
 
@@ -97,7 +98,7 @@ def draw_noises(key: jax.Array, image_shape: tuple[int, int, int], steps: int = 
 
 def ddim(eps_fn: EpsFn, x_t: jax.Array, eps: jax.Array, *, schedule: Schedule,
          steps: Sequence[int], eta: float = 1.0) -> jax.Array:
-    """DDIM from x_{steps[0]} down to t = -1, as one ``lax.scan`` (spec section 6).
+    """DDIM from x_{steps[0]} down to t = -1, as one ``lax.scan`` (docs/method.md §6).
 
     Per step t -> s: x0_hat = (x_t - sqrt(1-ab_t) e_hat)/sqrt(ab_t);
     x_s = sqrt(ab_s) x0_hat + c1 eps_k + c2 e_hat, with e_hat = eps_fn(x_t, t).
@@ -139,7 +140,7 @@ def ddim(eps_fn: EpsFn, x_t: jax.Array, eps: jax.Array, *, schedule: Schedule,
 
 def reconstruct(eps_fn: EpsFn, x: jax.Array, noises: Noises, *, schedule: Schedule,
                 steps: Sequence[int] = DAL_STEPS, eta: float = 1.0) -> jax.Array:
-    """The DAL reconstruction D(x) of one image (spec section 6).
+    """The DAL reconstruction D(x) of one image (docs/method.md §6).
 
     x_{t'} = sqrt(ab_{t'}) x + sqrt(1 - ab_{t'}) eps0 with t' = steps[0], then
     :func:`ddim` with ``noises.eps``. Pure and deterministic in (eps_fn, x, noises);

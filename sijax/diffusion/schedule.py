@@ -1,4 +1,4 @@
-"""The linear noise schedule of the DDPM (spec section 6)."""
+"""The linear noise schedule of the DDPM (docs/method.md §6)."""
 
 from typing import NamedTuple
 
@@ -27,7 +27,8 @@ class Schedule(NamedTuple):
 def linear_schedule(
     T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02  # noqa: N803
 ) -> Schedule:
-    """Linear beta from ``beta_start`` to ``beta_end`` over ``T`` steps (spec 6).
+    """Linear beta from ``beta_start`` to ``beta_end`` over ``T`` steps (docs/method.md
+    §6).
 
     The products are taken in NumPy float64 so that the constants do not depend on
     whether x64 is switched on; they are returned as NumPy arrays, which jax functions
@@ -43,7 +44,7 @@ def linear_schedule(
 
 
 def alpha_bar(schedule: Schedule, t):
-    """alpha_bar(t) with the convention alpha_bar(-1) = 1 (spec section 6).
+    """alpha_bar(t) with the convention alpha_bar(-1) = 1 (docs/method.md §6).
 
     Args:
         schedule: the schedule.

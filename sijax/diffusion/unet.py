@@ -1,4 +1,4 @@
-"""The v5 U-Net of the DAL paper (spec section 6): architecture only.
+"""The v5 U-Net of the DAL paper (docs/method.md §6): architecture only.
 
 Every operation at test time is linear or ReLU (convolutions, dense layers, eval-mode
 batch-norm, average pooling, bilinear resize, concatenation), so the network is
@@ -118,7 +118,7 @@ def activation_fn(name: str):
 
 
 def time_embedding(t: jax.Array, dim: int = 100) -> jax.Array:
-    """Sinusoidal embedding with the paper's exponent (spec section 6).
+    """Sinusoidal embedding with the paper's exponent (docs/method.md §6).
 
     v_i = sin(t / 10000^(i/dim)) for even i and cos(t / 10000^(i/dim)) for odd i,
     i = 0..dim-1 (the exponent uses i itself, not 2*floor(i/2)).
@@ -203,7 +203,7 @@ class Conv3x3(nnx.Module):
 
 
 class ConvBlock(nnx.Module):
-    """h = x + MLP(temb); conv3x3 (pad 1); batch-norm; ReLU (spec section 6).
+    """h = x + MLP(temb); conv3x3 (pad 1); batch-norm; ReLU (docs/method.md §6).
 
     MLP = Linear(temb_dim -> cin), ReLU, Linear(cin -> cin): a per-channel bias that
     depends on t only. Both ReLUs become ``cfg.activation``.
@@ -228,7 +228,7 @@ class ConvBlock(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """The v5 noise-prediction U-Net, eps_hat = UNet(x_t, t) (spec section 6).
+    """The v5 noise-prediction U-Net, eps_hat = UNet(x_t, t) (docs/method.md §6).
 
     With ``channels = (32, 64, 128, 256)`` and one input channel: down1 1->32, pool,
     down2 32->64, pool, down3 64->128, pool, bottleneck 128->256, then three times

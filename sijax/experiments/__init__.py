@@ -1,4 +1,4 @@
-"""The paper's experiments (spec section 7) as pure functions of explicit settings.
+"""The paper's experiments (docs/method.md §7) as pure functions of explicit settings.
 
 An experiment is a grid of :class:`Setting` cells (size, covariance, signal, noise
 family, activation, search). One *trial* is one image pair tested by every requested

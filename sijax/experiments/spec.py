@@ -228,7 +228,7 @@ class ExperimentSpec:
 
 
 def default_spec(experiment: str, **overrides) -> ExperimentSpec:
-    """The paper's settings for ``experiment`` (spec section 7), with overrides.
+    """The paper's settings for ``experiment`` (docs/method.md §7), with overrides.
 
     Sizes default to 8 and 16; every size uses the committed ``dal_v5_{size}``
     (8, 16 and 32 are committed) unless ``checkpoints`` names another; 64 needs one.

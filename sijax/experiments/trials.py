@@ -3,7 +3,8 @@
 a batch of trials with every method, sharded over the devices of a
 :func:`device_mesh`.
 
-Methods (spec section 5): ``selective`` (the DAL test: parametric search, or exhaustive
+Methods (docs/method.md §5): ``selective`` (the DAL test: parametric search, or
+exhaustive
 for the ``pieces`` experiment), ``oc`` (over-conditioning), ``naive`` (z-test on the
 same region), ``bonferroni`` (naive p-value times 2^n) and ``permutation`` (pooled
 test/reference pixels, :func:`sijax.detect.permutation.permutation_test`). Rejection
@@ -50,7 +51,7 @@ def trial_data(
 
     A pure function of its arguments (numpy PCG64 seeded with
     ``(setting.data_seed, index)``): the test image is noise plus ``delta`` on one
-    floor(d/3) square at a uniformly random position (spec section 7), the reference
+    floor(d/3) square at a uniformly random position (docs/method.md §7), the reference
     is independent noise of the same law.
     """
     rng = np.random.default_rng([setting.data_seed, index])

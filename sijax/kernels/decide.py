@@ -1,4 +1,4 @@
-"""Fused sign-and-bound kernel for the tracker's hot path (STYLE habit 20).
+"""Fused sign-and-bound kernel for the tracker's hot path.
 
 Every ReLU, abs and comparison of the tracked program calls
 :meth:`sijax.tracking.interpreter.Context.decide`: for each unit u = v + s (t - z) it

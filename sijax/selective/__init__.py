@@ -1,4 +1,4 @@
-"""Selective inference for a region chosen from the data (spec sections 2-5).
+"""Selective inference for a region chosen from the data (docs/method.md §2-5).
 
 Works on any function: nothing here imports the diffusion model or the detector.
 

@@ -1,4 +1,4 @@
-"""Unions of closed intervals on the real line (spec section 4: the truncation set).
+"""Unions of closed intervals on the real line (docs/method.md §4: the truncation set).
 
 Two representations:
 

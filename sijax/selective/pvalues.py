@@ -1,4 +1,4 @@
-"""Truncated-normal masses and selective p-values in log space (spec section 5).
+"""Truncated-normal masses and selective p-values in log space (docs/method.md §5).
 
 Under H0 the standardised statistic, given the selection event, is N(0, 1) truncated
 to the union Zset. With A the set "as or more extreme than z_obs" for the alternative,
@@ -328,7 +328,7 @@ def bounds_from_log_masses(
 
         p(U') = (t_in + x) / (t_in + t_out + x + y),  x <= u_in,  y <= u_out,
 
-    which grows with x and falls with y, so (spec section 5, "all unsearched mass
+    which grows with x and falls with y, so (docs/method.md §5, "all unsearched mass
     counted in or out of Zset")
 
         sup_p = (t_in + u_in) / (t_in + t_out + u_in),
@@ -490,7 +490,7 @@ def log_ndtri(log_p: jax.Array, iterations: int = 8) -> jax.Array:
 
 
 def bonferroni_threshold(alpha: float, n: int) -> jax.Array:
-    """Bonferroni threshold th with 2 Phi(-th) = alpha / 2^n (spec section 5).
+    """Bonferroni threshold th with 2 Phi(-th) = alpha / 2^n (docs/method.md §5).
 
     Reject when |z_obs| > th. Solved in log space:
     log Phi(-th) = log alpha - (n + 1) log 2.

@@ -1,4 +1,4 @@
-"""Search policies for the truncation set Zset along the line (spec section 5).
+"""Search policies for the truncation set Zset along the line (docs/method.md §5).
 
 The search never looks at a network: it talks to a *piece oracle*
 
@@ -11,7 +11,7 @@ contains ``z`` (when ``z`` is exactly a breakpoint, the piece on the side of
 equals the observed one (the piece belongs to Zset). ``lo`` may be -inf and ``hi`` +inf.
 ``params`` is any pytree the oracle needs (the line, network weights, ...): pass arrays
 through it rather than closing over them, so that one compiled search serves every
-image (STYLE habit 5).
+image.
 
 Policies:
 
@@ -232,7 +232,7 @@ def search(
     memo: Any = None,
     report_every: int = 0,
 ) -> SearchResult:
-    """Search the line for Zset and compute the selective p-value (spec section 5).
+    """Search the line for Zset and compute the selective p-value (docs/method.md §5).
 
     Jit it with ``piece_fn`` and the string / int options static, e.g.
     ``jax.jit(search, static_argnums=0, static_argnames=("policy", "termination",

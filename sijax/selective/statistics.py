@@ -1,12 +1,13 @@
-"""Test statistics (eta), covariances and the line through the data (spec sections 2-4).
+"""Test statistics (eta), covariances and the line through the data (docs/method.md
+§2-4).
 
-Model (spec section 2): the test image X = s + eps, eps ~ N(0, Sigma), and optionally
+Model (docs/method.md §2): the test image X = s + eps, eps ~ N(0, Sigma), and optionally
 a reference X_ref = s_ref + eps_ref, eps_ref ~ N(0, Sigma_ref), independent of X. Both
 are flattened in row-major (C) order, ``x.reshape(-1)``; for an (H, W, C) image the flat
 index is ``(h W + w) C + c``. The joint vector is x~ = (X; X_ref) with covariance
 Sigma~ = blockdiag(Sigma, Sigma_ref).
 
-Statistic (spec section 3): T = eta^T x~ for one of
+Statistic (docs/method.md §3): T = eta^T x~ for one of
 
 * ``"reference"`` (default): eta = (1_M / |M|; -1_M / |M|),
   T = mean_M(X) - mean_M(X_ref);
@@ -67,7 +68,7 @@ class StatStatus:
     """Status codes of :class:`LineStatistic` (int32 in ``status``)."""
 
     OK = 0
-    EMPTY_REGION = 1  # |M| = 0: no hypothesis, the trial is skipped (spec section 3)
+    EMPTY_REGION = 1  # |M| = 0: no hypothesis, the trial is skipped (docs/method.md §3)
     EMPTY_COMPARISON = 2  # background / neighbourhood set is empty
     DEGENERATE_VARIANCE = 3  # eta^T Sigma~ eta <= 0 (or numerically 0)
     NONFINITE = 4  # NaN or Inf in x or x_ref
@@ -262,7 +263,7 @@ def _ar1_filter(v: jax.Array, rho) -> jax.Array:
 class AR1Covariance(Covariance):
     """The paper's "corr" covariance Sigma_ij = variance * rho^|i - j| (rho = 0.5).
 
-    Indices are the row-major flat indices (spec section 2), so horizontal neighbours
+    Indices are the row-major flat indices (docs/method.md §2), so horizontal neighbours
     correlate rho and the last pixel of a row correlates rho with the first of the next.
     The matvec is exact and O(n): with the two first-order recursive filters
     f_i = v_i + rho f_{i-1} (left to right) and g_i = v_i + rho g_{i+1} (right to left),
@@ -656,7 +657,7 @@ def dilate(mask: jax.Array, radius: int) -> jax.Array:
 def region_eta(
     mask: jax.Array, hypothesis: str = "reference", *, radius: int = 1
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """eta for a region mask (spec section 3), before standardisation.
+    """eta for a region mask (docs/method.md §3), before standardisation.
 
     Args:
       mask: bool, shaped like the image (already broadcast over channels).
@@ -697,7 +698,7 @@ def region_eta(
 
 
 class LineStatistic(NamedTuple):
-    """The standardised statistic and the line through X (spec sections 3-4).
+    """The standardised statistic and the line through X (docs/method.md §3-4).
 
     Attributes:
       z_obs: () float64, eta^T x~ / sqrt(eta^T Sigma~ eta) (NaN unless status is OK).
@@ -750,7 +751,7 @@ def line_statistic(
     eta=None,
     empty: str = "status",
 ) -> LineStatistic:
-    """Standardised statistic z_obs and the line X(z) = a + b z (spec sections 3-4).
+    """Standardised statistic z_obs and the line X(z) = a + b z (docs/method.md §3-4).
 
     Works on concrete arrays and under ``jit``/``vmap`` (then the value checks become
     status codes; shape checks still raise).

@@ -1,6 +1,7 @@
 """Types of the tracker: affine forms along a line, and one linear piece.
 
-Spec section 4: along x(t) = a + b t every tensor of a piecewise-linear program equals
+docs/method.md §4: along x(t) = a + b t every tensor of a piecewise-linear program
+equals
 alpha + beta t on a piece [lo, hi]. Inside the interpreter a line-dependent value is
 carried as its value *at the tracked point z* and its slope (`Lin`), not as alpha =
 f(0): for large |z| (extreme statistics, |z| of 10 to 40) alpha is a difference of two

@@ -5,7 +5,7 @@ input is `Lin(a + b z, b)`; closed-over constants (network weights) stay plain a
 Each equation with a line-dependent operand goes through the rule of its primitive
 (`rules.RULES`, `control.CONTROL_RULES`); an equation on constants only is evaluated
 with the primitive itself. The piece [lo, hi] starts as (-inf, inf) and every discrete
-decision shrinks it (spec section 4).
+decision shrinks it (docs/method.md §4).
 
 Ties (direction). A decision is the sign of some affine u(t) = v + s (t - z). It is
 taken at t = z + direction * tau with tau = tie_tol * max(1, |z|), i.e. just to the
@@ -138,7 +138,7 @@ class Context:
         raise NotPiecewiseLinearError(
             f"primitive '{eqn.primitive.name}' is not piecewise linear along the line: "
             f"{why}{where}. Replace it by a piecewise-linear approximation "
-            "(spec section 4) or make its operands independent of the line."
+            "(docs/method.md §4) or make its operands independent of the line."
         )
 
     # -- decisions ---------------------------------------------------------------
@@ -421,7 +421,7 @@ def track(f: Callable, *, tie_tol: float = DEFAULT_TIE_TOL) -> Callable[..., Pie
 
     Args:
       f: function of one array x of the shape of `a`; any pytree output. Must be
-        piecewise linear in x (spec section 4).
+        piecewise linear in x (docs/method.md §4).
       tie_tol: relative tie tolerance tau / max(1, |z|) (see module docstring).
 
     Returns:

@@ -12,7 +12,7 @@ the primitive itself.
   take a discrete decision and shrink the piece with `ctx.keep_nonneg` to where it
   holds.
 
-Spec section 4 lists what is (and is not) piecewise linear.
+docs/method.md §4 lists what is (and is not) piecewise linear.
 """
 
 import itertools

@@ -1,6 +1,6 @@
 """Enumerating every linear piece of f on a stretch [z_min, z_max] of the line.
 
-A capped `lax.while_loop` (STYLE habits 6 and 7): starting at z_min, track the piece on
+A capped `lax.while_loop`: starting at z_min, track the piece on
 the right of the cursor, record it as [cursor, min(hi, z_max)], move the cursor to hi,
 repeat. Consecutive pieces share their end point exactly, so the recorded pieces tile
 the stretch with no gap and no overlap. Results have static shapes: padded arrays, a

@@ -59,7 +59,7 @@ class Line:
         raise error(
             f"primitive '{eqn.primitive.name}' is not piecewise linear along the line: "
             f"{why}{where}. Replace it by a piecewise-linear approximation "
-            "(spec section 4) or make its operands independent of the line."
+            "(docs/method.md §4) or make its operands independent of the line."
         )
 
     def event(self, eqn) -> int:
