@@ -7,8 +7,9 @@ The public API. x64 is not switched on here: call
 __version__ = "0.1.0"
 
 from sijax import onnx  # sijax.onnx.load (the onnx package is imported lazily)
-from sijax.checkpoint import DiffusionModel, load_model
+from sijax.checkpoint import DiffusionModel, ModelInfo, load_model
 from sijax.config import TrainConfig
+from sijax.data import Preprocessing, open_dataset
 from sijax.detect.dal import (
     BatchResult,
     DALConfig,
@@ -25,17 +26,23 @@ from sijax.diffusion.sampler import Noises, reconstruct
 from sijax.errors import (
     CheckpointError,
     InputError,
+    InputWarning,
+    NoiseModelWarning,
     NotPiecewiseLinearError,
     SearchError,
     SijaxError,
+    SijaxWarning,
 )
+from sijax.noise_model import NoiseModel, estimate_noise_model
 from sijax.selective import (
     AR1Covariance,
     Intervals,
     LineStatistic,
+    LowRankDiagonalCovariance,
     OperatorCovariance,
     SearchResult,
     SearchStatus,
+    StationaryCovariance,
     as_covariance,
     bonferroni_p_value,
     line_statistic,
@@ -56,20 +63,28 @@ __all__ = [
     "DiffusionModel",
     "Engine",
     "InputError",
+    "InputWarning",
     "Intervals",
     "LineStatistic",
+    "LowRankDiagonalCovariance",
+    "ModelInfo",
+    "NoiseModel",
+    "NoiseModelWarning",
     "Noises",
     "NotPiecewiseLinearError",
     "OperatorCovariance",
-    "Piece",
     "PermutationResult",
-    "Progress",
+    "Piece",
     "Pieces",
+    "Preprocessing",
+    "Progress",
     "ReconstructionModel",
     "SearchError",
     "SearchResult",
     "SearchStatus",
     "SijaxError",
+    "SijaxWarning",
+    "StationaryCovariance",
     "Status",
     "TestResult",
     "TrainConfig",
@@ -80,11 +95,13 @@ __all__ = [
     "detect_region",
     "draw_noises",
     "enumerate_pieces",
+    "estimate_noise_model",
     "evaluate",
     "line_statistic",
     "load_model",
     "naive_p_value",
     "onnx",
+    "open_dataset",
     "permutation_test",
     "reconstruct",
     "search",

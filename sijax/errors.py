@@ -56,6 +56,19 @@ class MaxPiecesError(SearchError):
     with ``throw=True``."""
 
 
+class SijaxWarning(UserWarning):
+    """Base class of the warnings sijax issues on purpose."""
+
+
+class InputWarning(SijaxWarning):
+    """An input sijax can process but whose answer may mislead (an image far from
+    the training images, a model without a calibrated threshold)."""
+
+
+class NoiseModelWarning(SijaxWarning):
+    """A noise-model estimate needed its variance floor (pixels with no variation)."""
+
+
 def ensure_output_dir(path) -> str:
     """Creates ``path`` if needed and checks that files can be written in it.
 

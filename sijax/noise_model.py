@@ -38,7 +38,7 @@ import warnings
 
 import numpy as np
 
-from sijax.errors import CheckpointError, InputError
+from sijax.errors import CheckpointError, InputError, NoiseModelWarning
 from sijax.selective.statistics import (
     Covariance,
     DiagonalCovariance,
@@ -70,10 +70,6 @@ _PIXEL_BLOCK = 8192
 # directions converge like (lambda_{2k+11} / lambda_k)^11.
 _OVERSAMPLE = 10
 _POWER_ITERATIONS = 10
-
-
-class NoiseModelWarning(UserWarning):
-    """An estimate needed its variance floor (pixels with no variation)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -37,7 +37,12 @@ from sijax.checkpoint import (
 from sijax.config import TrainConfig
 from sijax.data.synthetic import normal_images
 from sijax.diffusion.loss import noise_prediction_loss
-from sijax.errors import CheckpointError, InputError, ensure_output_dir
+from sijax.errors import (
+    CheckpointError,
+    InputError,
+    InputWarning,
+    ensure_output_dir,
+)
 
 DTYPE = jnp.float32  # training precision; the test path casts to float64 at load
 
@@ -549,10 +554,10 @@ def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
                            "quantile": cfg.threshold_quantile,
                            "images": len(images.val)}
     else:
-        warnings.warn("no held-out images (fewer than 10, or val_fraction=0): the "
-                      "model keeps the default threshold 0.8, which was chosen for "
-                      "N(0, 1) images; pass --threshold to sijax test",
-                      stacklevel=3)
+        warnings.warn(InputWarning(
+            "no held-out images (fewer than 10, or val_fraction=0): the model keeps "
+            "the default threshold 0.8, which was chosen for N(0, 1) images; pass "
+            "--threshold to sijax test"), stacklevel=3)
     return facts
 
 

@@ -32,16 +32,11 @@ from collections.abc import Iterable
 import numpy as np
 
 from sijax.data.images import check_pixels, read_raw, scale_intensity
-from sijax.errors import InputError
+from sijax.errors import InputError, InputWarning
 
 MODES = ("resize", "center_crop")
 # ITU-R BT.601 luma weights, as Pillow's convert("L").
 LUMA = (0.299, 0.587, 0.114)
-
-
-class InputWarning(UserWarning):
-    """An input that sijax can process but whose answer may mislead (far from training).
-    """
 
 
 @dataclasses.dataclass(frozen=True)
