@@ -37,6 +37,7 @@ from sijax.config import TrainConfig
 from sijax.diffusion.sampler import reconstruct
 from sijax.diffusion.schedule import Schedule
 from sijax.diffusion.unet import UNet, UNetConfig
+from sijax.digest import file_sha256
 from sijax.errors import CheckpointError, InputError
 
 CHECKPOINTS_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
@@ -248,11 +249,7 @@ def state_checksums(state_path: str) -> dict[str, str]:
     for root, _, files in os.walk(state_path):
         for name in files:
             path = os.path.join(root, name)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            sums[os.path.relpath(path, state_path)] = digest.hexdigest()
+            sums[os.path.relpath(path, state_path)] = file_sha256(path)
     return dict(sorted(sums.items()))
 
 

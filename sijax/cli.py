@@ -195,6 +195,25 @@ def _sigma(raw: str):
         return load_npy(raw, "--sigma")
 
 
+def _reference(a: argparse.Namespace, model):
+    """--sigma and --reference as a Reference: the stored noise model by default
+    for a model trained on data; a model without one needs --sigma."""
+    from sijax.data.images import read_raw
+    from sijax.evaluation.images import resolve_reference
+
+    sigma = a.sigma
+    if sigma is None:
+        if model.info.noise_model is None:
+            raise InputError("--sigma is required: this model stores no noise model "
+                             "(it was not trained with --data)")
+        sigma = "model"
+    sigma = sigma if sigma.startswith("model") else _sigma(sigma)
+    raw_ref = a.reference
+    if a.reference not in (None, "template"):
+        raw_ref = read_raw(a.reference)
+    return resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+
+
 def _test_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, help="model directory")
     p.add_argument("--image", required=True,
@@ -220,22 +239,12 @@ def _test_run(a: argparse.Namespace) -> int:
     from sijax.checkpoint import load_model
     from sijax.data.images import read_raw
     from sijax.detect.run import format_result, run_test
-    from sijax.evaluation.images import model_input, resolve_reference
+    from sijax.evaluation.images import model_input
 
     _configure_jax()
     model = load_model(a.checkpoint)
     config = _dal_config(a, model)
-    sigma = a.sigma
-    if sigma is None:
-        if model.info.noise_model is None:
-            raise InputError("--sigma is required: this model stores no noise model "
-                             "(it was not trained with --data)")
-        sigma = "model"
-    sigma = sigma if sigma.startswith("model") else _sigma(sigma)
-    raw_ref = a.reference
-    if a.reference not in (None, "template"):
-        raw_ref = read_raw(a.reference)
-    ref = resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    ref = _reference(a, model)
     extra = {"image": a.image, "reference": a.reference or
              ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}
     if a.tiles:
@@ -483,9 +492,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
 
     from sijax.checkpoint import load_model
     from sijax.data import open_dataset
-    from sijax.data.images import read_raw
     from sijax.evaluation.evaluate import evaluate
-    from sijax.evaluation.images import resolve_reference
 
     if jax.default_backend() != "cpu" and a.workers is None:
         workers = 1
@@ -495,12 +502,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, alpha=a.alpha)
-    sigma = a.sigma or "model"
-    sigma = sigma if sigma.startswith("model") else _sigma(sigma)
-    raw_ref = a.reference
-    if a.reference not in (None, "template"):
-        raw_ref = read_raw(a.reference)
-    ref = resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    ref = _reference(a, model)
     dataset = open_dataset(a.data)
     summary = evaluate(model, dataset, ref, a.out, config=config,
                        checkpoint=a.checkpoint, seed=a.seed, fdr=a.fdr,

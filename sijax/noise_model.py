@@ -31,13 +31,13 @@ with a :class:`NoiseModelWarning`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import warnings
 
 import numpy as np
 
+from sijax.digest import file_sha256
 from sijax.errors import CheckpointError, InputError, NoiseModelWarning
 from sijax.selective.statistics import (
     Covariance,
@@ -498,13 +498,6 @@ def _randomized_pca(z: np.ndarray, rank: int):
 _ARRAY_FIELDS = ("mean", "variance", "kernel", "basis", "scales", "residual")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def save_noise_model(directory: str | os.PathLike, nm: NoiseModel) -> str:
     """Writes ``directory/noise_model.npz`` (arrays) and ``noise_model.json``.
@@ -541,7 +534,7 @@ def save_noise_model(directory: str | os.PathLike, nm: NoiseModel) -> str:
         "floor": float(nm.floor),
         "n_floored": int(nm.n_floored),
         "arrays": sorted(arrays),
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
     }
     tmp = os.path.join(directory, META_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -574,7 +567,7 @@ def load_noise_model(directory: str | os.PathLike) -> NoiseModel:
         raise CheckpointError(
             f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}"
         )
-    if _sha256(path) != want:
+    if file_sha256(path) != want:
         raise CheckpointError(
             f"corrupt noise model: {path} differs from its saved SHA-256; it changed"
             " after it was saved: restore it or estimate the model again"

@@ -39,6 +39,7 @@ import numpy as np
 
 from sijax.data.images import IMAGE_SUFFIXES, check_pixels, image_header, read_raw
 from sijax.data.preprocess import Preprocessing
+from sijax.digest import file_sha256
 from sijax.errors import InputError
 
 LAYOUTS = ("folder", "stack", "mvtec")
@@ -270,7 +271,7 @@ def data_source(path: str | os.PathLike) -> dict:
     for f in files:
         rel = os.path.relpath(f, base).replace(os.sep, "/")
         try:
-            line = f"{rel}\0{os.path.getsize(f)}\0{_file_sha256(f)}\n"
+            line = f"{rel}\0{os.path.getsize(f)}\0{file_sha256(f)}\n"
         except OSError as e:
             raise InputError(f"cannot read {f}: {e.strerror or e}") from None
         h.update(line.encode())
@@ -280,13 +281,6 @@ def data_source(path: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _list_images(folder: str) -> tuple[list[str], list[str]]:
