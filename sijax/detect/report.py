@@ -155,7 +155,7 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
         panels.append(("reference", show(x_ref)))
     panels += [
         ("reconstruction D(X)", show(result.reconstruction)),
-        (f"score (region: > {threshold})", result.score_map),
+        (f"score (region: > {threshold:.4g})", result.score_map),
     ]
     line = result.status != Status.NO_REGION and bool(result.searched_intervals)
     fig = plt.figure(figsize=(3.2 * len(panels), 5.8 if line else 3.6))
