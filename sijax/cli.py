@@ -268,7 +268,12 @@ def _test_tiles(a, model, ref, config, extra) -> int:
     ensure_output_dir(a.out)
     prep = model.preprocessing
     raw = read_raw(a.image)
-    image = prep.apply_native(raw, a.image) if prep is not None else raw
+    if prep is not None:
+        image = prep.apply_native(raw, a.image)
+    else:  # a model trained on N(0, 1) images: the file as it is, by bit depth
+        from sijax.data.images import scale_intensity
+
+        image = scale_intensity(raw, a.image)
     bar = None
     if not a.no_progress:
         from tqdm import tqdm
