@@ -19,10 +19,15 @@ from sijax.onnx.operators import Ctx
 class OnnxFunction:
     """An ONNX graph as a pure JAX function; a pytree (weights) with a static graph.
 
-    Call it as ``fn(*inputs)`` with NCHW arrays of the graph's input shapes; floating
-    inputs are cast to :attr:`dtype`. It returns one array for a single-output graph
-    and a tuple otherwise. Pass it through ``jax.jit``/``jax.vmap`` as an argument:
-    the weights are traced, the graph is static.
+    Calling convention: ``fn(*inputs, **named)`` takes the graph's inputs (those
+    not given by an initializer) in the order of :attr:`input_names`, positionally,
+    by name, or the first ones positionally and the rest by name; each is an NCHW
+    array of its input shape, floating inputs cast to :attr:`dtype`. It returns one
+    array for a single-output graph and otherwise a tuple in the order of
+    :attr:`output_names`. Pass it through ``jax.jit``/``jax.vmap`` as an argument:
+    the weights are traced, the graph is static. To track a graph of several inputs
+    along a line in one of them, close over the others:
+    ``sijax.track(lambda x: fn(x, mask))``.
 
     Attributes:
       weights: dict name -> jnp array, the float initializers and constants that the
@@ -90,9 +95,27 @@ class OnnxFunction:
             f", weights={len(self.weights)}, dtype={self.dtype.name})"
         )
 
-    def __call__(self, *inputs):
-        outs = self._run(inputs)
+    def __call__(self, *inputs, **named):
+        outs = self._run(self._bind(inputs, named))
         return outs[0] if len(outs) == 1 else outs
+
+    def _bind(self, inputs, named) -> tuple:
+        """The inputs in graph order from positional and named arguments."""
+        names = self._graph.input_names
+        if len(inputs) > len(names):
+            raise InputError(
+                f"the graph takes {len(names)} inputs {names}, got {len(inputs)}"
+            )
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise InputError(f"the graph has no inputs {unknown}; its inputs: {names}")
+        twice = [n for n in names[: len(inputs)] if n in named]
+        if twice:
+            raise InputError(f"inputs {twice} given both by position and by name")
+        missing = [n for n in names[len(inputs) :] if n not in named]
+        if missing:
+            raise InputError(f"missing graph inputs {missing}; its inputs: {names}")
+        return tuple(inputs) + tuple(named[n] for n in names[len(inputs) :])
 
     def _run(self, inputs) -> tuple[jax.Array, ...]:
         g = self._graph
