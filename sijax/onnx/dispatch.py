@@ -10,11 +10,13 @@ from sijax.onnx import linalg, pooling, resize  # noqa: F401  (they fill OPS)
 from sijax.onnx.graph import constant_value
 from sijax.onnx.layout import NHWC_AXIS, ChannelsLast, nchw, nhwc_data
 from sijax.onnx.linalg import batch_norm
-from sijax.onnx.operators import OPS, broadcast_ranks
+from sijax.onnx.operators import OPS, broadcast_ranks, split_parts, split_sizes
 
 _UNARY = ("Relu", "LeakyRelu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp", "Identity")
 _BINARY = ("Add", "Sub", "Mul", "Div")
-_LAYOUT_AWARE = ("Conv", "AveragePool", "MaxPool", "Resize")  # take either layout
+# Operators that take either layout.
+_LAYOUT_AWARE = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "Resize")
+_SHAPE_ONLY = ("Shape", "RandomNormalLike")  # read only the (logical) shape
 
 
 def apply(ctx, ins):
@@ -28,8 +30,15 @@ def apply(ctx, ins):
         # ONNX broadcasting to rank 4, then the NCHW operands' axes reordered.
         ins = [nhwc_data(x) for x in broadcast_ranks(*ins)]
         return ChannelsLast(OPS[op](ctx, *ins))
-    if op == "Shape":
+    if op in _SHAPE_ONLY:
         return OPS[op](ctx, *ins)
+    if op == "Split" and isinstance(ins[0], ChannelsLast):
+        x, split = ins[0], (ins[1] if len(ins) > 1 else None)
+        axis = ctx.attr("axis", 0) % 4
+        sizes = split_sizes(ctx, x.shape[axis], split)
+        return tuple(
+            ChannelsLast(p) for p in split_parts(x.data, NHWC_AXIS[axis], sizes)
+        )
     if op == "BatchNormalization":
         x, *stats = ins
         return ChannelsLast(batch_norm(ctx, x.data, *stats, channel_axis=3))

@@ -323,3 +323,96 @@ def _expand(ctx, x, shape):
     x, shape = broadcast_ranks(x, np.ones(tuple(int(s) for s in shape)))
     out = np.broadcast_shapes(np.shape(x), np.shape(shape))
     return np.broadcast_to(x, out) if is_static(x) else jnp.broadcast_to(x, out)
+
+
+def split_sizes(ctx, n: int, split) -> list[int]:
+    """The part sizes of a Split of an axis of size ``n``.
+
+    From the ``split`` input (opset 13+) or attribute (before 13); else
+    ``num_outputs`` (opset 18) or the number of outputs, in equal parts of
+    ``ceil(n / parts)`` with a smaller last part (opset 18's rule).
+    """
+    if ctx.opset < 13:
+        sizes = ctx.attr("split")
+    else:
+        sizes = ctx.const(split, 1, "split")
+    parts = len(ctx.node.outputs)
+    if sizes is None or np.size(sizes) == 0:
+        num = ctx.attr("num_outputs")
+        if num is not None and int(num) != parts:
+            raise InputError(
+                f"Split node {ctx.node.name!r}: num_outputs={num} but {parts} outputs"
+            )
+        chunk = -(-n // parts)
+        sizes = [chunk] * (parts - 1) + [n - chunk * (parts - 1)]
+    sizes = [int(s) for s in np.atleast_1d(sizes)]
+    if len(sizes) != parts or sum(sizes) != n or min(sizes) < 0:
+        raise InputError(
+            f"Split node {ctx.node.name!r}: parts {sizes} for {parts} outputs of "
+            f"an axis of size {n}"
+        )
+    return sizes
+
+
+def split_parts(x, axis: int, sizes) -> tuple:
+    """``x`` cut into consecutive slices of ``sizes`` along ``axis``."""
+    bounds = np.cumsum([0, *sizes])
+    if is_static(x):
+        return tuple(np.split(x, bounds[1:-1], axis=axis))
+    return tuple(
+        lax.slice_in_dim(x, int(lo), int(hi), 1, axis)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    )
+
+
+@implements("Split")
+def _split(ctx, x, split=None):
+    axis = ctx.attr("axis", 0) % np.ndim(x)
+    return split_parts(x, axis, split_sizes(ctx, np.shape(x)[axis], split))
+
+
+def _normal_draw(ctx, shape, default_dtype=None) -> np.ndarray:
+    """The draw of RandomNormal(Like): ``mean + scale * z``, a NumPy constant.
+
+    ``z`` is NumPy's legacy ``RandomState(seed).standard_normal`` (the stream of
+    ``onnx.reference.ReferenceEvaluator``), rounded to the ``dtype`` attribute when
+    it is given (RandomNormal's default: float32). It is sijax's own draw:
+    onnxruntime and PyTorch produce other numbers from the same seed. A seed is
+    required, so that the imported function stays a deterministic, pure function
+    of its inputs; for the tracker the draw is a constant (it does not depend on
+    the line).
+    """
+    import onnx
+
+    seed = ctx.attr("seed")
+    if seed is None:
+        raise ctx.fail(
+            "a random draw without a seed (sijax imports a graph as a pure "
+            "function: set the seed attribute)"
+        )
+    if not 0 <= int(seed) < 2**32:
+        raise ctx.fail(f"seed={seed} (must lie in [0, 2**32))")
+    z = np.random.RandomState(int(seed)).standard_normal(tuple(int(s) for s in shape))
+    dt = ctx.attr("dtype", default_dtype)
+    if dt is not None:
+        dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt))
+        if not np.issubdtype(dt, np.floating):
+            raise ctx.fail(f"dtype {dt} (the draw is a float tensor)")
+        z = z.astype(dt)
+    z = z.astype(ctx.dtype)
+    return z * np.asarray(ctx.attr("scale", 1.0), ctx.dtype) + np.asarray(
+        ctx.attr("mean", 0.0), ctx.dtype
+    )
+
+
+@implements("RandomNormalLike")
+def _random_normal_like(ctx, x):
+    return _normal_draw(ctx, np.shape(x))
+
+
+@implements("RandomNormal")
+def _random_normal(ctx):
+    shape = ctx.attr("shape")
+    if shape is None:
+        raise ctx.fail("RandomNormal needs a shape")
+    return _normal_draw(ctx, shape, default_dtype=1)  # TensorProto.FLOAT

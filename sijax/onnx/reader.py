@@ -53,6 +53,7 @@ _STATIC_SLOTS = {
     "Squeeze": {1},
     "Gather": {1},
     "Expand": {1},
+    "Split": {1},
     "ConstantOfShape": {0},
     "Clip": set(),
 }
