@@ -186,6 +186,16 @@ def test_conv_transpose_matches_the_reference(nd, case):
     _check_against_reference(_model([node], [("x", x.shape)], ["y"], inits), x)
 
 
+def test_conv_transpose_3d():
+    rng = np.random.default_rng(2)
+    x, w = rng.normal(size=(1, 2, 2, 3, 2)), rng.normal(size=(2, 3, 2, 2, 3))
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"],
+                            strides=[2, 1, 2], pads=[1, 0, 0, 0, 1, 1],
+                            output_padding=[1, 0, 0])  # fmt: skip
+    inits = {"w": w, "b": rng.normal(size=3)}
+    _check_against_reference(_model([node], [("x", x.shape)], ["y"], inits), x)
+
+
 @pytest.mark.parametrize("nd", [1, 2])
 def test_conv_transpose_groups(nd):
     """Groups, against the scatter oracle; depthwise and without bias also against
