@@ -232,6 +232,11 @@ def _test_args(p: argparse.ArgumentParser):
                    help="an image larger than the model: test every model-sized tile "
                    "at the image's resolution (Holm-adjusted over the tiles); writes "
                    "tiles.json and tiles.png")
+    p.add_argument("--confidence", type=float, metavar="LEVEL",
+                   help="also give the selective confidence interval of the region's "
+                   "mean difference at this level, e.g. 0.95 (equal-tailed; exact "
+                   "when the search covered enough of the line, else the widest "
+                   "interval the search allows)")
     _dal_options(p)
 
 
@@ -244,6 +249,10 @@ def _test_run(a: argparse.Namespace) -> int:
     _configure_jax()
     model = load_model(a.checkpoint)
     config = _dal_config(a, model)
+    if a.confidence is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, confidence=a.confidence)
     ref = _reference(a, model)
     extra = {"image": a.image, "reference": a.reference or
              ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}

@@ -33,6 +33,7 @@ from sijax.detect.score import region, score_map
 from sijax.diffusion.sampler import Noises
 from sijax.diffusion.sampler import draw_noises as _draw_noises
 from sijax.errors import InputError, SearchError
+from sijax.selective.confidence import check_level, confidence_interval_list
 from sijax.selective.intervals import to_list
 from sijax.selective.pvalues import check_alternative, naive_p_value
 from sijax.selective.search import (
@@ -133,6 +134,13 @@ class DALConfig:
         its two end pieces stop at the ends of the range instead of running on to
         their breakpoints (which changes the p-value by the N(0, 1) mass beyond
         ``margin`` + |z_obs|, below 1e-23 of it).
+      confidence: level 1 - a of the selective confidence interval of the tested
+        contrast (:attr:`TestResult.confidence_interval`), e.g. 0.95; None
+        (default): none is computed. The interval inverts the truncated normal over
+        Zset (:mod:`sijax.selective.confidence`); it is exact only when the search
+        covered every z that matters for its ends ("over_conditioning", or a
+        search far enough: ``TestResult.confidence_exact``); otherwise the widest
+        interval any Zset consistent with the search gives is reported.
     """
 
     t_start: int = 460
@@ -151,8 +159,11 @@ class DALConfig:
     margin: float = 10.0
     memo: bool = True
     engine: Engine = Engine.WALK
+    confidence: float | None = None
 
     def __post_init__(self):
+        if self.confidence is not None:
+            object.__setattr__(self, "confidence", check_level(self.confidence))
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         if not self.steps or self.steps[0] != self.t_start:
             raise InputError(
@@ -292,8 +303,9 @@ def split_config(config: DALConfig) -> tuple[DALConfig, Numbers]:
     nums = Numbers(
         *(jnp.asarray(getattr(config, f), jnp.float64) for f in Numbers._fields)
     )
+    # The confidence interval is computed on the host after the search: not static.
     static = dataclasses.replace(
-        config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0
+        config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0, confidence=None
     )
     return static, nums
 
@@ -605,6 +617,18 @@ class TestResult(NamedTuple):
         enum: equal to "ok", "no region", "max_pieces"; see also ``message``).
       message: a sentence explaining a status other than "ok".
       raw_stat, sd: eta^T x~ and sqrt(eta^T Sigma~ eta).
+      alpha, precision: the config's level and search precision, which say how to
+        read the p-value (:meth:`p_text`).
+      confidence: the level of ``confidence_interval`` (None: not computed).
+      confidence_interval: (lo, hi), the selective confidence interval of the
+        tested contrast eta^T E[x~] (the mean difference, in image units: the
+        z-unit interval of :mod:`sijax.selective.confidence` times ``sd``); the
+        widest interval any Zset consistent with the search gives (valid, possibly
+        conservative when the search stopped early). None: not asked for or no
+        region.
+      confidence_exact: whether its ends are exact (within 1e-3 relative): the
+        search covered every z that matters for them.
+      confidence_inner: (lo', hi'): the exact ends lie in [lo, lo'] and [hi', hi].
     """
 
     stat: float
@@ -623,16 +647,86 @@ class TestResult(NamedTuple):
     message: str
     raw_stat: float
     sd: float
+    alpha: float = math.nan
+    precision: float = math.nan
+    confidence: float | None = None
+    confidence_interval: tuple[float, float] | None = None
+    confidence_exact: bool | None = None
+    confidence_inner: tuple[float, float] | None = None
+
+    @property
+    def p_exact(self) -> bool:
+        """Whether ``p_value`` is known to the precision: sup_p - inf_p < precision
+        (always, for a search that left nothing unknown)."""
+        if not math.isfinite(self.p_value):
+            return False
+        width = self.sup_p - self.inf_p
+        return width <= 0.0 or width < self.precision
+
+    @property
+    def decided(self) -> bool | None:
+        """True when p < alpha is certain (sup_p < alpha), False when p >= alpha is
+        (inf_p >= alpha), None when the bounds straddle alpha or there is no p."""
+        if not math.isfinite(self.p_value) or math.isnan(self.alpha):
+            return None
+        if self.sup_p < self.alpha:
+            return True
+        if self.inf_p >= self.alpha:
+            return False
+        return None
+
+    def p_text(self) -> str:
+        """The selective p-value as it is known, for printing (docs/method.md §5).
+
+        A point value only when the search pinned it down to the precision; else
+        its side of alpha when the search decided it ("p < 0.05 (decided, ...)"),
+        or the bounds ("p in [a, b]"): never a point inside wider bounds as if it
+        were the p-value.
+        """
+        if not math.isfinite(self.p_value):
+            return "p n/a (no region)"
+        bounds = f"p in [{_fmt_p(self.inf_p)}, {_fmt_p(self.sup_p)}]"
+        if self.p_exact:
+            return f"p = {_fmt_p(self.p_value)}"
+        decided = self.decided
+        if decided is None:
+            return bounds + " (the search stopped before deciding)"
+        side = "<" if decided else ">="
+        return f"p {side} {self.alpha:g} (decided; {bounds})"
+
+    def confidence_text(self) -> str | None:
+        """The confidence interval for printing (None when not computed)."""
+        if self.confidence is None or self.confidence_interval is None:
+            return None
+        lo, hi = self.confidence_interval
+        text = f"{self.confidence:.0%} CI [{lo:.4g}, {hi:.4g}]"
+        if not self.confidence_exact:
+            lo_in, hi_in = self.confidence_inner
+            text += (
+                f" (conservative: the search stopped early; the exact ends lie in "
+                f"[{lo:.4g}, {lo_in:.4g}] and [{hi_in:.4g}, {hi:.4g}])"
+            )
+        return text
 
     def to_json(self) -> dict:
-        """Every scalar and interval field as plain JSON values (arrays left out)."""
+        """Every scalar and interval field as plain JSON values (arrays left out),
+        with the p-value and the interval as they should be read (``p_text``,
+        ``decided``, ``confidence_text``)."""
         out = {}
         for k, v in self._asdict().items():
             if isinstance(v, np.ndarray):
                 continue
             out[k] = str(v) if isinstance(v, Status) else v
         out["region_size"] = int(self.mask.sum())
+        out["p_text"] = self.p_text()
+        out["p_exact"] = self.p_exact
+        out["decided"] = self.decided
+        out["confidence_text"] = self.confidence_text()
         return out
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.4g}" if p >= 1e-3 or p == 0.0 else f"{p:.3e}"
 
 
 class BatchResult(NamedTuple):
@@ -641,6 +735,10 @@ class BatchResult(NamedTuple):
     ``status`` holds :attr:`sijax.status.Status.code` integers (OK 0, NO_REGION 1,
     MAX_PIECES 2, ERROR 3: see ``search_status`` and ``stat_status``);
     :meth:`Status.from_code` names them.
+
+    With ``DALConfig.confidence`` set, ``confidence_interval`` (B, 2) and
+    ``confidence_exact`` (B,) are host arrays as in :class:`TestResult` (image
+    units; NaN and False without a region); otherwise None.
     """
 
     stat: jax.Array  # (B,)
@@ -654,6 +752,8 @@ class BatchResult(NamedTuple):
     status: jax.Array  # (B,) int32 Status.code
     stat_status: jax.Array  # (B,) int32
     search_status: jax.Array  # (B,) int32
+    confidence_interval: Any = None  # (B, 2) float64 numpy, or None
+    confidence_exact: Any = None  # (B,) bool numpy, or None
 
 
 def error_message(stat_status, search_status) -> str:
@@ -851,6 +951,29 @@ def dal_test(
         message=message,
         raw_stat=float(core.stat) if has else nan,
         sd=float(core.sd) if has else nan,
+        alpha=config.alpha,
+        precision=config.precision,
+        **_confidence_fields(core, config, has),
+    )
+
+
+def _confidence_fields(core: _Core, config: DALConfig, has: bool) -> dict:
+    """The confidence interval of one host-side core in image units (raw = z sd),
+    as TestResult fields."""
+    if config.confidence is None or not has:
+        return dict(confidence=config.confidence)
+    res = core.search
+    # Over-conditioning defines Zset as the piece at z_obs: nothing is unknown.
+    searched = None if config.search == "over_conditioning" else to_list(res.searched)
+    ci = confidence_interval_list(
+        float(core.z_obs), to_list(res.truncated), searched, config.confidence
+    )
+    sd = float(core.sd)
+    return dict(
+        confidence=config.confidence,
+        confidence_interval=(ci.lo * sd, ci.hi * sd),
+        confidence_exact=ci.exact,
+        confidence_inner=(ci.lo_inner * sd, ci.hi_inner * sd),
     )
 
 
@@ -921,7 +1044,7 @@ def dal_test_batch(
         core = _cores_host(
             model, xs, x_refs, noises, cov, cov_ref, nums, static, progress
         )
-        return _batch_result(core)
+        return _batch_result(core, config)
     mesh = _batch_mesh(xs)
     n_dev = 1 if mesh is None else mesh[0].shape[mesh[1]]
     lanes = default_lanes(b, n_dev) if lanes is None else int(lanes)
@@ -946,7 +1069,7 @@ def dal_test_batch(
         if progress:
             jax.block_until_ready(core)
             jax.effects_barrier()  # every report has arrived
-    return _batch_result(core)
+    return _batch_result(core, config)
 
 
 def compile_batch(
@@ -1013,7 +1136,32 @@ def _cores_host(model, xs, x_refs, noises, cov, cov_ref, nums, config, progress)
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *cores)
 
 
-def _batch_result(core: _Core) -> BatchResult:
+def _batch_confidence(core: _Core, config: DALConfig) -> dict:
+    """confidence_interval / confidence_exact of a batch, on the host."""
+    if config.confidence is None:
+        return {}
+    host = jax.device_get(
+        (core.z_obs, core.sd, core.search.truncated, core.search.searched,
+         jax.vmap(_status_code)(core))
+    )  # fmt: skip
+    z, sd, truncated, searched, status = host
+    b = z.shape[0]
+    ci = np.full((b, 2), np.nan)
+    exact = np.zeros((b,), bool)
+    for i in range(b):
+        if not Status.from_code(status[i]).valid:
+            continue
+        one = jax.tree.map(lambda a, i=i: a[i], (truncated, searched))
+        wide = None if config.search == "over_conditioning" else to_list(one[1])
+        res = confidence_interval_list(
+            float(z[i]), to_list(one[0]), wide, config.confidence
+        )
+        ci[i] = res.lo * sd[i], res.hi * sd[i]
+        exact[i] = res.exact
+    return dict(confidence_interval=ci, confidence_exact=exact)
+
+
+def _batch_result(core: _Core, config: DALConfig) -> BatchResult:
     return BatchResult(
         stat=core.z_obs,
         p_value=core.search.p_value,
@@ -1026,4 +1174,5 @@ def _batch_result(core: _Core) -> BatchResult:
         status=jax.vmap(_status_code)(core),
         stat_status=core.stat_status,
         search_status=core.search.status,
+        **_batch_confidence(core, config),
     )

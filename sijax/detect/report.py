@@ -99,6 +99,20 @@ def _fmt_p(p: float) -> str:
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
 
 
+def _title(result) -> str:
+    """The title of report.png: the selective p-value as it is known (``p_text``:
+    never a point inside wider bounds), the confidence interval if any, the naive
+    p-value, z, the region's size and the status."""
+    if result.status == Status.NO_REGION:
+        return "no region detected: nothing to test"
+    head = (
+        f"selective {result.p_text()}   naive p = {_fmt_p(result.naive_p_value)}   "
+        f"z = {result.stat:.3f}   |M| = {int(result.mask.sum())}   ({result.status})"
+    )
+    ci = result.confidence_text()
+    return head if ci is None else head + "\nmean difference " + ci
+
+
 def _plot_line(ax, result) -> None:
     """The test along the line: log10 of the N(0, 1) density over the searched range,
     with Zset (the z whose detected region equals the observed one) shaded, the
@@ -184,12 +198,7 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if line:
         _plot_line(fig.add_subplot(grid[1, :]), result)
-    fig.suptitle(
-        f"selective p = {_fmt_p(result.p_value)} [{_fmt_p(result.inf_p)}, "
-        f"{_fmt_p(result.sup_p)}]   naive p = {_fmt_p(result.naive_p_value)}   "
-        f"z = {result.stat:.3f}   |M| = {int(result.mask.sum())}   ({result.status})",
-        fontsize=10,
-    )
+    fig.suptitle(_title(result), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -119,11 +119,20 @@ def format_result(result) -> str:
         iv += f", ... ({more} more)"
     if result.status == Status.NO_REGION:
         return f"no region detected ({result.message}); nothing to test"
+    # p_text: a point value only when the search pinned it down (else the side of
+    # alpha, or the bounds); the bounds follow in full.
+    ci = result.confidence_text()
     return (
-        f"region: {int(result.mask.sum())} pixels   z = {result.stat:.4f}\n"
-        f"selective p-value ({result.alternative}): {result.p_value:.6g}   "
+        f"region: {int(result.mask.sum())} pixels   z = {result.stat:.4f}   "
+        f"mean difference = {result.raw_stat:.6g} (sd {result.sd:.4g})\n"
+        f"selective p-value ({result.alternative}): {result.p_text()}   "
         f"bounds [{result.inf_p:.6g}, {result.sup_p:.6g}]   status: {result.status}\n"
-        f"naive p-value: {result.naive_p_value:.6g}\n"
+        + (
+            f"selective confidence interval of the mean difference: {ci}\n"
+            if ci
+            else ""
+        )
+        + f"naive p-value: {result.naive_p_value:.6g}\n"
         f"truncation set Zset: {iv}\n"
         f"pieces searched: {result.search_count}   searched range: "
         f"{[tuple(round(v, 4) for v in s) for s in result.searched_intervals]}"

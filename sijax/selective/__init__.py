@@ -4,10 +4,17 @@ Works on any function: nothing here imports the diffusion model or the detector.
 
 * :mod:`~sijax.selective.intervals`: padded unions of intervals (jit) and host helpers.
 * :mod:`~sijax.selective.pvalues`: truncated-normal masses and p-values in log space.
+* :mod:`~sijax.selective.confidence`: confidence intervals by inverting the truncated
+  normal.
 * :mod:`~sijax.selective.statistics`: eta, covariances and the line a + b z.
 * :mod:`~sijax.selective.search`: search policies over a piece oracle.
 """
 
+from sijax.selective.confidence import (
+    ConfidenceInterval,
+    confidence_interval,
+    confidence_interval_list,
+)
 from sijax.selective.intervals import (
     Intervals,
     complement,
@@ -70,6 +77,7 @@ from sijax.selective.statistics import (
 __all__ = [
     "ALTERNATIVES",
     "AR1Covariance",
+    "ConfidenceInterval",
     "Covariance",
     "DenseCovariance",
     "DiagonalCovariance",
@@ -93,6 +101,8 @@ __all__ = [
     "bounds_from_log_masses",
     "complement",
     "complement_list",
+    "confidence_interval",
+    "confidence_interval_list",
     "circulant_spectrum",
     "contains",
     "covariance_matrix",

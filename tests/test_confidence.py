@@ -1,0 +1,390 @@
+"""Selective confidence intervals (issue 27 item 1) and the honest p-value text
+(item 4).
+
+Oracles: the naive interval z -+ 1.96 when Zset is the whole line; scipy's truncnorm
+inverted with brentq for one interval; mpmath (50 digits) for F_mu at the ends of
+unions and at extreme z; the containment promises of the unsearched-part rule; the
+coverage of the interval for a truncated normal sampled by rejection (binomial
+tolerance); and on the tiny DAL model, the agreement of the test's interval with the
+host computation, of the batch with the single test, and a slow coverage check.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import mpmath as mp
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from sijax.detect.dal import DALConfig, dal_test, dal_test_batch, draw_noises
+from sijax.detect.report import write_report
+from sijax.detect.run import format_result
+from sijax.errors import InputError
+from sijax.selective import confidence as ci_mod
+from sijax.selective import intervals as iv
+
+mp.mp.dps = 50
+INF = math.inf
+Q975 = stats.norm.ppf(0.975)
+
+
+def interval(z, zset, searched=None, level=0.95):
+    return ci_mod.confidence_interval_list(z, zset, searched, level)
+
+
+def mp_cdf(mu, z, zset):
+    """F_mu(z | Zset) with 50 digits (Z ~ N(mu, 1))."""
+    mu, z = mp.mpf(mu), mp.mpf(z)
+
+    def mass(a, b):
+        a, b = mp.mpf(a) - mu, mp.mpf(b) - mu
+        if not a < b:
+            return mp.mpf(0)
+        if a >= 0:
+            return mp.ncdf(-a) - mp.ncdf(-b)
+        return mp.ncdf(b) - mp.ncdf(a)
+
+    below = mp.fsum(mass(a, min(mp.mpf(b), z)) for a, b in zset)
+    return below / mp.fsum(mass(a, b) for a, b in zset)
+
+
+# --------------------------------------------------------------------- oracles
+
+
+@pytest.mark.parametrize("z", [-2.5, 0.0, 1.3, 7.0])
+def test_whole_line_gives_the_naive_interval(z):
+    ci = interval(z, [(-INF, INF)])
+    assert ci.exact
+    assert ci.lo == pytest.approx(z - Q975, abs=1e-9)
+    assert ci.hi == pytest.approx(z + Q975, abs=1e-9)
+    lo, hi = ci_mod.naive_interval(z, 0.95)
+    assert (ci.lo, ci.hi) == pytest.approx((lo, hi), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "z, a, b", [(1.3, 0.5, 2.0), (-0.2, -3.0, 0.1), (2.2, 1.9, INF), (0.7, -INF, 0.8)]
+)
+def test_single_interval_matches_scipy_truncnorm(z, a, b):
+    ci = interval(z, [(a, b)])
+
+    def f(mu, q):
+        return stats.truncnorm.cdf(z, a - mu, b - mu, loc=mu) - q
+
+    lo = optimize.brentq(f, ci.lo - 5, ci.lo + 5, args=(0.975,), xtol=1e-12)
+    hi = optimize.brentq(f, ci.hi - 5, ci.hi + 5, args=(0.025,), xtol=1e-12)
+    assert ci.lo == pytest.approx(lo, abs=1e-7)
+    assert ci.hi == pytest.approx(hi, abs=1e-7)
+    assert ci.exact
+
+
+@pytest.mark.parametrize(
+    "z, zset",
+    [
+        (3.1, [(-INF, -2.0), (2.5, 3.4), (6.0, 6.5)]),
+        (39.2, [(38.0, 41.0)]),  # far tail: log-space masses
+        (-40.0, [(-41.0, -39.9), (1.0, 2.0)]),
+        (250.0, [(249.0, 250.5), (260.0, INF)]),
+        (0.05, [(0.0, 0.1)]),  # narrow: a wide interval
+    ],
+)
+def test_ends_solve_the_equations_to_50_digit_accuracy(z, zset):
+    ci = interval(z, zset)
+    assert np.isfinite([ci.lo, ci.hi]).all() and ci.exact
+    assert float(mp_cdf(ci.lo, z, zset)) == pytest.approx(0.975, abs=1e-9)
+    assert float(mp_cdf(ci.hi, z, zset)) == pytest.approx(0.025, abs=1e-9)
+
+
+def test_vanishing_zset_gives_infinite_ends():
+    """A Zset narrower than rounding: F_mu stays at 1/2 within 2^20 sd, so the ends
+    are reported as infinite (wider: still valid)."""
+    ci = interval(3.0, [(3.0 - 1e-9, 3.0 + 1e-9)])
+    assert ci.lo == -INF and ci.hi == INF
+
+
+# ---------------------------------------------------------------- monotonicity
+
+
+def test_ends_increase_with_z_and_intervals_nest_with_level():
+    zset = [(-INF, -1.0), (0.5, 1.5), (2.0, 2.2), (3.0, INF)]
+    zs = [-3.0, -1.5, 0.6, 1.0, 1.4, 2.1, 3.5, 6.0]
+    ends = np.array([[interval(z, zset).lo, interval(z, zset).hi] for z in zs])
+    assert np.all(np.diff(ends[:, 0]) > 0) and np.all(np.diff(ends[:, 1]) > 0)
+    levels = [0.5, 0.8, 0.9, 0.95, 0.99]
+    widths = [interval(1.0, zset, level=c) for c in levels]
+    for narrow, wide in zip(widths, widths[1:], strict=False):
+        assert wide.lo < narrow.lo and narrow.hi < wide.hi
+
+
+def test_log_cdf_odds_decreases_in_mu():
+    u = iv.from_list([(-2.0, -1.0), (0.5, 3.0)], 4)
+    mus = jnp.linspace(-30.0, 30.0, 301)
+    h = jax.jit(jax.vmap(ci_mod.log_cdf_odds, in_axes=(0, None, None, None, None)))(
+        mus, 1.0, u.lo, u.hi, u.valid
+    )
+    assert np.all(np.diff(np.asarray(h)) < 0)
+
+
+# ------------------------------------------------------- the unsearched part
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unsearched_rule_contains_every_consistent_interval(seed):
+    """Outer ends = the widest over every Zset that agrees with the search; inner
+    ends bracket the exact ends from inside."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0)
+    left, right = z - rng.uniform(0.5, 3.0), z + rng.uniform(0.5, 3.0)
+    cuts = np.sort(rng.uniform(left, right, 6))
+    found = [(cuts[0], cuts[1]), (min(cuts[2], z - 0.1), max(cuts[3], z + 0.1))]
+    found = iv.normalize_list(found + [(cuts[4], cuts[5])])
+    ci = interval(z, found, [(left, right)])
+    assert not ci.exact
+    assert ci.lo <= ci.lo_inner and ci.hi_inner <= ci.hi
+    unknown = [(-INF, left - 2.0), (left - 1.0, left), (right, right + 0.5)]
+    unknown += [(right + 3.0, INF)]
+    for mask in range(16):
+        extra = [u for k, u in enumerate(unknown) if mask >> k & 1]
+        exact = interval(z, found + extra)
+        assert ci.lo - 1e-9 <= exact.lo <= ci.lo_inner + 1e-9
+        assert ci.hi_inner - 1e-9 <= exact.hi <= ci.hi + 1e-9
+
+
+def test_searching_far_enough_makes_the_ends_exact():
+    found = [(2.5, 3.5)]
+    assert not interval(3.0, found, [(-5.0, 6.0)]).exact
+    far = interval(3.0, found, [(-50.0, 60.0)])
+    assert far.exact
+    assert (far.lo, far.hi) == pytest.approx(
+        (interval(3.0, found).lo, interval(3.0, found).hi), abs=1e-9
+    )
+
+
+# One compiled, vmapped solve for the tests below (same shapes, level traced).
+VMAPPED = jax.jit(jax.vmap(ci_mod.confidence_interval, in_axes=(0, None, None, None)))
+
+
+def test_jit_and_vmap_agree_with_the_host_function():
+    zset = [(-INF, -1.0), (0.5, 1.5), (3.0, INF)]
+    u = iv.from_list(zset, 8)
+    searched = iv.from_list([(-6.0, 7.0)], 1)
+    zs = jnp.asarray([-2.0, 0.7, 1.2, 4.0])
+    out = VMAPPED(zs, u, searched, 0.9)
+    for i, z in enumerate(np.asarray(zs)):
+        host = interval(float(z), zset, [(-6.0, 7.0)], 0.9)
+        assert float(out.lo[i]) == pytest.approx(host.lo, abs=1e-9)
+        assert float(out.hi[i]) == pytest.approx(host.hi, abs=1e-9)
+        assert bool(out.exact[i]) == host.exact
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, 1.5])
+def test_bad_level_is_refused(level):
+    with pytest.raises(InputError, match="confidence"):
+        interval(0.0, [(-INF, INF)], level=level)
+    with pytest.raises(InputError, match="confidence"):
+        DALConfig(confidence=level)
+
+
+# -------------------------------------------------------------- coverage (stats)
+
+
+def test_coverage_of_a_truncated_normal_within_a_binomial_interval():
+    """Z ~ N(mu, 1) given Z in Zset, sampled by rejection: the 90% interval covers
+    mu in a fraction of trials inside the 99.9% binomial interval of 0.9."""
+    zset = [(-INF, -1.0), (1.5, 2.0), (2.6, INF)]
+    u = iv.from_list(zset, 8)
+    whole = iv.from_list([(-INF, INF)], 1)  # nothing unsearched
+    rng = np.random.default_rng(0)
+    n, level = 800, 0.9
+    mus = rng.choice([-1.0, 0.0, 1.0, 2.5], n)
+    draws = rng.normal(mus[:, None], 1.0, (n, 60))
+    inside = np.zeros(draws.shape, bool)
+    for a, b in zset:
+        inside |= (a <= draws) & (draws <= b)
+    z = draws[np.arange(n), np.argmax(inside, axis=1)]
+    assert inside.any(axis=1).all()
+    out = VMAPPED(jnp.asarray(z), u, whole, level)
+    assert np.all(np.asarray(out.exact))
+    covered = (np.asarray(out.lo) <= mus) & (mus <= np.asarray(out.hi))
+    lo, hi = stats.binom.ppf([0.0005, 0.9995], n, level)
+    assert lo <= covered.sum() <= hi, covered.mean()
+
+
+# --------------------------------------------------------------- the DAL test
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from sijax.checkpoint import load_model
+
+    return load_model(TINY)
+
+
+@pytest.fixture(scope="module")
+def example(model):
+    shape = model.image_shape
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    x[2:5, 3:6] += 3.0
+    x_ref = rng.standard_normal(shape)
+    return x, x_ref, draw_noises(jax.random.key(7), shape)
+
+
+@pytest.fixture(scope="module")
+def with_ci(model, example):
+    x, x_ref, nz = example
+    config = DALConfig(confidence=0.95)
+    return dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=config), config
+
+
+def test_dal_interval_is_the_z_interval_times_sd(with_ci):
+    res, _ = with_ci
+    assert res.status == "ok" and res.confidence == 0.95
+    z_ci = interval(res.stat, res.truncated_intervals, res.searched_intervals)
+    assert res.confidence_interval == pytest.approx(
+        (z_ci.lo * res.sd, z_ci.hi * res.sd), rel=1e-12
+    )
+    assert res.confidence_inner == pytest.approx(
+        (z_ci.lo_inner * res.sd, z_ci.hi_inner * res.sd), rel=1e-12
+    )
+    assert res.confidence_exact == z_ci.exact
+    assert res.raw_stat == pytest.approx(res.stat * res.sd, rel=1e-12)
+    text = format_result(res)
+    assert "95% CI [" in text and res.p_text() in text
+
+
+def test_dal_default_computes_no_interval(with_ci):
+    res, _ = with_ci
+    assert DALConfig().confidence is None
+    off = res._replace(confidence=None, confidence_interval=None)
+    assert off.confidence_text() is None
+    assert "CI" not in format_result(off)
+
+
+def test_report_records_the_interval_and_the_p_text(tmp_path, with_ci, example):
+    res, config = with_ci
+    x, x_ref, _ = example
+    write_report(tmp_path, res, x, x_ref, config=config, checkpoint=TINY)
+    saved = json.loads((tmp_path / "report.json").read_text())["result"]
+    assert saved["confidence_interval"] == pytest.approx(list(res.confidence_interval))
+    assert saved["confidence_text"] == res.confidence_text()
+    assert saved["p_text"] == res.p_text()
+    assert saved["decided"] is res.decided
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_batch_gives_the_single_test_interval(model, example, with_ci):
+    res, config = with_ci
+    x, x_ref, nz = example
+    stack = jax.tree.map(lambda a: jnp.stack([a, a]), nz)
+    out = dal_test_batch(
+        model, np.stack([x, x]), np.stack([x_ref, x_ref]), sigma=1.0, noises=stack,
+        config=config,
+    )  # fmt: skip
+    assert out.confidence_interval.shape == (2, 2)
+    for row in out.confidence_interval:
+        assert tuple(row) == pytest.approx(res.confidence_interval, rel=1e-9)
+    assert list(out.confidence_exact) == [res.confidence_exact] * 2
+
+
+# ------------------------------------------------------------ honest p text
+
+
+def _fake(res, inf_p, sup_p, p, alpha=0.05, precision=1e-3):
+    return res._replace(inf_p=inf_p, sup_p=sup_p, p_value=p, alpha=alpha,
+                        precision=precision)  # fmt: skip
+
+
+def test_p_text_gives_a_point_only_when_the_search_pinned_it(with_ci):
+    res, _ = with_ci
+    assert _fake(res, 0.2, 0.2005, 0.2001).p_text() == "p = 0.2001"
+    decided = _fake(res, 1e-6, 0.03, 2e-6)
+    assert decided.decided is True
+    assert decided.p_text().startswith("p < 0.05 (decided")
+    assert "2e-06" not in decided.p_text()  # the point inside the bounds is not shown
+    kept = _fake(res, 0.06, 0.4, 0.07)
+    assert kept.decided is False and kept.p_text().startswith("p >= 0.05 (decided")
+    open_ = _fake(res, 0.01, 0.3, 0.02)
+    assert open_.decided is None
+    assert open_.p_text().startswith("p in [0.01, 0.3]")
+    assert "nothing" in format_result(res._replace(status="no region"))
+
+
+def test_report_prints_a_decided_test_as_decided(tmp_path, with_ci, example):
+    res, config = with_ci
+    x, x_ref, _ = example
+    decided = _fake(res, 1e-6, 0.03, 2e-6)
+    write_report(tmp_path, decided, x, x_ref, config=config, checkpoint=TINY)
+    saved = json.loads((tmp_path / "report.json").read_text())["result"]
+    assert saved["p_text"].startswith("p < 0.05 (decided")
+    assert saved["p_exact"] is False and saved["decided"] is True
+    assert "p < 0.05 (decided" in format_result(decided)
+
+
+# ------------------------------------------------------------ coverage (DAL)
+
+
+@pytest.mark.slow
+def test_dal_interval_covers_the_region_contrast(model):
+    """40 images with a +2 square (tiny model, iid): the 90% interval of the
+    reference test covers mean_M(signal) - 0 in at least the binomial 0.1% quantile
+    of Binomial(tested, 0.9) of them (conservative intervals may cover more)."""
+    from sijax.experiments.spec import Setting
+    from sijax.experiments.trials import trial_data
+
+    setting = Setting(size=8, delta=2.0, seed=27)
+    shape = model.image_shape
+    data = [trial_data(setting, i, shape[2]) for i in range(40)]
+    xs = np.stack([d.x for d in data])
+    config = DALConfig(confidence=0.9)
+    out = dal_test_batch(
+        model, xs, np.stack([d.x_ref for d in data]), sigma=1.0,
+        noises=jax.tree.map(
+            jnp.asarray,
+            draw_noises_batch([d.eps0 for d in data], [d.eps for d in data]),
+        ),
+        config=config,
+    )  # fmt: skip
+    signal = np.stack([_signal(setting, i, shape) for i in range(40)])
+    mask = np.asarray(out.mask)
+    tested = np.asarray(out.status) == 0
+    theta = (signal[..., 0] * mask).sum((1, 2)) / np.maximum(mask.sum((1, 2)), 1)
+    lo, hi = out.confidence_interval.T
+    covered = (lo <= theta) & (theta <= hi)
+    n = int(tested.sum())
+    assert n >= 20
+    assert covered[tested].sum() >= stats.binom.ppf(0.001, n, 0.9), (
+        covered[tested].sum(),
+        n,
+    )
+
+
+def draw_noises_batch(eps0, eps):
+    from sijax.diffusion.sampler import Noises
+
+    return Noises(eps0=np.stack(eps0), eps=np.stack(eps))
+
+
+def _signal(setting, index, shape):
+    """The planted mean of trial ``index`` (its square), rebuilt from trial_data's
+    random stream and checked against the trial's image."""
+    from sijax.experiments.noise import sample_noise
+    from sijax.experiments.trials import trial_data
+
+    rng = np.random.default_rng([setting.data_seed, index])
+    kw = dict(
+        covariance=setting.covariance, noise=setting.noise, distance=setting.distance
+    )
+    noise = sample_noise(rng, shape, **kw)
+    sample_noise(rng, shape, **kw)
+    side = max(1, setting.size // 3)
+    r0, c0 = rng.integers(0, setting.size - side + 1, size=2)
+    mean = np.zeros(shape)
+    mean[r0 : r0 + side, c0 : c0 + side] = setting.delta
+    np.testing.assert_allclose(noise + mean, trial_data(setting, index, shape[2]).x)
+    return mean
