@@ -754,6 +754,7 @@ class BatchResult(NamedTuple):
     search_status: jax.Array  # (B,) int32
     confidence_interval: Any = None  # (B, 2) float64 numpy, or None
     confidence_exact: Any = None  # (B,) bool numpy, or None
+    sd: Any = None  # (B,) sqrt(eta^T Sigma~ eta): image units = z units x sd
 
 
 def error_message(stat_status, search_status) -> str:
@@ -1174,5 +1175,6 @@ def _batch_result(core: _Core, config: DALConfig) -> BatchResult:
         status=jax.vmap(_status_code)(core),
         stat_status=core.stat_status,
         search_status=core.search.status,
+        sd=core.sd,
         **_batch_confidence(core, config),
     )
