@@ -205,3 +205,17 @@ def test_not_piecewise_linear_on_the_data_path():
     xs[0, 0, :2, :2] = 3.0
     with pytest.raises(sijax.NotPiecewiseLinearError):
         model.inference(xs, 1.0)
+
+
+def test_operator_si4onnx_runs_and_sijax_does_not():
+    """An operator of si4onnx's layer table that sijax.onnx lacks (ReduceSum):
+    UnsupportedOperatorError naming the node, at load."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])
+    node = helper.make_node("ReduceSum", ["x"], ["y"], name="the_sum", keepdims=1)
+    graph = helper.make_graph([node], "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    with pytest.raises(sijax.onnx.UnsupportedOperatorError, match="the_sum"):
+        si4onnx.load(proto, si4onnx.BackMeanDiff(0.5))

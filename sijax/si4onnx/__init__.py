@@ -9,9 +9,9 @@ post-processing operators (:class:`InputDiff`, :class:`Neg`, :class:`Abs`,
 :class:`InferenceResult`. ``sijax.si4onnx.hypothesis`` and
 ``sijax.si4onnx.operators`` stand for si4onnx's modules of the same names.
 
-x64 must be on (``jax.config.update("jax_enable_x64", True)``): the test runs in
-float64, as si4onnx's. The ``onnx`` package is needed (``pip install sijax[onnx]``);
-torch is not.
+The test runs in float64, as si4onnx's: :func:`load` switches JAX's x64 mode on
+if it is off (it is this API's entry point; a si4onnx script has no JAX set-up).
+The ``onnx`` package is needed (``pip install sijax[onnx]``); torch is not.
 """
 
 from sijax.si4onnx.hypothesis import (

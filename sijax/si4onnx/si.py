@@ -443,6 +443,14 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
                 f"termination_criterion={termination_criterion!r}: sijax.si4onnx "
                 "runs 'precision' and 'decision' only"
             )
+        with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+            return self._inference(
+                input, var, mask, inference_mode, termination_criterion, max_iter,
+                significance_level, precision,
+            )  # fmt: skip
+
+    def _inference(self, input, var, mask, inference_mode, termination_criterion,
+                   max_iter, significance_level, precision):  # fmt: skip
         h = self.hypothesis
         xs, ref = self._inputs(input)
         m = None if mask is None else np.asarray(_array(mask), bool)
@@ -554,4 +562,8 @@ def load(model, hypothesis: PresetHypothesis, seed=None,
     """
     if not isinstance(hypothesis, PresetHypothesis):
         raise ValueError("hypothesis should be an instance of PresetHypothesis")
+    if not jax.config.jax_enable_x64:
+        # load() is this API's entry point (a si4onnx script has no JAX set-up of
+        # its own): the test runs in float64, as si4onnx's.
+        jax.config.update("jax_enable_x64", True)
     return PresetSelectiveInferenceModel(model, hypothesis, seed, memoization)
