@@ -328,6 +328,7 @@ def test_partial_run_then_resume_equals_one_run(tmp_path, models):
     assert _summary(part) == [r.to_json() for r in rows_part]
 
 
+@pytest.mark.slow
 def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys):
     """workers=2: two spawned processes run whole batches side by side (here with
     the propagate engine, which drives its searches from Python); the parent
@@ -361,6 +362,7 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_processes_joined_by_jax_distributed_record_what_one_process_does(
     fpr_run, tmp_path
 ):

@@ -25,6 +25,7 @@ def test_tour_runs(tmp_path):
     assert "selective p =" in text and "permutation (B=200)" in text
 
 
+@pytest.mark.slow
 def test_real_data_runs_at_a_small_size(tmp_path, monkeypatch):
     pytest.importorskip("sklearn", reason="the digits need the [data] extra")
     import make_real_data

@@ -88,6 +88,7 @@ def _run_checks(f, shape, seed, discrete_keys):
     return check_against_oracles(g, a, b, z - 1.0, z + 1.0, pick, pick)
 
 
+@pytest.mark.slow
 @_settings(3)
 @given(mlps())
 def test_random_mlps_match_walking_and_grid(program):
@@ -95,6 +96,7 @@ def test_random_mlps_match_walking_and_grid(program):
     _run_checks(f, shape, seed, ("top", "low", "positive"))
 
 
+@pytest.mark.slow
 @_settings(3)
 @given(convnets())
 def test_random_convnets_match_walking_and_grid(program):
@@ -102,6 +104,7 @@ def test_random_convnets_match_walking_and_grid(program):
     _run_checks(f, shape, seed, ("where_max",))
 
 
+@pytest.mark.slow
 @_settings(2)
 @given(scan_loops())
 def test_random_scan_loops_match_walking_and_grid(program):
@@ -363,6 +366,7 @@ def test_line_dependent_control_flow_raises():
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints")
 
 
+@pytest.mark.slow
 def test_trained_tiny_sampler_matches_walking_and_grid():
     """The real pipeline: trained tiny U-Net, 5 DDIM steps from t' = 460 (lax.scan),
     3x3 mean filter, abs, threshold 0.8 (as tests/test_tracking_sampler.py)."""

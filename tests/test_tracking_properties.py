@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _oracles import check_piece, check_tiling_and_grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,6 +111,7 @@ def mlps(draw):
     return f, (n_in,), seed, acts
 
 
+@pytest.mark.slow
 @_settings(10)
 @given(mlps())
 def test_random_mlps(program):
@@ -174,6 +176,7 @@ def convnets(draw):
     return f, (size, size, ch), seed, ops
 
 
+@pytest.mark.slow
 @_settings(8)
 @given(convnets())
 def test_random_convnets(program):
@@ -208,6 +211,7 @@ def scan_loops(draw):
     return f, (n,), seed, steps
 
 
+@pytest.mark.slow
 @_settings(6)
 @given(scan_loops())
 def test_random_scan_loops(program):
