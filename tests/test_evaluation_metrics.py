@@ -87,3 +87,28 @@ def test_holm_matches_its_definition():
         for i, k in enumerate(order):
             want[k] = min(1.0, max((m - j) * p[order[j]] for j in range(i + 1)))
         np.testing.assert_allclose(holm(p), want, rtol=0, atol=0)
+
+
+def _record(kind, inf_p, sup_p, p=None, status="ok"):
+    return {"kind": kind, "path": f"{kind}/{inf_p}", "status": status,
+            "inf_p": inf_p, "sup_p": sup_p, "p_value": inf_p if p is None else p,
+            "naive_p_value": inf_p, "reject": sup_p is not None and sup_p < 0.05,
+            "naive_reject": inf_p is not None and inf_p < 0.05, "region_size": 3,
+            "pieces": 1, "seconds": 0.1}
+
+
+def test_the_selection_over_images_uses_the_upper_bound_of_a_bounded_p():
+    from sijax.evaluation.summary import conservative_p, p_label, summarize_images
+
+    # A search that stopped early: p_value (a point at inf_p) would pass BH, the
+    # bound sup_p does not; the exactly known p-values pass on their own.
+    records = [_record("good", 1e-4, 0.3), _record("bad", 1e-5, 1e-5),
+               _record("bad", 2e-4, 2e-4),
+               _record("good", None, None, status="no region")]
+    assert [conservative_p(r) for r in records] == [0.3, 1e-5, 2e-4, 1.0]
+    s = summarize_images(records, None, None, alpha=0.05, fdr=0.05)
+    assert s["bh_rejected"] == ["bad/1e-05", "bad/0.0002"]
+    assert [p_label(r, 0.05) for r in records] == [
+        "p\u2208[0.0001, 0.3]", "p=1e-05", "p=0.0002", "no test"]
+    assert p_label(_record("x", 1e-9, 1e-3), 0.05) == "p<0.05"
+    assert p_label(_record("x", 0.2, 0.9), 0.05) == "p\u22650.05"

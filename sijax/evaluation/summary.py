@@ -27,6 +27,30 @@ def _rate(flags: Sequence[bool]) -> dict:
             "interval_99": [lo, hi] if n else None}
 
 
+def conservative_p(record: dict) -> float:
+    """The p-value a selection over images may use: sup_p of a tested image (the
+    exact selective p-value when the search pinned it down, an upper bound of it
+    otherwise), 1 for an image without a test."""
+    if record["status"] not in ("ok", "max_pieces") or record["sup_p"] is None:
+        return 1.0
+    return float(record["sup_p"])
+
+
+def p_label(record: dict, alpha: float) -> str:
+    """A short, honest label of an image's selective p-value: the value when the
+    search pinned it down, else its side of alpha when decided, else its bounds."""
+    lo, hi = record["inf_p"], record["sup_p"]
+    if record["status"] not in ("ok", "max_pieces") or hi is None:
+        return "no test"
+    if hi - lo <= 1e-3 * max(hi, 1e-300):
+        return f"p={record['p_value']:.2g}"
+    if hi < alpha:
+        return f"p<{alpha:g}"
+    if lo >= alpha:
+        return f"p\u2265{alpha:g}"
+    return f"p\u2208[{lo:.2g}, {hi:.2g}]"
+
+
 def summarize_images(records: Sequence[dict], score_maps: np.ndarray | None,
                      masks: np.ndarray | None, *, alpha: float,
                      fdr: float) -> dict:
@@ -64,8 +88,11 @@ def summarize_images(records: Sequence[dict], score_maps: np.ndarray | None,
             if tested else None,
         }
     out["kinds"] = per_kind
-    p = np.array([r["p_value"] if r["status"] in ("ok", "max_pieces")
-                  and r["p_value"] is not None else 1.0 for r in records])
+    # sup_p, not p_value: a search that stopped early (decision termination,
+    # max_pieces) knows p only up to [inf_p, sup_p], and a point inside those bounds
+    # may be below the exact p-value. sup_p is never below it, so the selection over
+    # the images keeps its rate (sup_p = p_value when the search pinned p down).
+    p = np.array([conservative_p(r) for r in records])
     bh = benjamini_hochberg(p, fdr) if len(p) else np.zeros(0, bool)
     st = storey_bh(p, fdr) if len(p) else np.zeros(0, bool)
     out["bh_rejected"] = [records[i]["path"] for i in np.nonzero(bh)[0]]
@@ -145,15 +172,16 @@ def plot_overview(path: str | os.PathLike, records: Sequence[dict], images,
         if masks is not None and masks[i].any():
             ax.contour(masks[i], levels=[0.5], colors="lime", linewidths=0.8)
         r = records[i]
-        p = "-" if r["p_value"] is None else f"{r['p_value']:.2g}"
-        ax.set_title(f"{r['kind']}\np={p}" + (" *" if r["reject"] else ""),
+        star = " *" if r["reject"] else ""
+        ax.set_title(f"{r['kind']}\n{p_label(r, alpha)}{star}",
                      fontsize=7, color="red" if r["reject"] else "black")
         ax.set_axis_off()
     ax = fig.add_subplot(grid[rows, : cols // 2])
     good = [r for r in records if r["kind"] == "good"
             and r["status"] in ("ok", "max_pieces")]
     if good:
-        for key, lab in (("p_value", "selective"), ("naive_p_value", "naive")):
+        for key, lab in (("sup_p", "selective (upper bound sup_p)"),
+                         ("naive_p_value", "naive")):
             v = np.sort([r[key] for r in good if r[key] is not None])
             ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=lab)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
