@@ -126,7 +126,7 @@ def test_torch_like_inputs_and_threshold_rounding():
             return self
 
         def __array__(self, dtype=None, copy=None):
-            return self.a if dtype is None else self.a.astype(dtype)
+            return np.asarray(self.a, dtype=dtype)
 
     assert si4onnx.BackMeanDiff(0.8).threshold == float(np.float32(0.8))
     assert si4onnx.BackMeanDiff(np.float64(0.8)).threshold == 0.8
