@@ -112,3 +112,24 @@ def test_the_selection_over_images_uses_the_upper_bound_of_a_bounded_p():
         "p\u2208[0.0001, 0.3]", "p=1e-05", "p=0.0002", "no test"]
     assert p_label(_record("x", 1e-9, 1e-3), 0.05) == "p<0.05"
     assert p_label(_record("x", 0.2, 0.9), 0.05) == "p\u22650.05"
+
+
+def test_a_resume_accepts_options_added_since_at_their_defaults():
+    from sijax.evaluation.evaluate import _changed_settings
+
+    stored = {"data": "d", "sigma": "model:pixel", "config": {"alpha": 0.05}}
+    now = {"data": "d", "sigma": "model:pixel",
+           "config": {"alpha": 0.05, "confidence": None, "components": False}}
+    assert _changed_settings(stored, now) == {}
+    # A new option away from its default, a changed one, or a dropped one is a
+    # change: the stored images were computed otherwise.
+    now["config"]["confidence"] = 0.9
+    assert _changed_settings(stored, now) == {"config": {"confidence": (None, 0.9)}}
+    assert _changed_settings(stored, {**now, "config": {"alpha": 0.1}}) == {
+        "config": {"alpha": (0.05, 0.1)}}
+    assert _changed_settings({**stored, "config": {"alpha": 0.05, "old": 1}},
+                             {**now, "config": {"alpha": 0.05}}) == {
+        "config": {"old": (1, None)}}
+    assert _changed_settings(stored, {**now, "sigma": "model:lowrank",
+                                      "config": {"alpha": 0.05}}) == {
+        "sigma": ("model:pixel", "model:lowrank")}

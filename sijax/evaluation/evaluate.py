@@ -162,8 +162,7 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
     if resume and os.path.isfile(meta_path):
         with open(meta_path) as f:
             had = json.load(f)
-        changed = {k: (had.get(k), v) for k, v in json.loads(
-            json.dumps(meta, default=str)).items() if had.get(k) != v}
+        changed = _changed_settings(had, json.loads(json.dumps(meta, default=str)))
         if changed:
             raise InputError(f"{out_dir} holds an evaluation with other settings "
                              f"(stored, given): {changed}; choose another --out")
@@ -185,6 +184,23 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
     runner.run()
     with open(os.path.join(out_dir, "summary.json")) as f:
         return json.load(f)
+
+
+def _changed_settings(had: dict, given: dict) -> dict:
+    """The settings of ``given`` that differ from the stored ``had``, as (stored,
+    given). A DALConfig field that the stored run predates counts as unchanged
+    when it has its default value (the stored run computed without it), so a run
+    resumes across versions that only add options."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DALConfig)}
+    changed = {k: (had.get(k), v) for k, v in given.items()
+               if k != "config" and had.get(k) != v}
+    stored, now = had.get("config") or {}, given.get("config") or {}
+    diff = {k: (stored.get(k), v) for k, v in now.items()
+            if (stored[k] != v if k in stored else v != defaults.get(k))}
+    diff.update({k: (v, None) for k, v in stored.items() if k not in now})
+    if diff:
+        changed["config"] = diff
+    return changed
 
 
 def _postfix(group, records) -> str:
