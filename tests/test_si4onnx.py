@@ -35,11 +35,13 @@ with open(os.path.join(DATA, "reference.json")) as _f:
 CASES = {c["name"]: c for c in REFERENCE["cases"]}
 ARRAYS = dict(np.load(os.path.join(DATA, "reference.npz")))
 
-# U-Net cases compile a search over a 16x16 (or 1-D) U-Net: ~15 s each on a busy
-# 2-core machine. They run in the full suite (CI), and by name.
-SLOW = {"unet2d_back_param", "unet2d_reference_exh", "example_back",
-        "example_back_oc", "example_neighbor", "example_neighbor_oc",
-        "example_reference", "example_reference_oc"}  # fmt: skip
+# Every case compiles its own search (tens of seconds on a busy 2-core machine), so
+# the default run checks one case per hypothesis, inference mode and feature; the
+# others (U-Nets, si4onnx's examples, the remaining combinations) are marked slow and
+# run in CI after the default run, and by name.
+FAST = {"tiny2d_back_param", "tiny2d_neighbor_exh", "tiny2d_reference_oc",
+        "tiny2d_back_norm", "tiny2d_back_empty", "two_io_i0_o1",
+        "segmenter_back"}  # fmt: skip
 
 
 def _hypothesis(spec: dict):
@@ -70,7 +72,7 @@ def _call(case: dict):
 def _params():
     out = []
     for name in CASES:
-        marks = [pytest.mark.slow] if name in SLOW else []
+        marks = [] if name in FAST else [pytest.mark.slow]
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
