@@ -51,6 +51,7 @@ __all__ = [
     "KINDS",
     "NoiseModel",
     "NoiseModelWarning",
+    "check_noise_model",
     "estimate_noise_model",
     "load_noise_model",
     "save_noise_model",
@@ -175,6 +176,89 @@ class NoiseModel:
         return LowRankDiagonalCovariance(
             self.basis, factor * self.scales, factor * self.residual
         )
+
+
+# ----------------------------------------------------------------------- calibration
+
+
+def check_noise_model(nm: NoiseModel, images, sizes=(1, 2, 3, 4), *,
+                      seed: int = 0) -> list[dict]:
+    """Does ``nm`` give region means their real variance? The cheap check before
+    trusting a p-value on real data (docs/noise_models.md, "What you must check").
+
+    For each side s in ``sizes``, one s x s square (all channels) at a random place
+    in each of the held-out normal ``images``, and its standardised mean difference
+    from the template
+
+        z = eta^T (x - template) / sqrt(eta^T (Sigma + Sigma / N) eta),
+
+    which is N(0, 1) for a fixed square when the noise model is right. A variance
+    of z above 1 means the model understates how much normal regions vary, and the
+    test will reject normal images too often (by about the rate |z| > 1.96 shows,
+    against 0.05). The squares are chosen without looking at the images, so this
+    checks the noise model alone, not the selection.
+
+    Args:
+      nm: a noise model (``load_noise_model`` or ``estimate_noise_model``).
+      images: (M, H, W, C) normal images NOT used to estimate ``nm``, preprocessed
+        as the model's inputs.
+      sizes: square sides (each at most min(H, W)).
+      seed: the positions of the squares.
+
+    Returns:
+      one dict per side: size, images, var_z with its 99% chi-square interval
+      (var_z_interval_99), mean_z, and rate_196 (the fraction with |z| > 1.96,
+      0.05 for a right model) with its 99% Clopper-Pearson interval.
+
+    Raises:
+      InputError: images of another shape than the model's, NaN/Inf, fewer than
+        two images, or a side outside [1, min(H, W)].
+    """
+    import jax
+    import jax.numpy as jnp
+    from scipy import stats
+
+    from sijax.experiments.summary import clopper_pearson
+
+    x = np.asarray(images, np.float64)
+    if x.ndim == 3 and nm.image_shape[2] == 1:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != nm.image_shape:
+        raise InputError(f"images of shape {x.shape} do not match the noise model's "
+                         f"(M, {', '.join(map(str, nm.image_shape))})")
+    if len(x) < 2:
+        raise InputError("the check needs at least two held-out normal images")
+    if not np.all(np.isfinite(x)):
+        raise InputError("the images contain NaN or Inf")
+    h, w, _ = nm.image_shape
+    cov, cov_t = nm.covariance(), nm.template_covariance()
+    quad = jax.jit(jax.vmap(lambda e: e @ (cov.matvec(e) + cov_t.matvec(e))))
+    d = (x - np.asarray(nm.mean)[None]).reshape(len(x), -1)
+    rng = np.random.default_rng(seed)
+    out = []
+    for side in sizes:
+        if not 1 <= side <= min(h, w):
+            raise InputError(f"square side {side} must be in [1, {min(h, w)}]")
+        rows = rng.integers(0, h - side + 1, len(x))
+        cols = rng.integers(0, w - side + 1, len(x))
+        masks = np.zeros(x.shape)
+        for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
+            masks[k, r:r + side, c:c + side] = 1
+        etas = masks.reshape(len(x), -1)
+        etas /= etas.sum(1, keepdims=True)
+        var = np.asarray(quad(jnp.asarray(etas)))
+        z = np.einsum("ki,ki->k", etas, d) / np.sqrt(var)
+        m = len(z)
+        v = float(z.var(ddof=1))
+        hits = int(np.sum(np.abs(z) > 1.96))
+        out.append({
+            "size": int(side), "images": m, "var_z": v,
+            "var_z_interval_99": [float(v * (m - 1) / stats.chi2.ppf(q, m - 1))
+                                  for q in (0.995, 0.005)],
+            "mean_z": float(z.mean()), "rate_196": hits / m,
+            "rate_196_interval_99": [float(b) for b in clopper_pearson(hits, m, 0.99)],
+        })
+    return out
 
 
 # ------------------------------------------------------------------------ estimation
