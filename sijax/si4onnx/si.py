@@ -35,6 +35,7 @@ from sijax.errors import InputError, SearchError
 from sijax.selective.intervals import to_list
 from sijax.selective.pvalues import naive_p_value
 from sijax.selective.search import SearchStatus, search
+from sijax.si4onnx import host_search as hs
 from sijax.si4onnx.hypothesis import (
     NoHypothesisError,
     PresetHypothesis,
@@ -268,6 +269,51 @@ def _search(params, z_obs, precision, alpha, margin, *, spec, policy, terminatio
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
+def _memo_start(params, *, spec):
+    fn, inputs, a, b, threshold, mask, _ = params
+    return memo_init(lambda x: _roi(spec, fn, inputs, x, threshold, mask), a, b)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _piece_jit(params, z, memo, *, spec):
+    # sicore asks for pieces at points inside them (a breakpoint plus its step, a
+    # midpoint), so the side of a breakpoint does not matter: +1.
+    return _piece(params, z, jnp.asarray(1, jnp.int32), memo, spec=spec)
+
+
+def _host_oracle(params, spec: _Spec, memoization: bool, target: float):
+    """oracle(z) -> (lo, hi, accept) for the host search: one compiled, tracked
+    evaluation of the region per piece. With memoization, one memo per side of
+    the strategy's target (the walks right and left each continue from theirs)."""
+    memos = {}
+    if memoization:
+        memos[True] = memos[False] = _memo_start(params, spec=spec)
+
+    def oracle(z: float):
+        zj = jnp.asarray(z, jnp.float64)
+        if memoization:
+            side = z >= target
+            lo, hi, accept, memos[side] = _piece_jit(params, zj, memos[side], spec=spec)
+        else:
+            lo, hi, accept = _piece_jit(params, zj, None, spec=spec)
+        return float(lo), float(hi), bool(accept)
+
+    return oracle
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which search runs: sicore's options after its own dispatch."""
+
+    mode: str  # "parametric", "exhaustive" or "over_conditioning"
+    host: bool  # sicore's loop on the host (hs), else the compiled search
+    n_jobs: int  # > 1: sicore's parallel chunks
+    strategy: Any  # "pi1" / "pi2" / "pi3" or a callable
+    termination: Any  # "precision" / "decision" or a callable
+    step: float
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
 def _observe(full, fn, inputs, threshold, mask, *, spec):
     """The network's outputs, the score map and the region at the data, as
     si4onnx's construct_hypothesis computes them (normalisation by division)."""
@@ -427,30 +473,56 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
             on the data path (names it).
           InfiniteLoopError: ``max_iter`` reached.
         """
-        del step, progress
+        del progress
         if inference_mode not in MODES:
             raise InputError(f"{inference_mode=} must be one of {MODES}")
-        if n_jobs != 1:
-            inference_mode = "exhaustive"
-        if search_strategy != "pi3":
-            raise NotImplementedError(
-                f"search_strategy={search_strategy!r}: sijax.si4onnx runs sicore's "
-                "'pi3' order only (its default); 'exhaustive' gives the same Zset in "
-                "any order"
-            )
-        if termination_criterion not in ("precision", "decision"):
-            raise NotImplementedError(
-                f"termination_criterion={termination_criterion!r}: sijax.si4onnx "
-                "runs 'precision' and 'decision' only"
-            )
+        n_jobs = int(n_jobs)
+        if n_jobs == -1:
+            # sicore 3.0.0 fails here (no job is started, and the p-value of the
+            # empty Zset raises); "all cores" of an exhaustive search is meant, and
+            # every exhaustive order gives the same Zset and p-value.
+            inference_mode, search_strategy = "exhaustive", "pi3"
+            termination_criterion = "precision"
+        host = (
+            n_jobs > 1
+            or callable(termination_criterion)
+            or callable(search_strategy)
+            or (search_strategy != "pi3" and inference_mode != "over_conditioning")
+        )
+        if n_jobs <= 1:
+            if (
+                not callable(search_strategy)
+                and search_strategy not in ("pi1", "pi2", "pi3")
+                and inference_mode != "over_conditioning"
+            ):
+                raise InputError(
+                    f"search_strategy={search_strategy!r} must be 'pi1', 'pi2', "
+                    "'pi3' or a callable"
+                )
+            if (
+                not callable(termination_criterion)
+                and termination_criterion not in ("precision", "decision")
+                and inference_mode == "parametric"
+            ):
+                raise InputError(
+                    f"termination_criterion={termination_criterion!r} must be "
+                    "'precision', 'decision' or a callable"
+                )
+        plan = _Plan(
+            mode=inference_mode,
+            host=host,
+            n_jobs=n_jobs if n_jobs > 1 else 1,
+            strategy=search_strategy,
+            termination=termination_criterion,
+            step=float(step),
+        )
         with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
             return self._inference(
-                input, var, mask, inference_mode, termination_criterion, max_iter,
-                significance_level, precision,
-            )  # fmt: skip
+                input, var, mask, plan, max_iter, significance_level, precision
+            )
 
-    def _inference(self, input, var, mask, inference_mode, termination_criterion,
-                   max_iter, significance_level, precision):  # fmt: skip
+    def _inference(self, input, var, mask, plan, max_iter, significance_level,
+                   precision):  # fmt: skip
         h = self.hypothesis
         xs, ref = self._inputs(input)
         m = None if mask is None else np.asarray(_array(mask), bool)
@@ -492,7 +564,38 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
         b = jnp.asarray(b_full[:n].reshape(x.shape))
 
         params = (self.fn, inputs, a, b, thr, m_j, jnp.asarray(roi.astype(bool)))
-        oc = inference_mode == "over_conditioning"
+        if plan.host:
+            found = self._host_search(
+                params, spec, z_obs, plan, max_iter, significance_level, precision
+            )
+        else:
+            found = self._compiled_search(
+                params, spec, z_obs, plan, max_iter, significance_level, precision
+            )
+        searched, truncated, count, detect, p, inf_p, sup_p = found
+        return InferenceResult(
+            stat=z_obs * sd,
+            p_value=p,
+            inf_p=inf_p,
+            sup_p=sup_p,
+            searched_intervals=[[lo * sd, hi * sd] for lo, hi in searched],
+            truncated_intervals=[[lo * sd, hi * sd] for lo, hi in truncated],
+            search_count=count,
+            detect_count=detect,
+            null_rv=stats.norm(loc=0.0, scale=sd),
+            alternative="two-sided",
+            output=self.output,
+            score_map=self.score_map,
+            roi=self.roi,
+            non_roi=self.non_roi,
+            z=z_obs,
+        )
+
+    def _compiled_search(self, params, spec, z_obs, plan, max_iter,
+                         significance_level, precision):  # fmt: skip
+        """sicore's "pi3" search (and "exhaustive", "over_conditioning") as one
+        compiled ``lax.while_loop``."""
+        oc = plan.mode == "over_conditioning"
         # Over-conditioning is the parametric search stopped after its first piece
         # (precision = inf): its p-value and its bounds over the unsearched line are
         # those sicore reports, and it shares the parametric search's compile.
@@ -503,8 +606,8 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
             jnp.asarray(float(significance_level)),
             jnp.asarray(10.0),
             spec=spec,
-            policy="parametric" if oc else inference_mode,
-            termination="precision" if oc else termination_criterion,
+            policy="parametric" if oc else plan.mode,
+            termination=plan.termination if plan.mode == "parametric" else "precision",
             max_pieces=int(max_iter),
             memoization=self.memoization,
         )
@@ -517,28 +620,43 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
             )
         if status != SearchStatus.OK:
             raise SearchError(SearchStatus.MESSAGES.get(status, str(status)))
-        truncated = to_list(res.truncated)
         searched = [
             (float(res.searched.bounds[0, 0]), float(res.searched.bounds[0, 1]))
         ]
-        p, inf_p, sup_p = float(res.p_value), float(res.inf_p), float(res.sup_p)
-        return InferenceResult(
-            stat=z_obs * sd,
-            p_value=p,
-            inf_p=inf_p,
-            sup_p=sup_p,
-            searched_intervals=[[lo * sd, hi * sd] for lo, hi in searched],
-            truncated_intervals=[[lo * sd, hi * sd] for lo, hi in truncated],
-            search_count=int(res.search_count),
-            detect_count=None,
-            null_rv=stats.norm(loc=0.0, scale=sd),
-            alternative="two-sided",
-            output=self.output,
-            score_map=self.score_map,
-            roi=self.roi,
-            non_roi=self.non_roi,
-            z=z_obs,
-        )
+        return (
+            searched, to_list(res.truncated), int(res.search_count), None,
+            float(res.p_value), float(res.inf_p), float(res.sup_p),
+        )  # fmt: skip
+
+    def _host_search(self, params, spec, z_obs, plan, max_iter, significance_level,
+                     precision):  # fmt: skip
+        """sicore's loop on the host (:mod:`sijax.si4onnx.host_search`) around the
+        compiled piece oracle: "pi1", "pi2", callables and ``n_jobs > 1``."""
+        target = 0.0 if plan.strategy == "pi2" else z_obs
+        oracle = _host_oracle(params, spec, self.memoization, target)
+        try:
+            if plan.n_jobs > 1:
+                res = hs.parallel_search(oracle, z_obs, plan.n_jobs, int(max_iter))
+            else:
+                res = hs.host_search(
+                    oracle,
+                    z_obs,
+                    hs.strategy(plan.mode, plan.strategy, z_obs, plan.step),
+                    hs.termination(
+                        plan.mode,
+                        plan.termination,
+                        z_obs,
+                        float(precision),
+                        float(significance_level),
+                    ),  # fmt: skip
+                    int(max_iter),
+                )
+        except hs.LoopError as e:
+            raise InfiniteLoopError(str(e)) from None
+        return (
+            res.searched.tolist(), res.truncated.tolist(), res.search_count,
+            res.detect_count, res.p_value, res.inf_p, res.sup_p,
+        )  # fmt: skip
 
 
 def load(model, hypothesis: PresetHypothesis, seed=None,

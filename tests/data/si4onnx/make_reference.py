@@ -311,12 +311,46 @@ def cases():
         ("tiny2d_back_empty", "tiny2d",
          {"class": "BackMeanDiff", "threshold": 50.0, "post_process": DAL},
          x8, 1.0, None, {}),
+        # sicore's other search strategies, its exhaustive mode with one of them
+        # (sicore's exhaustive search follows the strategy), callables, n_jobs.
+        ("tiny2d_back_pi1", "tiny2d", hyp_back, x8, 1.0, None,
+         {"search_strategy": "pi1"}),
+        ("tiny2d_back_pi1_decision", "tiny2d", hyp_back, x8, 1.0, None,
+         {"search_strategy": "pi1", "termination_criterion": "decision"}),
+        ("tiny2d_back_pi2", "tiny2d", hyp_back, x8, 1.0, None,
+         {"search_strategy": "pi2"}),
+        ("tiny2d_back_pi2_decision", "tiny2d", hyp_back, x8, 1.0, None,
+         {"search_strategy": "pi2", "termination_criterion": "decision"}),
+        ("tiny2d_neighbor_pi2_exh", "tiny2d", hyp_nb, x8, 1.0, None,
+         {"search_strategy": "pi2", "inference_mode": "exhaustive"}),
+        ("tiny2d_back_callables", "tiny2d", hyp_back, x8, 1.0, None,
+         {"search_strategy": "@walk_right", "termination_criterion": "@right_of_7"}),
+        ("tiny2d_back_pi3_measure", "tiny2d", hyp_back, x8, 1.0, None,
+         {"termination_criterion": "@measure_over_4"}),
+        ("tiny2d_back_njobs2", "tiny2d", hyp_back, x8, 1.0, None, {"n_jobs": 2}),
+        ("tiny2d_neighbor_njobs3", "tiny2d", hyp_nb, x8, 1.0, None, {"n_jobs": 3}),
     ]  # fmt: skip
     # A diagonal variance (one entry per pixel), as an array.
     i = [c[0] for c in out].index("tiny2d_back_vardiag")
     var = np.linspace(0.5, 1.5, 64)
     out[i] = out[i][:4] + (var,) + out[i][5:]
     return out
+
+
+# Callable search strategies and termination criteria of sicore (in units of the
+# standardised statistic), named in the JSON as "@name"; tests/test_si4onnx.py
+# defines the same functions.
+CALLABLES = {
+    # walk right from z = 2, one piece at a time
+    "walk_right": lambda s: 2.0 if s.is_empty() else s[-1][1] + 1e-6,
+    "right_of_7": lambda s, t: s[-1][1] > 7.0,
+    "measure_over_4": lambda s, t: 1.0 if s.measure > 4.0 else 0.0,
+}
+
+
+def _kwargs(kw):
+    return {k: CALLABLES[v[1:]] if isinstance(v, str) and v.startswith("@") else v
+            for k, v in kw.items()}  # fmt: skip
 
 
 def _flat_inputs(inp):
@@ -371,7 +405,8 @@ def main() -> None:
                    mask=mask is not None)  # fmt: skip
         t0 = time.perf_counter()
         try:
-            res = si_model.inference(_to_torch(inp), var, mask=mask, **kw)
+            res = si_model.inference(_to_torch(inp), var, mask=mask,
+                                     **_kwargs(kw))  # fmt: skip
         except NoHypothesisError:
             rec["error"] = "NoHypothesisError"
             records.append(rec)
