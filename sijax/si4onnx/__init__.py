@@ -6,7 +6,8 @@ The public API of si4onnx 0.1.13: :func:`load`, the preset hypotheses
 post-processing operators (:class:`InputDiff`, :class:`Neg`, :class:`Abs`,
 :class:`AverageFilter`, :class:`GaussianFilter`, :class:`L1Norm`),
 :class:`NoHypothesisError`, and the model's ``inference`` with its
-:class:`InferenceResult`. ``sijax.si4onnx.hypothesis`` and
+:class:`InferenceResult`; :class:`RealSubset` (sicore's, what callable search
+strategies and termination criteria receive). ``sijax.si4onnx.hypothesis`` and
 ``sijax.si4onnx.operators`` stand for si4onnx's modules of the same names.
 
 The test runs in float64, as si4onnx's: :func:`load` switches JAX's x64 mode on
@@ -14,6 +15,7 @@ if it is off (it is this API's entry point; a si4onnx script has no JAX set-up).
 The ``onnx`` package is needed (``pip install sijax[onnx]``); torch is not.
 """
 
+from sijax.si4onnx.host_search import RealSubset
 from sijax.si4onnx.hypothesis import (
     BackMeanDiff,
     Hypothesis,
@@ -55,6 +57,7 @@ __all__ = [
     "Operator",
     "PresetHypothesis",
     "PresetSelectiveInferenceModel",
+    "RealSubset",
     "ReferenceMeanDiff",
     "SelectiveInferenceModel",
     "load",

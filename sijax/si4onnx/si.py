@@ -13,6 +13,10 @@ operator's decision (ReLU, LeakyReLU and abs signs, max-pooling winners, the
 threshold comparisons, and with ``use_norm`` the arg-max and arg-min of the score
 map) ends a piece, as each ``forward_si`` of si4onnx does.
 
+sicore's other strategies ("pi1", "pi2", callables) and its parallel search
+(``n_jobs > 1``) run sicore's loop on the host, one compiled piece per step
+(:mod:`sijax.si4onnx.host_search`), with the same points, pieces and counts.
+
 The compiled search is cached per network (by its serialised bytes), pipeline and
 input shapes: ``load`` inside a loop over images compiles once.
 """
@@ -70,7 +74,9 @@ class InferenceResult:
       searched_intervals: the searched part of the line, in units of ``stat``.
       truncated_intervals: Zset found, in units of ``stat``.
       search_count: pieces evaluated.
-      detect_count: not tracked by sijax (None); sicore counts accepted pieces.
+      detect_count: accepted pieces (sicore's count) from the host search
+        (``search_strategy`` "pi1" / "pi2" / callables, ``n_jobs > 1``); None
+        from the compiled one, which does not count them.
       null_rv: N(0, sd^2), sd = sqrt(eta^T Sigma eta), the null law of ``stat``.
       alternative: "two-sided".
       output: the network's output at the data (an array, or a list of arrays for
@@ -453,13 +459,23 @@ class PresetSelectiveInferenceModel(SelectiveInferenceModel):
             and the comparison set are restricted to it.
           inference_mode: "parametric" (default), "exhaustive" or
             "over_conditioning".
-          search_strategy: "pi3" (the only one sijax runs; sicore's default).
-          termination_criterion: "precision" (default) or "decision".
+          search_strategy: sicore's "pi3" (default: grow the searched interval
+            on the side of larger N(0, 1) density; one compiled loop), "pi1" (the
+            side nearer the statistic), "pi2" (the piece of the statistic, then
+            grow around 0), or a callable ``fn(searched: RealSubset) -> z``. The
+            last three run sicore's loop on the host around the compiled piece
+            oracle (:mod:`sijax.si4onnx.host_search`), with sicore's ``step``.
+            As in sicore, "exhaustive" follows the strategy too and
+            "over_conditioning" ignores it.
+          termination_criterion: "precision" (default), "decision", or a callable
+            ``fn(searched, truncated) -> bool | float`` (stop on True or 1.0).
           max_iter: most pieces evaluated; more raise :class:`InfiniteLoopError`.
-          n_jobs: sicore's parallel search, which always covers the exhaustive
-            range: any value other than 1 runs ``inference_mode="exhaustive"``.
-          step: accepted for compatibility; sijax asks for the next piece at the
-            breakpoint itself, so no step is needed.
+          n_jobs: > 1: sicore's parallel search (the exhaustive range cut into
+            ``n_jobs`` chunks, each covered by midpoints), run one chunk after the
+            other: the same pieces and ``search_count`` as sicore. -1 (where sicore
+            3.0.0 fails) runs ``inference_mode="exhaustive"``; 0 and < -1 are 1.
+          step: sicore's step past a searched end for the host strategies; the
+            compiled "pi3" asks for the next piece at the breakpoint itself.
           significance_level: alpha of the "decision" criterion.
           precision: the "precision" criterion stops once sup_p - inf_p < precision.
           progress: accepted for compatibility (no progress bar).
