@@ -507,6 +507,14 @@ _OTHERS = {
         {"st": np.array([-1, 1], np.int64), "en": np.array([-100, 5], np.int64),
          "ax": np.array([2, 3], np.int64), "sp": np.array([-2, 2], np.int64)},
     ),
+    "ReduceSum": lambda: (
+        [helper.make_node("ReduceSum", ["x", "ax"], ["y"], keepdims=0)],
+        (2, 3, 4, 5),
+        {"ax": np.array([1, -1], np.int64)},
+    ),
+    # On the data path these two are not piecewise linear: forward passes only.
+    "Reciprocal": lambda: _unary("Reciprocal"),
+    "Softmax": lambda: _unary("Softmax", axis=1),
     "Squeeze-Unsqueeze": lambda: (
         [helper.make_node("Unsqueeze", ["x", "a"], ["u"]),
          helper.make_node("Squeeze", ["u", "b"], ["y"])],
@@ -638,3 +646,84 @@ def test_exp_on_the_data_path_is_refused_and_off_it_is_not():
     model = _model(off_path, [("x", (1, 1, 4))], ["y"], inits)
     fn = _check_against_reference(model, rng.normal(size=(1, 1, 4)))
     _assert_tracked_exactly(fn, (1, 1, 4))
+
+
+# ------------------------------------- si4onnx's other operators: ReduceSum, and
+# EyeLike, Reciprocal, Equal, Greater, Softmax folded on constants and shapes
+
+
+@pytest.mark.parametrize(
+    ("opset", "attrs", "axes"),
+    [(11, {"axes": [0, 2], "keepdims": 1}, None),
+     (11, {"keepdims": 0}, None),
+     (13, {"keepdims": 1}, np.array([-2], np.int64)),
+     (13, {"noop_with_empty_axes": 1}, np.array([], np.int64))],
+    ids=["attr", "all", "input", "noop"],
+)  # fmt: skip
+def test_reduce_sum(opset, attrs, axes):
+    inputs, inits = ["x"], {}
+    if axes is not None:
+        inputs, inits = ["x", "ax"], {"ax": axes}
+    nodes = [helper.make_node("ReduceSum", inputs, ["y"], **attrs)]
+    x = np.random.default_rng(20).normal(size=(2, 3, 4))
+    _check_against_reference(_model(nodes, [("x", (2, 3, 4))], ["y"], inits, opset), x)
+
+
+def test_si4onnx_constant_operators_are_folded_and_tracked_exactly():
+    """EyeLike, Softmax, Reciprocal and Greater of weights, Equal of a shape, and
+    ReduceSum on the data path: the graph matches the reference and is tracked
+    exactly (the folded operators are constants for the tracker)."""
+    rng = np.random.default_rng(21)
+    inits = {
+        "w": rng.normal(size=(3, 3)),
+        "r": rng.uniform(1, 2, size=3),
+        "sh": np.array([2, 4], np.int64),
+        "ax": np.array([1], np.int64),
+    }
+    cast = TensorProto.DOUBLE
+    nodes = [
+        helper.make_node("EyeLike", ["w"], ["e"], k=1),
+        helper.make_node("Softmax", ["w"], ["s"], axis=0),
+        helper.make_node("Greater", ["w", "r"], ["gb"]),
+        helper.make_node("Cast", ["gb"], ["g"], to=cast),
+        helper.make_node("Reciprocal", ["r"], ["rr"]),
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Equal", ["xs", "sh"], ["qb"]),
+        helper.make_node("Cast", ["qb"], ["q"], to=cast),
+        helper.make_node("ReduceSum", ["q"], ["qs"], keepdims=1),
+        helper.make_node("Mul", ["s", "g"], ["sg"]),
+        helper.make_node("Add", ["e", "sg"], ["m"]),
+        helper.make_node("MatMul", ["x", "m"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["h1"]),
+        helper.make_node("Mul", ["h1", "rr"], ["h"]),
+        helper.make_node("ReduceSum", ["h", "ax"], ["y0"], keepdims=1),
+        helper.make_node("Mul", ["y0", "qs"], ["y"]),
+    ]
+    model = _model(nodes, [("x", (2, 3))], ["y"], inits)
+    fn = _check_against_reference(model, rng.normal(size=(2, 3)))
+    _assert_tracked_exactly(fn, (2, 3), threshold=0.1)
+
+
+@pytest.mark.parametrize("op", ["Reciprocal", "Softmax"])
+def test_reciprocal_and_softmax_on_the_data_path_are_refused(op):
+    model = _model([helper.make_node(op, ["x"], ["y"])], [("x", (1, 4))], ["y"])
+    fn = sonnx.load(model)
+    with pytest.raises(NotPiecewiseLinearError):
+        sijax.track(fn)(jnp.ones((1, 4)), jnp.ones((1, 4)), 0.0)
+
+
+def test_a_comparison_on_the_data_path_is_a_decision_of_the_tracker():
+    """Greater of the data (and Equal, never true on a line of continuous data):
+    the tracker conditions on it (a piece ends where it flips), exactly."""
+    rng = np.random.default_rng(22)
+    nodes = [
+        helper.make_node("Greater", ["x", "c"], ["gb"]),
+        helper.make_node("Cast", ["gb"], ["g"], to=TensorProto.DOUBLE),
+        helper.make_node("Equal", ["x", "c"], ["qb"]),
+        helper.make_node("Cast", ["qb"], ["q"], to=TensorProto.DOUBLE),
+        helper.make_node("Add", ["g", "q"], ["gq"]),
+        helper.make_node("Mul", ["x", "gq"], ["y"]),
+    ]
+    model = _model(nodes, [("x", (1, 4))], ["y"], {"c": rng.normal(size=(1, 4))})
+    fn = _check_against_reference(model, rng.normal(size=(1, 4)))
+    _assert_tracked_exactly(fn, (1, 4), threshold=0.1)

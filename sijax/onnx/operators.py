@@ -416,3 +416,86 @@ def _random_normal(ctx):
     if shape is None:
         raise ctx.fail("RandomNormal needs a shape")
     return _normal_draw(ctx, shape, default_dtype=1)  # TensorProto.FLOAT
+
+
+# ----------------------------------------------------- reductions and constants
+
+
+@implements("ReduceSum")
+def _reduce_sum(ctx, x, axes=None):
+    """Sum over ``axes`` (an input from opset 13, an attribute before), linear."""
+    if ctx.opset < 13:
+        axes = ctx.attr("axes")
+    else:
+        axes = ctx.const(axes, 1, "axes")
+    keep = bool(ctx.attr("keepdims", 1))
+    if axes is None or np.size(axes) == 0:
+        if ctx.opset >= 13 and ctx.attr("noop_with_empty_axes", 0):
+            return x
+        axes = tuple(range(np.ndim(x)))
+    else:
+        axes = _axes(axes, np.ndim(x))
+    if is_static(x):
+        return np.sum(x, axis=axes, keepdims=keep)
+    return jnp.sum(x, axis=axes, keepdims=keep)
+
+
+@implements("EyeLike")
+def _eye_like(ctx, x):
+    """An identity of ``x``'s (2-D) shape, shifted by ``k``: a constant."""
+    if np.ndim(x) != 2:
+        raise ctx.fail(f"EyeLike of a rank-{np.ndim(x)} tensor (must be 2-D)")
+    import onnx
+
+    dt = ctx.attr("dtype")
+    dt = np.dtype(x.dtype) if dt is None else np.dtype(
+        onnx.helper.tensor_dtype_to_np_dtype(dt)
+    )  # fmt: skip
+    if np.issubdtype(dt, np.floating):
+        dt = ctx.dtype
+    n, m = np.shape(x)
+    return np.eye(n, m, k=int(ctx.attr("k", 0)), dtype=dt)
+
+
+@implements("Reciprocal")
+def _reciprocal(ctx, x):
+    # On the data path 1 / x is not piecewise linear: the tracker refuses the
+    # division by name (NotPiecewiseLinearError).
+    return np.reciprocal(x) if is_static(x) else jnp.reciprocal(x)
+
+
+def _comparison(fn_np, fn_jnp):
+    """Equal / Greater: folded with NumPy on constants and shapes. Otherwise (a
+    float weight, or the data) with ``jax.numpy``: on the data path the tracker
+    takes the comparison as a decision, constant on each piece, and ends the piece
+    where it flips (as the region's threshold), so the test conditions on it; a
+    Cast of it is then a constant factor. (si4onnx compares the intercepts and the
+    slopes of its affine forms instead, which is not the comparison.)"""
+
+    def apply(ctx, a, b):
+        a, b = broadcast_ranks(a, b)
+        if is_static(a, b):
+            return np.asarray(fn_np(a, b))
+        return fn_jnp(a, b)
+
+    return apply
+
+
+OPS["Equal"] = _comparison(np.equal, jnp.equal)
+OPS["Greater"] = _comparison(np.greater, jnp.greater)
+
+
+@implements("Softmax")
+def _softmax(ctx, x):
+    """Softmax over ``axis`` (opset 13), or over the trailing axes flattened from
+    ``axis`` on (before 13). On the data path the tracker refuses its exp by name
+    (NotPiecewiseLinearError)."""
+    rank = np.ndim(x)
+    if ctx.opset >= 13:
+        axes = (ctx.attr("axis", -1) % rank,)
+    else:
+        axes = tuple(range(ctx.attr("axis", 1) % rank, rank))
+    if is_static(x):
+        e = np.exp(x - np.max(x, axis=axes, keepdims=True))
+        return e / np.sum(e, axis=axes, keepdims=True)
+    return jax.nn.softmax(x, axis=axes)
