@@ -7,7 +7,9 @@ neither torch nor si4onnx. For every case the same call goes through
 
 * the same region, comparison set and squeezed score map (exactly / 1e-12: both
   evaluate the same float64 network, with the threshold rounded to float32 alike);
-* the same statistic (1e-12 relative) and the same number of pieces searched;
+* the same statistic (1e-12 relative) and the same number of pieces searched
+  (for the searches run as sicore's loop on the host: "pi1", "pi2", callables,
+  n_jobs > 1, also the same detect_count and searched intervals);
 * p_value, inf_p and sup_p within 1e-6 relative (measured: about 1e-12; the two
   compute the same pieces, and the truncated-normal masses in log space alike, up
   to the order of floating-point sums);
@@ -237,3 +239,22 @@ def test_an_operator_sijax_lacks_is_named_at_load():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(sijax.onnx.UnsupportedOperatorError, match="the_act"):
         si4onnx.load(proto, si4onnx.BackMeanDiff(0.5))
+
+
+def test_real_subset_has_sicore_semantics():
+    """What callables receive: sicore's RealSubset (closed intervals, gaps under
+    1e-10 merged). Expected values printed by sicore 3.0.0's own class."""
+    inf = np.inf
+    a = si4onnx.RealSubset([[1.0, 3.0], [5.0, 7.0]])
+    b = si4onnx.RealSubset([[2.0, 4.0], [6.0, 8.0]])
+    assert (~a).tolist() == [[-inf, 1.0], [3.0, 5.0], [7.0, inf]]
+    assert (a | b).tolist() == [[1.0, 4.0], [5.0, 8.0]]
+    assert (a & b).tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert (a - b).tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert (a ^ b).tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]
+    assert 3.0 in a and 4.0 not in a and a <= (a | b)
+    assert si4onnx.RealSubset([[0, 1], [1 + 1e-11, 2]]).tolist() == [[0.0, 2.0]]
+    assert a.measure == 4.0 and a[-1] == [5.0, 7.0]
+    assert a.find_interval_containing(6.0) == [5.0, 7.0]
+    full = si4onnx.RealSubset([[0.0, 10.0]])
+    assert (full - full).is_empty()
