@@ -234,9 +234,10 @@ def _test_args(p: argparse.ArgumentParser):
                    "tiles.json and tiles.png")
     p.add_argument("--confidence", type=float, metavar="LEVEL",
                    help="also give the selective confidence interval of the region's "
-                   "mean difference at this level, e.g. 0.95 (equal-tailed; exact "
-                   "when the search covered enough of the line, else the widest "
-                   "interval the search allows)")
+                   "mean difference at this level, e.g. 0.95 (equal-tailed; the "
+                   "search goes on until its ends are exact; --set "
+                   "exact_interval=false stops at the p-value's rule and gives the "
+                   "widest interval the search allows)")
     _dal_options(p)
 
 

@@ -7,6 +7,7 @@ Presets live in ``sijax/configs/``; the CLI applies ``--set key=value`` override
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Sequence
 
@@ -129,7 +130,18 @@ class TrainConfig:
 
 
 def _parse_value(key: str, raw: str, typ):
-    """Parses ``raw`` as the type annotation ``typ`` of a config field."""
+    """Parses ``raw`` as the type annotation ``typ`` of a config field.
+
+    An optional field (``float | None``, ``Optional[int]``) takes "none" (any case)
+    for None, else its other type.
+    """
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        inner = [t for t in typing.get_args(typ) if t is not type(None)]
+        if type(None) in typing.get_args(typ) and raw.lower() in ("none", "null"):
+            return None
+        if len(inner) != 1:
+            raise InputError(f"cannot parse --set {key}={raw!r} as {typ}")
+        return _parse_value(key, raw, inner[0])
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes"):

@@ -26,6 +26,7 @@ from sijax.detect.run import format_result
 from sijax.errors import InputError
 from sijax.selective import confidence as ci_mod
 from sijax.selective import intervals as iv
+from sijax.selective.search import search, search_host
 
 mp.mp.dps = 50
 INF = math.inf
@@ -50,6 +51,25 @@ def mp_cdf(mu, z, zset):
 
     below = mp.fsum(mass(a, min(mp.mpf(b), z)) for a, b in zset)
     return below / mp.fsum(mass(a, b) for a, b in zset)
+
+
+# ------------------------------------------------------------ config parsing
+
+
+def test_set_confidence_parses_optional_numbers():
+    """`sijax test --set confidence=0.95` (a float | None field), and "none"."""
+    from sijax.config import apply_overrides
+
+    assert apply_overrides(DALConfig(), ["confidence=0.95"]).confidence == 0.95
+    on = DALConfig(confidence=0.9)
+    assert apply_overrides(on, ["confidence=None"]).confidence is None
+    assert apply_overrides(on, ["confidence=none"]).confidence is None
+    off = apply_overrides(DALConfig(), ["exact_interval=false"])
+    assert off.exact_interval is False
+    with pytest.raises(InputError, match="cannot parse"):
+        apply_overrides(DALConfig(), ["confidence=high"])
+    with pytest.raises(InputError, match="confidence"):
+        apply_overrides(DALConfig(), ["confidence=1.5"])
 
 
 # --------------------------------------------------------------------- oracles
@@ -163,6 +183,145 @@ def test_searching_far_enough_makes_the_ends_exact():
     )
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_brackets_hold_the_ends_and_tighten_as_the_search_grows(seed):
+    """tighten's certificates: p_lo <= lo <= lo_inner <= q_lo and
+    p_hi <= hi_inner <= hi <= q_hi at every step of a growing search (the ends by
+    the bisection solver), and exact once the searched range is wide."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0)
+    cuts = np.sort(rng.uniform(-12.0, 12.0, 14))
+    full = iv.normalize_list(
+        [(cuts[k], cuts[k + 1]) for k in range(0, 14, 2)]
+        + [(z - rng.uniform(0.1, 1.0), z + rng.uniform(0.1, 1.0))]
+    )
+    step = jax.jit(ci_mod.tighten)
+    b = ci_mod.open_brackets()
+    for width in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0):
+        left, right = z - width, z + width
+        found = iv.intersect_list(full, [(left, right)])
+        b = step(b, z, iv.from_list(found, 16), left, right, 0.95)
+        ci = interval(z, found, [(left, right)])
+        eps = 1e-9 * (1.0 + abs(z))
+        assert float(b.p_lo) <= ci.lo + eps and ci.lo_inner <= float(b.q_lo) + eps
+        assert float(b.p_hi) <= ci.hi_inner + eps and ci.hi <= float(b.q_hi) + eps
+    assert bool(ci_mod.brackets_exact(b, z))
+    exact = interval(z, full)
+    assert exact.exact
+    for end, p, q in ((exact.lo, b.p_lo, b.q_lo), (exact.hi, b.p_hi, b.q_hi)):
+        assert float(p) <= end <= float(q)
+        assert float(q) - float(p) <= 0.5e-3 * (1.0 + abs(end - z))
+
+
+def steps_oracle(params, z, direction):
+    """Pieces between sorted breakpoints g (two unbounded end pieces); at a
+    breakpoint the piece on the side of ``direction``."""
+    g, accept = params
+    j = jnp.where(
+        direction > 0,
+        jnp.searchsorted(g, z, side="right"),
+        jnp.searchsorted(g, z, side="left"),
+    )
+    lo = jnp.where(j == 0, -jnp.inf, g[jnp.maximum(j - 1, 0)])
+    hi = jnp.where(j == g.shape[0], jnp.inf, g[jnp.minimum(j, g.shape[0] - 1)])
+    return lo, hi, accept[j]
+
+
+def steps_line(rng, z, n=160, spread=40.0, p_accept=0.8):
+    g = np.sort(rng.uniform(-spread, spread, n))
+    accept = rng.random(n + 1) < p_accept
+    accept[np.searchsorted(g, z, side="right")] = True
+    edges = np.concatenate([[-INF], g, [INF]])
+    zset = iv.normalize_list(
+        [(edges[k], edges[k + 1]) for k in range(n + 1) if accept[k]]
+    )
+    return (jnp.asarray(g), jnp.asarray(accept)), zset
+
+
+def fragmented_line():
+    """Accepted pieces of width 0.05 alternating with rejected ones: the p-value's
+    rule needs more than 32 intervals of Zset."""
+    g = np.linspace(-4.0, 4.0, 160)
+    accept = np.arange(161) % 2 == np.searchsorted(g, 0.01, side="right") % 2
+    return (jnp.asarray(g), jnp.asarray(accept)), 0.01
+
+
+@pytest.fixture(scope="module")
+def searched():
+    """Three random lines and a fragmented one, searched with level 0.9 and
+    without (vmapped; one compiled search each)."""
+    rng = np.random.default_rng(11)
+    zs = [0.3, 2.5, -3.0]
+    lines = [steps_line(rng, z) for z in zs]
+    frag, z_frag = fragmented_line()
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[p for p, _ in lines], frag)
+    z = jnp.asarray(zs + [z_frag])
+
+    def run(p, z, level):
+        return search(steps_oracle, p, z, max_pieces=512, level=level)
+
+    def plain(p, z):
+        return search(steps_oracle, p, z, max_pieces=512)
+
+    with_level = jax.jit(jax.vmap(run, in_axes=(0, 0, None)))(params, z, 0.9)
+    without = jax.jit(jax.vmap(plain))(params, z)
+    return lines, params, np.asarray(z), with_level, without
+
+
+def test_search_with_a_level_makes_the_ends_exact(searched):
+    """With level=..., the search goes on until the interval from what it found is
+    exact and equals the interval of the whole Zset (known here); without, it
+    stops earlier and is not exact."""
+    lines, _, zs, out, plain = searched
+    assert np.all(np.asarray(out.status) == 0)
+    n_exact_plain = 0
+    for k, (_, zset) in enumerate(lines):
+        z = float(zs[k])
+        one = jax.tree.map(lambda a, k=k: a[k], out)
+        ci = interval(z, iv.to_list(one.truncated), iv.to_list(one.searched), 0.9)
+        truth = interval(z, zset, level=0.9)
+        assert ci.exact and truth.exact
+        for got, want in ((ci.lo, truth.lo), (ci.hi, truth.hi)):
+            assert abs(got - want) <= 1e-3 * (1.0 + abs(want - z)), (k, got, want)
+        # The p-value is that of the search without a level, or closer.
+        base = jax.tree.map(lambda a, k=k: a[k], plain)
+        assert float(base.inf_p) <= float(one.inf_p) <= float(one.sup_p)
+        assert float(one.sup_p) <= float(base.sup_p)
+        assert int(one.search_count) >= int(base.search_count)
+        n_exact_plain += interval(
+            z, iv.to_list(base.truncated), iv.to_list(base.searched), level=0.9
+        ).exact
+    assert n_exact_plain < len(lines)  # the p-value's rule alone is not enough here
+
+
+def test_a_fragmented_zset_stops_at_the_p_value_rule(searched):
+    """More than 32 intervals found: the ends cannot be certified, the search stops
+    at the p-value's rule with status OK (the interval is then not exact)."""
+    _, _, _, out, plain = searched
+    one = jax.tree.map(lambda a: a[3], out)
+    base = jax.tree.map(lambda a: a[3], plain)
+    assert int(one.status) == 0
+    assert len(iv.to_list(one.truncated)) > 32
+    assert float(one.sup_p) - float(one.inf_p) < 1e-3
+    assert int(one.search_count) == int(base.search_count)
+
+
+def test_search_host_with_a_level_is_the_compiled_search(searched):
+    _, params, zs, out, _ = searched
+    g, acc = (np.asarray(a[1]) for a in params)
+
+    def source(z, direction):  # steps_oracle in numpy
+        j = int(np.searchsorted(g, z, side="right" if direction > 0 else "left"))
+        lo = -INF if j == 0 else float(g[j - 1])
+        hi = INF if j == g.size else float(g[j])
+        return lo, hi, bool(acc[j])
+
+    host = search_host(source, float(zs[1]), max_pieces=512, level=0.9)
+    dev = jax.tree.map(lambda a: a[1], out)
+    assert int(host.search_count) == int(dev.search_count)
+    assert iv.to_list(host.truncated) == pytest.approx(iv.to_list(dev.truncated))
+
+
 # One compiled, vmapped solve for the tests below (same shapes, level traced).
 VMAPPED = jax.jit(jax.vmap(ci_mod.confidence_interval, in_axes=(0, None, None, None)))
 
@@ -245,6 +404,7 @@ def with_ci(model, example):
 def test_dal_interval_is_the_z_interval_times_sd(with_ci):
     res, _ = with_ci
     assert res.status == "ok" and res.confidence == 0.95
+    assert res.confidence_exact  # the search went on until the ends were exact
     z_ci = interval(res.stat, res.truncated_intervals, res.searched_intervals)
     assert res.confidence_interval == pytest.approx(
         (z_ci.lo * res.sd, z_ci.hi * res.sd), rel=1e-12
@@ -256,6 +416,67 @@ def test_dal_interval_is_the_z_interval_times_sd(with_ci):
     assert res.raw_stat == pytest.approx(res.stat * res.sd, rel=1e-12)
     text = format_result(res)
     assert "95% CI [" in text and res.p_text() in text
+
+
+def _grid_zset(model, nz, line, mask, lo, hi, n):
+    """Zset of the line by direct evaluation of the detector (no tracker): a grid of
+    n points in [lo, hi] finds the runs of points whose mask is the observed one,
+    then 50 bisections of each gap between a run and its outside neighbour place
+    its ends (to about 1e-13)."""
+    from sijax.detect.dal import detector
+
+    detect = jax.jit(jax.vmap(lambda z: jnp.all(detector(model, nz, DALConfig())(
+        line.a + line.b * z)[2] == mask)))  # fmt: skip
+    zs = np.linspace(lo, hi, n)
+    same = np.concatenate([
+        np.asarray(detect(jnp.asarray(c)))
+        for c in np.array_split(zs, max(1, n // 4000))
+    ])  # fmt: skip
+    change = np.flatnonzero(same[1:] != same[:-1])
+    inside, outside = zs[change], zs[change + 1]  # flipped where same[i] is False
+    flip = ~same[change]
+    inside, outside = np.where(flip, outside, inside), np.where(flip, inside, outside)
+    for _ in range(50):
+        mid = 0.5 * (inside + outside)
+        ok = np.asarray(detect(jnp.asarray(mid)))
+        inside, outside = np.where(ok, mid, inside), np.where(ok, outside, mid)
+    ends = list(0.5 * (inside + outside))
+    if same[0]:
+        ends.insert(0, lo)
+    if same[-1]:
+        ends.append(hi)
+    return list(zip(ends[::2], ends[1::2], strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_8", "dal_v5_8"])
+def test_demo_interval_ends_are_exact_and_match_a_dense_grid(name):
+    """On the bundled 8x8 demo (the `sijax demo` image and reference, seed 0), the
+    default search with a level gives exact ends, equal to those of Zset found by
+    direct evaluation of the detector on a grid over [-300, 300] with bisected ends
+    (no tracker), where exact_interval=False is not exact."""
+    from sijax.checkpoint import load_model
+    from sijax.data.examples import load_example
+    from sijax.selective.statistics import line_statistic
+
+    model = load_model(name)
+    x, x_ref = load_example(8)
+    nz = draw_noises(jax.random.key(0), model.image_shape)
+    config = DALConfig(confidence=0.95)
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=config)
+    assert res.status == "ok" and res.confidence_exact
+    line = line_statistic(x, x_ref, jnp.asarray(res.mask), sigma=1.0)
+    zset = _grid_zset(model, nz, line, res.mask, -300.0, 300.0, 12_001)
+    grid = interval(res.stat, zset)
+    ends = [v / res.sd for v in res.confidence_interval]
+    inner = [v / res.sd for v in res.confidence_inner]
+    for end, near, want in zip(ends, inner, (grid.lo, grid.hi), strict=True):
+        tol = 1e-3 * (1.0 + abs(want - res.stat))
+        assert abs(end - want) <= tol and abs(near - want) <= tol, (end, near, want)
+    cheap = dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                     config=DALConfig(confidence=0.95, exact_interval=False))
+    assert not cheap.confidence_exact and cheap.search_count < res.search_count
+    assert cheap.p_value == pytest.approx(res.p_value, abs=1e-3)
 
 
 def test_dal_default_computes_no_interval(with_ci):

@@ -137,10 +137,15 @@ class DALConfig:
       confidence: level 1 - a of the selective confidence interval of the tested
         contrast (:attr:`TestResult.confidence_interval`), e.g. 0.95; None
         (default): none is computed. The interval inverts the truncated normal over
-        Zset (:mod:`sijax.selective.confidence`); it is exact only when the search
-        covered every z that matters for its ends ("over_conditioning", or a
-        search far enough: ``TestResult.confidence_exact``); otherwise the widest
+        Zset (:mod:`sijax.selective.confidence`); it is exact when the search
+        covered every z that matters for its ends ("over_conditioning", or
+        ``exact_interval``: ``TestResult.confidence_exact``); otherwise the widest
         interval any Zset consistent with the search gives is reported.
+      exact_interval: with ``confidence`` and the "parametric" search (default
+        True): after the p-value's stopping rule, search on until the unsearched
+        part can move neither end of the interval by more than 1e-3
+        (1 + |end - z_obs|) sd (docs/method.md §5), so that the interval is exact.
+        False: stop at the p-value's rule (cheaper; a conservative interval).
     """
 
     t_start: int = 460
@@ -160,6 +165,7 @@ class DALConfig:
     memo: bool = True
     engine: Engine = Engine.WALK
     confidence: float | None = None
+    exact_interval: bool = True
 
     def __post_init__(self):
         if self.confidence is not None:
@@ -291,6 +297,7 @@ class Numbers(NamedTuple):
     precision: jax.Array
     alpha: jax.Array
     margin: jax.Array
+    confidence: jax.Array  # the level (0.95 when none is asked for)
 
 
 def split_config(config: DALConfig) -> tuple[DALConfig, Numbers]:
@@ -298,15 +305,19 @@ def split_config(config: DALConfig) -> tuple[DALConfig, Numbers]:
 
     The structural config is the static (hashable) argument of the compiled
     stages, the :class:`Numbers` their traced one: tests that differ only in
-    threshold, precision, alpha or margin share one compiled program.
+    threshold, precision, alpha, margin or confidence level share one compiled
+    program. Whether the search goes on for the interval's ends is static
+    (``exact_interval``, True only when a level is set).
     """
-    nums = Numbers(
-        *(jnp.asarray(getattr(config, f), jnp.float64) for f in Numbers._fields)
-    )
-    # The confidence interval is computed on the host after the search: not static.
+    values = dataclasses.asdict(config)
+    if config.confidence is None:
+        values["confidence"] = 0.95
+    nums = Numbers(*(jnp.asarray(values[f], jnp.float64) for f in Numbers._fields))
+    # The interval itself is computed on the host after the search.
     static = dataclasses.replace(
-        config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0, confidence=None
-    )
+        config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0, confidence=None,
+        exact_interval=config.exact_interval and config.confidence is not None,
+    )  # fmt: skip
     return static, nums
 
 
@@ -428,6 +439,7 @@ def _search_options(config: DALConfig, nums: Numbers) -> dict:
         alpha=nums.alpha,
         max_pieces=config.max_pieces,
         margin=nums.margin,
+        level=nums.confidence if config.exact_interval else None,
     )
 
 
@@ -627,7 +639,8 @@ class TestResult(NamedTuple):
         conservative when the search stopped early). None: not asked for or no
         region.
       confidence_exact: whether its ends are exact (within 1e-3 relative): the
-        search covered every z that matters for them.
+        search covered every z that matters for them (``DALConfig.exact_interval``
+        searches until they are).
       confidence_inner: (lo', hi'): the exact ends lie in [lo, lo'] and [hi', hi].
     """
 

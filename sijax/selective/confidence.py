@@ -38,10 +38,30 @@ lo <= lo_exact <= lo_inner and hi_inner <= hi_exact <= hi; the interval is calle
 ``exact`` when both brackets are narrower than ``tol`` (1 + |end - z_obs|) (default
 tol 1e-3). A search that covers the whole line (or over-conditioning, where Zset is
 the piece at z_obs by definition) gives exact ends.
+
+**Searching until the ends are exact** (:class:`EndBrackets`, :func:`tighten`). With
+S_a = T + (U above z_obs) and S_b = T + (U below z_obs), the four ends above are
+lo = root(S_a), lo_inner = root(S_b), hi_inner = root'(S_a), hi = root'(S_b). As a
+search grows, every newly searched stretch either joins T or leaves U, so the log
+odds of S_a can only rise and those of S_b only fall, at every mu: lo and hi_inner
+move up, lo_inner and hi down. Hence one evaluation of the log odds is a proof that
+lasts: h_a(m) >= logit(1 - a/2) shows m <= lo for the rest of the search, and so on.
+:func:`tighten` keeps four such certified points,
+
+    p_lo <= lo <= lo_exact <= lo_inner <= q_lo,
+    p_hi <= hi_inner <= hi_exact <= hi <= q_hi,
+
+and moves each one to the best of a few candidates spread over its bracket (evenly
+in a stretched coordinate, log2(1 + |mu - z_obs| / 2^-6), so that a first call on
+(-inf, inf) lands within a factor of two of an end and a few more pin it down). No
+root is solved inside the search loop: one vectorised evaluation per piece.
+:func:`brackets_exact` says when both brackets are within half the tolerance of
+``exact``; :func:`sijax.selective.search.search` (``level=...``) then stops.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -60,17 +80,23 @@ from sijax.selective.pvalues import split_log_masses
 
 __all__ = [
     "ConfidenceInterval",
+    "EndBrackets",
+    "brackets_exact",
     "check_level",
     "confidence_interval",
     "confidence_interval_list",
     "log_cdf_odds",
     "naive_interval",
+    "open_brackets",
+    "tighten",
 ]
 
 # Bracketing grid: z_obs +- 2^k for k in [_K_MIN, _K_MAX]; beyond: infinite ends.
 _K_MIN, _K_MAX = -6, 20
 _HALVINGS = 64  # 2^(K_MAX + 1) / 2^64 < 1e-13: below rounding of the ends
 _TOL = 1e-3
+_CANDIDATES = 12  # points per bracket and call of tighten
+_S_MAX = math.log2(1.0 + 2.0 ** (_K_MAX - _K_MIN))  # stretched coordinate of 2^K_MAX
 
 
 class ConfidenceInterval(NamedTuple):
@@ -276,6 +302,109 @@ def confidence_interval_list(
     )
     out = jax.device_get(out)
     return ConfidenceInterval(*(float(v) for v in out[:4]), exact=bool(out.exact))
+
+
+class EndBrackets(NamedTuple):
+    """Certified brackets of the interval's ends during a search (z units; module
+    docstring): p_lo <= lo <= lo_exact <= lo_inner <= q_lo and
+    p_hi <= hi_inner <= hi_exact <= hi <= q_hi, for the rest of the search."""
+
+    p_lo: jax.Array  # () float64, may be -inf
+    q_lo: jax.Array  # ()
+    p_hi: jax.Array  # ()
+    q_hi: jax.Array  # () may be +inf
+
+
+def open_brackets() -> EndBrackets:
+    """The brackets known before anything is evaluated: (-inf, inf) for both ends."""
+    inf = jnp.asarray(jnp.inf, jnp.float64)
+    return EndBrackets(-inf, inf, -inf, inf)
+
+
+def _stretch(d):
+    """mu - z_obs -> the coordinate in which candidates are spread evenly."""
+    s = jnp.sign(d) * jnp.log2(1.0 + jnp.abs(d) * 2.0**-_K_MIN)
+    return jnp.clip(s, -_S_MAX, _S_MAX)
+
+
+def _unstretch(s):
+    return jnp.sign(s) * (jnp.exp2(jnp.abs(s)) - 1.0) * 2.0**_K_MIN
+
+
+def tighten(
+    brackets: EndBrackets,
+    z_obs: jax.Array,
+    truncation: Intervals,
+    lo_s: jax.Array,
+    hi_s: jax.Array,
+    level,
+) -> EndBrackets:
+    """Tightened brackets after the search has covered [lo_s, hi_s] (jit/vmap).
+
+    Args:
+      brackets: the current :class:`EndBrackets` (from :func:`open_brackets` or an
+        earlier call with a smaller searched range).
+      z_obs: () the observed statistic.
+      truncation: the part T of Zset found in [lo_s, hi_s] (disjoint rows, not
+        overflowed: missing rows would break the certificates).
+      lo_s, hi_s: () the searched component [L, R] (z_obs inside).
+      level: 1 - a (may be traced).
+
+    Returns:
+      :class:`EndBrackets`, each end at least as tight as before.
+    """
+    z = jnp.asarray(z_obs, jnp.float64)
+    a = 1.0 - jnp.asarray(level, jnp.float64)
+    c = jnp.log1p(-0.5 * a) - jnp.log(0.5 * a)  # logit(1 - a/2)
+    inf = jnp.inf
+    # S_a = T + (R, inf), S_b = T + (-inf, L): one extra row each.
+    lo = jnp.stack([jnp.append(truncation.lo, hi_s), jnp.append(truncation.lo, -inf)])
+    hi = jnp.stack([jnp.append(truncation.hi, inf), jnp.append(truncation.hi, lo_s)])
+    valid = jnp.append(truncation.valid, True)
+    frac = jnp.linspace(0.0, 1.0, _CANDIDATES)
+
+    def spread(p, q):
+        sp, sq = _stretch(p - z), _stretch(q - z)
+        return z + _unstretch(sp + (sq - sp) * frac)
+
+    b = brackets
+    mus = jnp.stack([spread(b.p_lo, b.q_lo), spread(b.p_hi, b.q_hi)])  # (2, n)
+    odds = jax.vmap(  # sets
+        jax.vmap(jax.vmap(log_cdf_odds, (0, None, None, None, None)),  # mus
+                 (0, None, None, None, None)),  # the two brackets
+        (None, None, 0, 0, None),
+    )(mus, z, lo, hi, valid)  # (2 sets, 2 brackets, n)
+    h_a, h_b = odds[0], odds[1]
+    targets = jnp.stack([c, -c])[:, None]  # lo end: c; hi end: -c
+
+    def best(ok, pick, default):
+        return pick(jnp.where(ok, mus, default), axis=1)
+
+    p_new = best(h_a >= targets, jnp.max, -inf)  # p <= outer (lo) / inner (hi)
+    q_new = best(h_b <= targets, jnp.min, inf)  # q >= inner (lo) / outer (hi)
+    return EndBrackets(
+        p_lo=jnp.maximum(b.p_lo, p_new[0]),
+        q_lo=jnp.minimum(b.q_lo, q_new[0]),
+        p_hi=jnp.maximum(b.p_hi, p_new[1]),
+        q_hi=jnp.minimum(b.q_hi, q_new[1]),
+    )
+
+
+def brackets_exact(brackets: EndBrackets, z_obs: jax.Array, tol=_TOL) -> jax.Array:
+    """() bool: both ends are pinned to within tol / 2 (1 + |end - z_obs|) (half the
+    tolerance of :attr:`ConfidenceInterval.exact`, so that the solved ends pass it),
+    or lie beyond 2^20 sd (reported as infinite)."""
+    z = jnp.asarray(z_obs, jnp.float64)
+    far = 2.0**_K_MAX * (1.0 - 1e-9)
+
+    def tight(p, q):
+        dist = jnp.maximum(jnp.maximum(p - z, z - q), 0.0)
+        return jnp.isfinite(p) & jnp.isfinite(q) & (q - p <= 0.5 * tol * (1.0 + dist))
+
+    b = brackets
+    lo_ok = tight(b.p_lo, b.q_lo) | (b.q_lo - z <= -far)
+    hi_ok = tight(b.p_hi, b.q_hi) | (b.p_hi - z >= far)
+    return lo_ok & hi_ok
 
 
 def naive_interval(z_obs: float, level: float = 0.95) -> tuple[float, float]:

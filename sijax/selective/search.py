@@ -27,6 +27,20 @@ Policies:
 * ``"over_conditioning"``: only the piece at z_obs; Zset is defined to be that piece, so
   the p-value is exact for that (valid, low-power) conditioning and inf_p = sup_p = p.
 
+**Exact confidence interval ends** (``level=...``, "parametric" only). A selective
+confidence interval (:mod:`sijax.selective.confidence`) needs Zset far from 0, which
+the p-value's stopping rule never looks at. With a ``level``, the search goes on after
+its own rule is met until the unsearched part can no longer move either end of the
+interval by more than the tolerance: the loop keeps the certified brackets of
+:func:`sijax.selective.confidence.tighten` (one vectorised evaluation per piece on
+the found part merged to at most 32 intervals) and stops when
+:func:`~sijax.selective.confidence.brackets_exact` holds. In that phase it grows the
+side whose unsearched end is nearer the interval (the end that N(lo, 1) or N(hi, 1)
+still weighs), not the pi3 side. If Zset needs more than 32 intervals the brackets
+cannot be certified and the search stops at the p-value's rule (the interval is then
+reported as not exact); reaching ``max_pieces`` in that phase keeps status OK (the
+p-value is known; the interval is not exact).
+
 Which p-value is reported for a search that stopped early: ``p_value`` is computed on
 the searched part only, i.e. with every unsearched z counted *out of* Zset (as sicore
 does);
@@ -61,6 +75,13 @@ import numpy as np
 from jax import lax
 
 from sijax.errors import InputError, SearchError
+from sijax.selective.confidence import (
+    EndBrackets,
+    brackets_exact,
+    check_level,
+    open_brackets,
+    tighten,
+)
 from sijax.selective.intervals import Intervals, merge_pieces
 from sijax.selective.pvalues import (
     bounds_from_log_masses,
@@ -164,6 +185,8 @@ class _State(NamedTuple):
     done: jax.Array  # () bool
     memo_right: Any  # oracle memo of the walk to the right (() without a memo)
     memo_left: Any  # ... to the left
+    ends: EndBrackets  # certified brackets of the interval's ends (with a level)
+    phase: jax.Array  # () bool, the p-value's rule is met: searching for the ends
 
 
 # Installed reporters, innermost last. Process-wide, not per thread: the callbacks
@@ -206,7 +229,9 @@ def _report(i, lo, hi, inf_p, sup_p) -> None:
         _REPORTERS[-1](int(i), float(lo), float(hi), float(inf_p), float(sup_p))
 
 
-def _check_options(policy, termination, alternative, max_pieces):
+def _check_options(policy, termination, alternative, max_pieces, level=None):
+    if level is not None and not isinstance(level, jax.core.Tracer):
+        check_level(level)
     if policy not in POLICIES:
         raise InputError(f"{policy=} must be one of {POLICIES}")
     if termination not in TERMINATIONS:
@@ -231,6 +256,7 @@ def search(
     throw: bool = False,
     memo: Any = None,
     report_every: int = 0,
+    level=None,
 ) -> SearchResult:
     """Search the line for Zset and compute the selective p-value (docs/method.md §5).
 
@@ -262,17 +288,20 @@ def search(
         pieces, and so the result, are those of the oracle without memo.
       report_every: static; > 0 sends a progress report every this many pieces and
         at the end (see :func:`reporting`); 0 (default) compiles no report.
+      level: a confidence level 1 - a (may be traced): with "parametric", search on
+        until the ends of that selective confidence interval are exact (module
+        docstring); None (default): stop at the p-value's rule.
 
     Returns:
       :class:`SearchResult`.
     """
-    _check_options(policy, termination, alternative, max_pieces)
+    _check_options(policy, termination, alternative, max_pieces, level)
     report_every = int(report_every)
     if report_every < 0:
         raise InputError(f"report_every={report_every} must be >= 0")
     m = _Machine(
         policy, termination, alternative, int(max_pieces), report_every,
-        z_obs, precision, alpha, margin,
+        z_obs, precision, alpha, margin, level,
     )  # fmt: skip
 
     def body(s: _State) -> _State:
@@ -305,8 +334,10 @@ class _Machine:
     the host, one piece at a time, for oracles that are not jittable."""
 
     def __init__(self, policy, termination, alternative, p_max, report_every,
-                 z_obs, precision, alpha, margin):  # fmt: skip
+                 z_obs, precision, alpha, margin, level=None):  # fmt: skip
         self.policy, self.termination = policy, termination
+        # The interval's ends are searched for by "parametric" only.
+        self.level = level if policy == "parametric" else None
         self.alternative = alternative
         self.p_max, self.report_every = p_max, report_every
         self.z_obs = z_obs = jnp.asarray(z_obs, jnp.float64)
@@ -340,6 +371,8 @@ class _Machine:
             done=nan_z,
             memo_right=memo,
             memo_left=memo,
+            ends=open_brackets(),
+            phase=jnp.zeros((), bool),
         )
 
     def query(self, s: _State):
@@ -348,7 +381,14 @@ class _Machine:
         need_right = s.hi_s < self.r_hi
         need_left = s.lo_s > self.r_lo
         # pi3: the side whose end has the larger N(0, 1) density, i.e. smaller |end|.
-        go_right = need_right & (~need_left | (jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)))
+        nearer = jnp.abs(s.hi_s) <= jnp.abs(s.lo_s)
+        if self.level is not None:
+            # Searching for the interval's ends: the side whose unsearched end is
+            # nearer the interval's outer bracket (N(mu, 1) weighs it most).
+            nearer = jnp.where(
+                s.phase, s.ends.q_hi - s.hi_s >= s.lo_s - s.ends.p_lo, nearer
+            )
+        go_right = need_right & (~need_left | nearer)
         zq = jnp.where(first, self.z_obs, jnp.where(go_right, s.hi_s, s.lo_s))
         direction = jnp.where(first | go_right, 1, -1).astype(jnp.int32)
         return zq, direction, first, go_right
@@ -365,15 +405,31 @@ class _Machine:
         )
         return m_in[0], m_out[0], m_in[1], m_out[1]
 
-    def _finished(self, s: _State, bounds) -> jax.Array:
+    def _finished(self, s: _State, bounds) -> tuple[jax.Array, jax.Array]:
+        """(done by the p-value's rule, the whole range covered)."""
         covered = (s.lo_s <= self.r_lo) & (s.hi_s >= self.r_hi)
         if self.policy == "over_conditioning":
-            return s.i >= 1
+            return s.i >= 1, covered
         if self.policy == "exhaustive":
-            return covered
+            return covered, covered
         if self.termination == "precision":
-            return covered | (bounds.sup_p - bounds.inf_p < self.precision)
-        return covered | (bounds.sup_p < self.alpha) | (bounds.inf_p >= self.alpha)
+            return covered | (bounds.sup_p - bounds.inf_p < self.precision), covered
+        decided = (bounds.sup_p < self.alpha) | (bounds.inf_p >= self.alpha)
+        return covered | decided, covered
+
+    def _ends(self, s: _State, go: jax.Array):
+        """(the interval's brackets, tightened when ``go``; whether they are exact;
+        whether the found part of Zset has more than _ENDS_ROWS rows, in which case
+        they are neither tightened nor exact)."""
+        k = min(_ENDS_ROWS, self.p_max)
+        found = merge_pieces(s.buf_lo, s.buf_hi, s.keep, k, order=_order(s, self.p_max))
+        ok = ~found.overflow
+        ends = lax.cond(
+            go & ok,
+            lambda: tighten(s.ends, self.z_obs, found, s.lo_s, s.hi_s, self.level),
+            lambda: s.ends,
+        )
+        return ends, ok & brackets_exact(ends, self.z_obs), found.overflow
 
     def absorb(self, s: _State, query, lo, hi, accept) -> _State:
         """The state after the oracle answered ``query`` (``self.query(s)``) with a
@@ -429,7 +485,18 @@ class _Machine:
         bounds = bounds_from_log_masses(
             new.t_in, new.t_out, u_in, u_out, self.alternative
         )
-        done = new.done | self._finished(new, bounds)
+        p_done, covered = self._finished(new, bounds)
+        late = jnp.zeros((), bool)  # capped while searching for the interval's ends
+        if self.level is None:
+            done = new.done | p_done
+        else:
+            phase = p_done & ~covered & ~new.done
+            ends, exact, overflow = self._ends(new, phase)
+            new = new._replace(ends=ends, phase=phase)
+            # A Zset of more rows than _ENDS_ROWS cannot be certified: stop at the
+            # p-value's rule then (the interval is reported as not exact).
+            done = new.done | covered | (p_done & (exact | overflow))
+            late = phase
         capped = ~done & (new.i >= self.p_max)
         if self.report_every:
             lax.cond(
@@ -441,30 +508,17 @@ class _Machine:
             )
         return new._replace(
             done=done | capped,
-            status=jnp.where(capped, SearchStatus.MAX_PIECES, new.status).astype(
-                jnp.int32
-            ),
+            status=jnp.where(
+                capped & ~late, SearchStatus.MAX_PIECES, new.status
+            ).astype(jnp.int32),
         )
 
     def finish(self, s: _State, throw: bool = False) -> SearchResult:
         p_max, alternative = self.p_max, self.alternative
         inf = jnp.inf
-        # Pieces were added outwards, so their order along the line is known: the
-        # k-th left piece (k = 1, 2, ...) has rank n_left - k, the first n_left, the
-        # k-th right n_left + k. Unused slots keep their index. No sort is needed.
-        slot = jnp.arange(p_max, dtype=jnp.int32)
-        ordinal = jnp.cumsum(
-            jnp.stack([s.side < 0, s.side > 0]).astype(jnp.int32), axis=1
-        )  # (2, P): k for left / right pieces
-        used = slot < s.i
-        rank = jnp.where(
-            s.side < 0,
-            s.n_left - ordinal[0],
-            jnp.where(s.side > 0, s.n_left + ordinal[1], s.n_left),
+        truncated = merge_pieces(
+            s.buf_lo, s.buf_hi, s.keep, p_max, order=_order(s, p_max)
         )
-        rank = jnp.where(used, rank, slot)
-        order = jnp.zeros((p_max,), jnp.int32).at[rank].set(slot)
-        truncated = merge_pieces(s.buf_lo, s.buf_hi, s.keep, p_max, order=order)
         searched = Intervals(
             bounds=jnp.stack([s.lo_s, s.hi_s])[None, :],
             count=(s.i > 0).astype(jnp.int32),
@@ -506,14 +560,41 @@ class _Machine:
         return result
 
 
+# Rows of the found part of Zset that the search for the interval's ends keeps.
+_ENDS_ROWS = 32
+
+
+def _order(s: _State, p_max: int) -> jax.Array:
+    """(P,) the slots of the evaluated pieces sorted along the line.
+
+    Pieces were added outwards, so their order is known: the k-th left piece
+    (k = 1, 2, ...) has rank n_left - k, the first n_left, the k-th right
+    n_left + k. Unused slots keep their index. No sort is needed.
+    """
+    slot = jnp.arange(p_max, dtype=jnp.int32)
+    ordinal = jnp.cumsum(
+        jnp.stack([s.side < 0, s.side > 0]).astype(jnp.int32), axis=1
+    )  # (2, P): k for left / right pieces
+    rank = jnp.where(
+        s.side < 0,
+        s.n_left - ordinal[0],
+        jnp.where(s.side > 0, s.n_left + ordinal[1], s.n_left),
+    )
+    rank = jnp.where(slot < s.i, rank, slot)
+    return jnp.zeros((p_max,), jnp.int32).at[rank].set(slot)
+
+
 PieceSource = Callable[[float, int], tuple[float, float, bool]]
 
 
 @functools.cache
-def _host_steps(policy, termination, alternative, p_max):
-    """Jitted start / step / finish of :class:`_Machine` for :func:`search_host`."""
+def _host_steps(policy, termination, alternative, p_max, ends=False):
+    """Jitted start / step / finish of :class:`_Machine` for :func:`search_host`
+    (``ends``: the last of ``nums`` is a confidence level, see :func:`search`)."""
 
     def machine(nums):
+        if not ends:
+            nums = nums[:4]
         return _Machine(policy, termination, alternative, p_max, 0, *nums)
 
     def start(nums):
@@ -549,6 +630,7 @@ def search_host(
     throw: bool = False,
     progress: Progress | None = None,
     report_every: int = 10,
+    level=None,
 ) -> SearchResult:
     """:func:`search` driven from the host, for a piece oracle that is not jittable.
 
@@ -562,16 +644,21 @@ def search_host(
     Args:
       source: the host piece oracle.
       z_obs, policy, termination, alternative, precision, alpha, max_pieces, margin,
-        throw: as :func:`search`.
+        throw, level: as :func:`search`.
       progress: optional ``fn(pieces, lo, hi, inf_p, sup_p)``, called every
         ``report_every`` pieces and at the end (as a reporter of :func:`search`).
 
     Returns:
       :class:`SearchResult` (device arrays).
     """
-    _check_options(policy, termination, alternative, max_pieces)
-    start, step, finish = _host_steps(policy, termination, alternative, int(max_pieces))
-    nums = tuple(jnp.asarray(v, jnp.float64) for v in (z_obs, precision, alpha, margin))
+    _check_options(policy, termination, alternative, max_pieces, level)
+    start, step, finish = _host_steps(
+        policy, termination, alternative, int(max_pieces), level is not None
+    )
+    nums = tuple(
+        jnp.asarray(v, jnp.float64)
+        for v in (z_obs, precision, alpha, margin, 0.95 if level is None else level)
+    )
     s, q = start(nums)
     while not bool(s.done):
         lo, hi, accept = source(float(q[0]), int(q[1]))
