@@ -238,6 +238,11 @@ def _test_args(p: argparse.ArgumentParser):
                    "search goes on until its ends are exact; --set "
                    "exact_interval=false stops at the p-value's rule and gives the "
                    "widest interval the search allows)")
+    p.add_argument("--components", action="store_true",
+                   help="also test each connected component of the region on its own "
+                   "(8-connected; --set connectivity=4 for edges only), conditioning "
+                   "on the whole region, with p-values adjusted within the image "
+                   "(Holm; --set adjustment=bh for Benjamini-Hochberg)")
     _dal_options(p)
 
 
@@ -250,10 +255,12 @@ def _test_run(a: argparse.Namespace) -> int:
     _configure_jax()
     model = load_model(a.checkpoint)
     config = _dal_config(a, model)
-    if a.confidence is not None:
+    if a.confidence is not None or a.components:
         import dataclasses
 
-        config = dataclasses.replace(config, confidence=a.confidence)
+        config = dataclasses.replace(
+            config, confidence=config.confidence if a.confidence is None else
+            a.confidence, components=config.components or a.components)
     ref = _reference(a, model)
     extra = {"image": a.image, "reference": a.reference or
              ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}

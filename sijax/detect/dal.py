@@ -35,6 +35,7 @@ from sijax.diffusion.sampler import draw_noises as _draw_noises
 from sijax.errors import InputError, SearchError
 from sijax.selective.confidence import check_level, confidence_interval_list
 from sijax.selective.intervals import to_list
+from sijax.selective.multiple import adjust_p_values, check_adjustment
 from sijax.selective.pvalues import check_alternative, naive_p_value
 from sijax.selective.search import (
     POLICIES,
@@ -80,6 +81,7 @@ class Engine(str, enum.Enum):
 ENGINES: tuple[str, ...] = tuple(e.value for e in Engine)
 
 __all__ = [
+    "ComponentResult",
     "DALConfig",
     "Engine",
     "Numbers",
@@ -94,6 +96,7 @@ __all__ = [
     "detect_and_line",
     "detector",
     "draw_noises",
+    "label_components",
     "observed_line",
     "prepare_inputs",
     "split_config",
@@ -146,6 +149,15 @@ class DALConfig:
         part can move neither end of the interval by more than 1e-3
         (1 + |end - z_obs|) sd (docs/method.md §5), so that the interval is exact.
         False: stop at the p-value's rule (cheaper; a conservative interval).
+      components: also test each connected component of the detected mask on its
+        own (:attr:`TestResult.components`, docs/method.md §5): its own contrast
+        (the hypothesis applied to the component alone), its own line, and the
+        whole mask as the selection event, so each p-value is exact; the
+        component p-values are adjusted within the image. :func:`dal_test` only.
+      connectivity: 8 (default: pixels touching at a corner are connected) or 4
+        (edges only) for ``components``.
+      adjustment: "holm" (default; family-wise error over the components) or "bh"
+        (Benjamini-Hochberg; false discovery rate) for ``components``.
     """
 
     t_start: int = 460
@@ -166,10 +178,16 @@ class DALConfig:
     engine: Engine = Engine.WALK
     confidence: float | None = None
     exact_interval: bool = True
+    components: bool = False
+    connectivity: int = 8
+    adjustment: str = "holm"
 
     def __post_init__(self):
         if self.confidence is not None:
             object.__setattr__(self, "confidence", check_level(self.confidence))
+        if self.connectivity not in (4, 8):
+            raise InputError(f"connectivity={self.connectivity} must be 4 or 8")
+        check_adjustment(self.adjustment)
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         if not self.steps or self.steps[0] != self.t_start:
             raise InputError(
@@ -313,10 +331,11 @@ def split_config(config: DALConfig) -> tuple[DALConfig, Numbers]:
     if config.confidence is None:
         values["confidence"] = 0.95
     nums = Numbers(*(jnp.asarray(values[f], jnp.float64) for f in Numbers._fields))
-    # The interval itself is computed on the host after the search.
+    # The interval itself, the components' labels and adjustment are host-side.
     static = dataclasses.replace(
         config, threshold=0.0, precision=1.0, alpha=0.5, margin=0.0, confidence=None,
         exact_interval=config.exact_interval and config.confidence is not None,
+        components=False, connectivity=8, adjustment="holm",
     )  # fmt: skip
     return static, nums
 
@@ -416,9 +435,15 @@ def _core(
     rec, score, mask, line = detect_and_line(
         model, x, x_ref, noises, cov, cov_ref, nums, config
     )
+    res = _search_line(model, noises, line, mask, nums, config, report_every)
+    return _with_search(rec, score, mask, line, res, config)
+
+
+def _search_line(model, noises, line, mask, nums, config, report_every=0):
+    """The search for Zset = {z : M(a + b z) = ``mask``} along ``line``."""
     ok = line.status == StatStatus.OK
     params = (model, noises, line.a, line.b, mask, nums.threshold)
-    res = search(
+    return search(
         functools.partial(_piece_oracle, config=config),
         params,
         jnp.where(ok, line.z_obs, jnp.nan),
@@ -426,7 +451,26 @@ def _core(
         report_every=report_every,
         **_search_options(config, nums),
     )
-    return _with_search(rec, score, mask, line, res, config)
+
+
+def _component_line(x, x_ref, cov, cov_ref, part, config):
+    """The statistic and line of one component's own contrast (docs/method.md §5)."""
+    return line_statistic(
+        x, x_ref, part, sigma=cov, sigma_ref=cov_ref,
+        hypothesis=config.hypothesis, radius=config.radius,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _component_jit(model, x, x_ref, noises, cov, cov_ref, nums, part, mask, config):
+    """One component's test ("walk"): its line, and the search for the *whole*
+    observed mask along it. Compiled once for every component of every image of a
+    shape (the component is an input)."""
+    line = _component_line(x, x_ref, cov, cov_ref, part, config)
+    return line, _search_line(model, noises, line, mask, nums, config)
+
+
+_component_line_jit = jax.jit(_component_line, static_argnames=("config",))
 
 
 def _search_options(config: DALConfig, nums: Numbers) -> dict:
@@ -482,6 +526,12 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
     rec, score, mask, line = _front_jit(
         model, x, x_ref, noises, cov, cov_ref, nums, config
     )
+    res = _search_line_host(model, noises, line, mask, nums, config, progress)
+    return _with_search(rec, score, mask, line, res, config)
+
+
+def _search_line_host(model, noises, line, mask, nums, config, progress=None):
+    """_search_line with the "propagate" engine: the search driven from the host."""
     ok = int(line.status) == StatStatus.OK
     z = float(line.z_obs) if ok else math.nan
     r = math.inf
@@ -500,14 +550,13 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
         lo, hi, accept = cache.piece(zq, direction)
         return lo, hi, bool(accept)
 
-    res = search_host(
+    return search_host(
         source,
         z,
         progress=progress,
         report_every=REPORT_EVERY,
         **_search_options(config, nums),
     )
-    return _with_search(rec, score, mask, line, res, config)
 
 
 # Pieces between two progress reports of dal_test(progress=...): a host callback
@@ -642,6 +691,8 @@ class TestResult(NamedTuple):
         search covered every z that matters for them (``DALConfig.exact_interval``
         searches until they are).
       confidence_inner: (lo', hi'): the exact ends lie in [lo, lo'] and [hi', hi].
+      components: with ``DALConfig.components``, a :class:`ComponentResult` per
+        connected component of ``mask`` (empty without a region); None otherwise.
     """
 
     stat: float
@@ -666,6 +717,7 @@ class TestResult(NamedTuple):
     confidence_interval: tuple[float, float] | None = None
     confidence_exact: bool | None = None
     confidence_inner: tuple[float, float] | None = None
+    components: list | None = None
 
     @property
     def p_exact(self) -> bool:
@@ -730,6 +782,8 @@ class TestResult(NamedTuple):
             if isinstance(v, np.ndarray):
                 continue
             out[k] = str(v) if isinstance(v, Status) else v
+        if self.components is not None:
+            out["components"] = [c.to_json() for c in self.components]
         out["region_size"] = int(self.mask.sum())
         out["p_text"] = self.p_text()
         out["p_exact"] = self.p_exact
@@ -968,7 +1022,139 @@ def dal_test(
         alpha=config.alpha,
         precision=config.precision,
         **_confidence_fields(core, config, has),
+        components=(
+            None if not config.components
+            else _components(model, x, x_ref, noises, cov, cov_ref, nums, static,
+                             config, core) if has else []
+        ),  # fmt: skip
     )
+
+
+def label_components(mask, connectivity: int = 8) -> tuple[np.ndarray, int]:
+    """Connected components of a region mask (host-side).
+
+    Args:
+      mask: (H, W) bool.
+      connectivity: 8 (pixels that share an edge or a corner are connected) or 4
+        (an edge only).
+
+    Returns:
+      (labels (H, W) int32: 0 outside the mask, 1..n on the components, numbered in
+      row-major order of their first pixel; n).
+    """
+    from scipy import ndimage
+
+    if connectivity not in (4, 8):
+        raise InputError(f"{connectivity=} must be 4 or 8")
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise InputError(f"mask must be (H, W), got {mask.shape=}")
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels, n = ndimage.label(mask, structure=structure)
+    return labels.astype(np.int32), int(n)
+
+
+class ComponentResult(NamedTuple):
+    """The selective test of one connected component of the detected mask
+    (:attr:`TestResult.components`, docs/method.md §5); host-side values.
+
+    Its contrast is the hypothesis applied to the component alone (reference:
+    mean over the component of X - X_ref); its line is that contrast's, and Zset
+    is {z : the detected mask of X(z) equals the whole observed mask}.
+
+    Attributes:
+      label: 1..n, row-major order of the components' first pixels.
+      mask: (H, W) bool, the component.
+      size: its pixels.
+      stat, raw_stat, sd: z, eta^T x~ and sqrt(eta^T Sigma~ eta) of its contrast.
+      p_value, inf_p, sup_p: its selective p-value and bounds (as in TestResult).
+      naive_p_value: the z-test that ignores the selection.
+      adjusted_p: p_value adjusted within the image by ``adjustment``.
+      adjustment: "holm" or "bh" (``DALConfig.adjustment``).
+      truncated_intervals, searched_intervals, search_count: its search.
+      status: :class:`Status` of its test (OK or MAX_PIECES).
+      confidence_interval, confidence_exact, confidence_inner: its selective
+        confidence interval (image units) when ``DALConfig.confidence`` is set.
+    """
+
+    label: int
+    mask: np.ndarray
+    size: int
+    stat: float
+    raw_stat: float
+    sd: float
+    p_value: float
+    inf_p: float
+    sup_p: float
+    naive_p_value: float
+    adjusted_p: float
+    adjustment: str
+    truncated_intervals: list
+    searched_intervals: list
+    search_count: int
+    status: Status
+    confidence_interval: tuple[float, float] | None = None
+    confidence_exact: bool | None = None
+    confidence_inner: tuple[float, float] | None = None
+
+    def centroid(self) -> tuple[float, float]:
+        """(row, column) of the component's centre of mass."""
+        rows, cols = np.nonzero(self.mask)
+        return float(rows.mean()), float(cols.mean())
+
+    def to_json(self) -> dict:
+        """The scalar fields, the bounding box [r0, c0, r1, c1] (inclusive) and the
+        centroid as plain JSON values (the mask left out)."""
+        out = {k: v for k, v in self._asdict().items() if k != "mask"}
+        out["status"] = str(self.status)
+        rows, cols = np.nonzero(self.mask)
+        out["bbox"] = [int(rows.min()), int(cols.min()), int(rows.max()),
+                       int(cols.max())]  # fmt: skip
+        out["centroid"] = list(self.centroid())
+        return out
+
+
+def _components(model, x, x_ref, noises, cov, cov_ref, nums, static, config, core):
+    """The test of each connected component of the observed mask (host loop over
+    the components; one compiled search serves them all), adjusted within the
+    image."""
+    mask = np.asarray(core.mask)
+    labels, n = label_components(mask, config.connectivity)
+    mask_obs = jnp.asarray(mask)
+    out = []
+    for k in range(1, n + 1):
+        part = labels == k
+        if config.engine is Engine.PROPAGATE:
+            line = _component_line_jit(x, x_ref, cov, cov_ref, jnp.asarray(part),
+                                       static)  # fmt: skip
+            res = _search_line_host(model, noises, line, mask_obs, nums, static)
+        else:
+            line, res = _component_jit(model, x, x_ref, noises, cov, cov_ref, nums,
+                                       jnp.asarray(part), mask_obs, static)  # fmt: skip
+        one = jax.device_get(
+            _with_search(core.reconstruction, core.score_map, mask, line, res, config)
+        )
+        status = Status.from_code(_status_code(one))
+        if status is Status.ERROR:
+            bad_input = int(one.stat_status) != StatStatus.OK
+            error = InputError if bad_input else SearchError
+            raise error(f"component {k}: " + error_message(one.stat_status,
+                                                            one.search.status))
+        r = one.search
+        ci = _confidence_fields(one, config, True)
+        ci.pop("confidence")
+        out.append(ComponentResult(
+            label=k, mask=part, size=int(part.sum()), stat=float(one.z_obs),
+            raw_stat=float(one.stat), sd=float(one.sd), p_value=float(r.p_value),
+            inf_p=float(r.inf_p), sup_p=float(r.sup_p),
+            naive_p_value=float(one.naive_p), adjusted_p=math.nan,
+            adjustment=config.adjustment,
+            truncated_intervals=to_list(r.truncated),
+            searched_intervals=to_list(r.searched),
+            search_count=int(r.search_count), status=status, **ci,
+        ))  # fmt: skip
+    adjusted = adjust_p_values([c.p_value for c in out], config.adjustment)
+    return [c._replace(adjusted_p=float(a)) for c, a in zip(out, adjusted, strict=True)]
 
 
 def _confidence_fields(core: _Core, config: DALConfig, has: bool) -> dict:
@@ -1049,6 +1235,11 @@ def dal_test_batch(
     Returns:
       :class:`BatchResult` of device arrays.
     """
+    if config.components:
+        raise InputError(
+            "components=True is computed by dal_test (one image) only; test the "
+            "images one by one"
+        )
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )

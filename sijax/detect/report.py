@@ -56,7 +56,9 @@ def write_report(
     checkpoint: str | None,
     extra: dict | None = None,
 ) -> dict:
-    """Writes report.json, mask.npy, score_map.npy, reconstruction.npy, report.png.
+    """Writes report.json, mask.npy, score_map.npy, reconstruction.npy, report.png,
+    and with per-component tests components.npy (the labels: 0 outside the region,
+    k on component k).
 
     Args:
       out_dir: directory (created).
@@ -83,6 +85,11 @@ def write_report(
     np.save(os.path.join(out_dir, "mask.npy"), result.mask)
     np.save(os.path.join(out_dir, "score_map.npy"), result.score_map)
     np.save(os.path.join(out_dir, "reconstruction.npy"), result.reconstruction)
+    if result.components is not None:
+        labels = np.zeros(result.mask.shape, np.int32)
+        for c in result.components:
+            labels[c.mask] = c.label
+        np.save(os.path.join(out_dir, "components.npy"), labels)
     plot_report(
         os.path.join(out_dir, "report.png"),
         result,
@@ -110,7 +117,36 @@ def _title(result) -> str:
         f"z = {result.stat:.3f}   |M| = {int(result.mask.sum())}   ({result.status})"
     )
     ci = result.confidence_text()
-    return head if ci is None else head + "\nmean difference " + ci
+    head = head if ci is None else head + "\nmean difference " + ci
+    if result.components:
+        parts = [
+            f"#{c.label}: {c.size} px, p = {_fmt_p(c.p_value)}, adj. "
+            f"{_fmt_p(c.adjusted_p)}" for c in result.components[:6]
+        ]  # fmt: skip
+        more = len(result.components) - 6
+        head += "\ncomponents (adjusted within the image): " + "; ".join(parts)
+        head += f"; ... ({more} more)" if more > 0 else ""
+    return head
+
+
+# Colours of the components' outlines in report.png, cycled.
+_COMPONENT_COLOURS = ("cyan", "yellow", "lime", "magenta", "orange", "deepskyblue")
+
+
+def _outline(ax, result) -> None:
+    """The region's outline, or one outline and label per component."""
+    if result.components:
+        for k, c in enumerate(result.components):
+            colour = _COMPONENT_COLOURS[k % len(_COMPONENT_COLOURS)]
+            ax.contour(c.mask.astype(float), levels=[0.5], colors=colour,
+                       linewidths=1.2)  # fmt: skip
+            r, col = c.centroid()
+            ax.text(col, r, str(c.label), color=colour, fontsize=9,
+                    fontweight="bold", ha="center", va="center")  # fmt: skip
+    elif np.any(result.mask):
+        ax.contour(
+            result.mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.2
+        )
 
 
 def _plot_line(ax, result) -> None:
@@ -153,8 +189,10 @@ def _plot_line(ax, result) -> None:
 
 
 def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
-    """Input, reference, reconstruction and score map with the region outlined,
-    and below them the truncation set along the line (when there is a region)."""
+    """Input, reference, reconstruction and score map with the region outlined
+    (each component in its own colour, labelled by its number, when the components
+    were tested), and below them the truncation set along the line (when there is
+    a region)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,10 +228,7 @@ def plot_report(path, result, x, x_ref, *, threshold: float) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        if np.any(result.mask):
-            ax.contour(
-                result.mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.2
-            )
+        _outline(ax, result)
         if last:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if line:

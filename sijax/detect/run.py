@@ -136,4 +136,28 @@ def format_result(result) -> str:
         f"truncation set Zset: {iv}\n"
         f"pieces searched: {result.search_count}   searched range: "
         f"{[tuple(round(v, 4) for v in s) for s in result.searched_intervals]}"
+        + _components_text(result)
     )
+
+
+def _components_text(result) -> str:
+    """One line per connected component (with ``DALConfig(components=True)``)."""
+    if result.components is None:
+        return ""
+    how = result.components[0].adjustment if result.components else "-"
+    lines = [f"\nconnected components: {len(result.components)} (each tested on its "
+             f"own contrast given the whole region; p adjusted within the image: "
+             f"{how})"]  # fmt: skip
+    for c in result.components:
+        r, col = c.centroid()
+        ci = ""
+        if c.confidence_interval is not None:
+            lo, hi = c.confidence_interval
+            exact = "" if c.confidence_exact else " (conservative)"
+            ci = f"   CI [{lo:.4g}, {hi:.4g}]{exact}"
+        lines.append(
+            f"  component {c.label}: {c.size} px around ({r:.1f}, {col:.1f})   "
+            f"z = {c.stat:.4f}   p = {c.p_value:.4g} [{c.inf_p:.4g}, {c.sup_p:.4g}]   "
+            f"adjusted = {c.adjusted_p:.4g}   naive p = {c.naive_p_value:.4g}{ci}"
+        )
+    return "\n".join(lines)

@@ -8,12 +8,18 @@ Works on any function: nothing here imports the diffusion model or the detector.
   normal.
 * :mod:`~sijax.selective.statistics`: eta, covariances and the line a + b z.
 * :mod:`~sijax.selective.search`: search policies over a piece oracle.
+* :mod:`~sijax.selective.multiple`: p-values adjusted within a family (the
+  components of one region).
 """
 
 from sijax.selective.confidence import (
     ConfidenceInterval,
+    EndBrackets,
+    brackets_exact,
     confidence_interval,
     confidence_interval_list,
+    open_brackets,
+    tighten,
 )
 from sijax.selective.intervals import (
     Intervals,
@@ -28,6 +34,7 @@ from sijax.selective.intervals import (
     normalize_list,
     to_list,
 )
+from sijax.selective.multiple import ADJUSTMENTS, adjust_p_values
 from sijax.selective.pvalues import (
     ALTERNATIVES,
     PValueBounds,
@@ -75,12 +82,14 @@ from sijax.selective.statistics import (
 )
 
 __all__ = [
+    "ADJUSTMENTS",
     "ALTERNATIVES",
     "AR1Covariance",
     "ConfidenceInterval",
     "Covariance",
     "DenseCovariance",
     "DiagonalCovariance",
+    "EndBrackets",
     "HYPOTHESES",
     "Intervals",
     "LineStatistic",
@@ -95,10 +104,12 @@ __all__ = [
     "StatStatus",
     "StationaryCovariance",
     "TERMINATIONS",
+    "adjust_p_values",
     "as_covariance",
     "bonferroni_p_value",
     "bonferroni_threshold",
     "bounds_from_log_masses",
+    "brackets_exact",
     "complement",
     "complement_list",
     "confidence_interval",
@@ -122,10 +133,12 @@ __all__ = [
     "naive_p_value",
     "normalize",
     "normalize_list",
+    "open_brackets",
     "p_value_bounds",
     "raise_for_status",
     "region_eta",
     "search",
     "selective_p_value",
+    "tighten",
     "to_list",
 ]
