@@ -290,7 +290,11 @@ whole-region test. Synthetic trials of `sijax experiment` (delta on one floor(d/
 square, reference test). A component (region) is null when the planted square does
 not touch it. Per-component type I errors must stay at alpha (raw p) or below
 (adjusted); the whole-region test cannot say which component carries the signal.
-Raw records and summaries: [results/components](results/components/).
+Raw records and summaries: [results/components](results/components/). The committed
+table is a small run (tiny_8, 30 trials per setting: its intervals are wide; the
+first setting's s/trial includes compilation); the full run is
+`python benchmarks/components.py --trials 1000 --out /work/runs/components --write`
+(dal_v5_8, delta 0/2/4; about a day of two CPU cores).
 """
 
 
