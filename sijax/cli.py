@@ -314,8 +314,9 @@ def _test_tiles(a, model, ref, config, extra) -> int:
     for t in res.tiles:
         if t["adjusted_p"] is not None:
             print(f"  tile {t['tile']} at ({t['row']}, {t['col']}): region "
-                  f"{t['region_size']} px, p = {t['p_value']:.4g}, adjusted "
-                  f"{t['adjusted_p']:.4g}" + ("  *" if t["significant"] else ""))
+                  f"{t['region_size']} px, {t['p_text']}, Holm-adjusted "
+                  f"{'' if t['p_exact'] else '<= '}{t['adjusted_p']:.4g}"
+                  + ("  *" if t["significant"] else ""))
     print(f"report in {a.out}/ (tiles.json, tiles.png)")
     return 0
 

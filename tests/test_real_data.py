@@ -161,4 +161,9 @@ def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path)
     m = len(tested)
     for t in tested:  # Holm never lowers a p-value and is at most m times it
         assert t["sup_p"] <= t["adjusted_p"] <= min(1.0, m * t["sup_p"]) + 1e-12
+        # Printed as known: a decided tile's p is its side of alpha or its bounds,
+        # its adjusted p an upper bound, never a point inside the bounds.
+        line = next(x for x in out.splitlines() if f"tile {t['tile']} at" in x)
+        assert t["p_text"] in line
+        assert ("Holm-adjusted <= " in line) != t["p_exact"]
     assert (tmp_path / "tiles" / "tiles.png").is_file()

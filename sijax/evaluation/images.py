@@ -104,7 +104,8 @@ def run_image_test(model, x, reference: Reference, *, config: DALConfig,
     Returns:
       (record dict, TestResult): the record holds the fields of ``images.jsonl``
       that depend on the test (region_size, stat, p_value, inf_p, sup_p,
-      naive_p_value, p_text, status, message, pieces, seconds, reject, naive_reject).
+      naive_p_value, p_text, p_exact, status, message, pieces, seconds, reject,
+      naive_reject).
     """
     noises = draw_noises(key, model.image_shape, config)
     t0 = time.perf_counter()
@@ -121,6 +122,7 @@ def run_image_test(model, x, reference: Reference, *, config: DALConfig,
         "naive_p_value": _num(res.naive_p_value),
         # The p-value as it is known (a point only when the search pinned it down).
         "p_text": res.p_text() if tested else None,
+        "p_exact": bool(tested and res.p_exact),
         "status": str(res.status),
         "message": res.message,
         "pieces": int(res.search_count),
