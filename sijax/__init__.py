@@ -12,6 +12,7 @@ from sijax.config import TrainConfig
 from sijax.data import Preprocessing, open_dataset
 from sijax.detect.dal import (
     BatchResult,
+    ComponentResult,
     DALConfig,
     Engine,
     TestResult,
@@ -19,6 +20,7 @@ from sijax.detect.dal import (
     dal_test_batch,
     detect_region,
     draw_noises,
+    label_components,
 )
 from sijax.detect.models import ReconstructionModel
 from sijax.detect.permutation import PermutationResult, permutation_test
@@ -33,7 +35,7 @@ from sijax.errors import (
     SijaxError,
     SijaxWarning,
 )
-from sijax.noise_model import NoiseModel, estimate_noise_model
+from sijax.noise_model import NoiseModel, check_noise_model, estimate_noise_model
 from sijax.selective import (
     AR1Covariance,
     Intervals,
@@ -59,6 +61,7 @@ __all__ = [
     "Affine",
     "BatchResult",
     "CheckpointError",
+    "ComponentResult",
     "DALConfig",
     "DiffusionModel",
     "Engine",
@@ -90,6 +93,7 @@ __all__ = [
     "TrainConfig",
     "as_covariance",
     "bonferroni_p_value",
+    "check_noise_model",
     "dal_test",
     "dal_test_batch",
     "detect_region",
@@ -97,6 +101,7 @@ __all__ = [
     "enumerate_pieces",
     "estimate_noise_model",
     "evaluate",
+    "label_components",
     "line_statistic",
     "load_model",
     "naive_p_value",
