@@ -277,9 +277,11 @@ README_TEXT = """\
 mean difference (`DALConfig(confidence=0.95)`, docs/method.md §5) cover the tested
 contrast theta = mean over M of the planted signal at its level, given the region?
 Synthetic trials of `sijax experiment` (delta on a floor(d/3) square, reference
-test). The interval is the widest any Zset consistent with the search allows (exact
-only when the search covered every z that matters for the ends: column "exact"), so
-its coverage may exceed the level; it must not fall below it. The naive interval
+test). Since commit 05f5e0e the search goes on until the ends are exact
+(`exact_interval`, the default with `confidence`); before it, and where the search
+cannot (a Zset of more than 32 intervals, max_pieces), the interval is the widest any
+Zset consistent with the search allows (column "exact": the fraction with exact
+ends), whose coverage may exceed the level. It must never fall below it. The naive interval
 raw +- 1.96 sd ignores the selection. Raw records and summaries:
 [results/coverage](results/coverage/).
 """
