@@ -98,7 +98,7 @@ def test_exhaustive_truncation_set_matches_dense_grid(model, example, exhaustive
 @pytest.mark.parametrize(
     "search,termination",
     [
-        ("exhaustive", "precision"),
+        pytest.param("exhaustive", "precision", marks=pytest.mark.slow),
         ("parametric", "precision"),
         ("parametric", "decision"),
     ],
@@ -424,6 +424,7 @@ def test_batch_equals_single(model, example, exhaustive):
         dal_test_batch(model, xs, refs, sigma=1.0, noises=nzs, lanes=3)
 
 
+@pytest.mark.slow
 def test_batch_progress_counts_every_piece(model, example, exhaustive):
     """The reports of a batch's searches add up to their pieces; same results."""
     x, x_ref, nz = example

@@ -623,6 +623,7 @@ def test_robustness_run(tmp_path, models):
     assert _is_png(os.path.join(out, "robustness.png"))
 
 
+@pytest.mark.slow
 def test_pwl_run(tmp_path, models):
     spec = ex.default_spec(
         "pwl",

@@ -613,6 +613,7 @@ def test_dal_test_with_a_noise_model(model, normal_images, noise_models, kind):
     assert res.search_count == as_dense.search_count
 
 
+@pytest.mark.slow
 def test_dal_test_batch_accepts_the_new_covariances(model, normal_images, noise_models):
     """Both engines; a stationary sigma with a low-rank sigma_ref in one compiled
     batch (walk), and on the host (propagate): the same p-values."""

@@ -556,7 +556,7 @@ def test_non_piecewise_linear_operators_are_rejected_by_the_tracker():
             sijax.track(fn)(jnp.asarray(x), jnp.ones((1, 4)), 0.0)
 
 
-@pytest.mark.parametrize("op", ["Softmax", "MadeUpOp"])
+@pytest.mark.parametrize("op", ["Hardmax", "MadeUpOp"])
 def test_unsupported_operator_names_op_and_node(op):
     nodes = [
         helper.make_node("Relu", ["x"], ["h"], name="ok"),
