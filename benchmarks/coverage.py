@@ -281,8 +281,8 @@ test). Since commit 05f5e0e the search goes on until the ends are exact
 (`exact_interval`, the default with `confidence`); before it, and where the search
 cannot (a Zset of more than 32 intervals, max_pieces), the interval is the widest any
 Zset consistent with the search allows (column "exact": the fraction with exact
-ends), whose coverage may exceed the level. It must never fall below it. The naive interval
-raw +- 1.96 sd ignores the selection. Raw records and summaries:
+ends), whose coverage may exceed the level. It must never fall below it. The naive
+interval raw +- 1.96 sd ignores the selection. Raw records and summaries:
 [results/coverage](results/coverage/).
 """
 
