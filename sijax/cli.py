@@ -539,6 +539,68 @@ def _evaluate_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- noise-check -------------------------------------------------------------------
+
+def _noise_check_args(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint", required=True, help="a model trained with --data")
+    p.add_argument("--data", required=True,
+                   help="held-out normal images: an MVTec AD category root (its "
+                   "test/good is used) or a folder or stack of images (all used); "
+                   "not the images the noise models were estimated from")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help="sides of the random squares (1 2 3 4)")
+    p.add_argument("--seed", type=int, default=0, help="places of the squares")
+    p.add_argument("--out", help="also write the numbers to this JSON file")
+
+
+def _noise_check_run(a: argparse.Namespace) -> int:
+    _configure_jax()
+    import json
+
+    import numpy as np
+
+    from sijax.checkpoint import load_model
+    from sijax.data import open_dataset
+    from sijax.evaluation.evaluate import evaluation_items
+    from sijax.evaluation.images import model_input
+    from sijax.noise_model import KINDS, check_noise_model
+
+    model = load_model(a.checkpoint)
+    if model.info.noise_model is None:
+        raise InputError(f"{a.checkpoint} stores no noise model (it was not trained "
+                         "with --data)")
+    dataset = open_dataset(a.data)
+    items = evaluation_items(dataset)
+    if any(it.kind == "good" for it in items):
+        items = [it for it in items if it.kind == "good"]
+    elif any(it.kind != "unlabelled" for it in items):
+        raise InputError(f"{a.data} has no test/good images to check against")
+    x = np.stack([np.asarray(model_input(model, dataset.read(it), it.name))
+                  for it in items])
+    rows = {kind: check_noise_model(model.noise_model(kind), x, a.sizes, seed=a.seed)
+            for kind in KINDS}
+    print(f"{len(x)} held-out normal images; per square side: variance of z "
+          "[99% interval] (1 when the noise model is right) and the fraction with "
+          "|z| > 1.96 (0.05)")
+    for kind, checks in rows.items():
+        cells = [f"{r['size']}x{r['size']} {r['var_z']:.2f} "
+                 f"[{r['var_z_interval_99'][0]:.2f}, {r['var_z_interval_99'][1]:.2f}]"
+                 f" {r['rate_196']:.3f}" for r in checks]
+        under = [r["size"] for r in checks if r["var_z_interval_99"][0] > 1.0]
+        over = [r["size"] for r in checks if r["var_z_interval_99"][1] < 1.0]
+        note = ""
+        if under:  # the test would reject normal regions of these sizes too often
+            note = (f"  <- UNDERSTATES the variance (sides {under}): too many "
+                    "rejections")
+        elif over:
+            note = f"  (overstates it at sides {over}: conservative there)"
+        print(f"  {kind:<10}  " + "  ".join(cells) + note)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"images": len(x), "checks": rows}, f, indent=1)
+    return 0
+
+
 # --- data --------------------------------------------------------------------------
 
 def _data_args(p: argparse.ArgumentParser):
@@ -585,6 +647,9 @@ COMMANDS: dict[str, Command] = {
     "data": ("build a small real data set offline (digits, textures) in the "
              "MVTec AD layout, with synthetic defects and masks (needs the [data] "
              "extra)", _data_args, _data_run),
+    "noise-check": ("does each stored noise model give region means their real "
+                    "variance? z of random squares on held-out normal images",
+                    _noise_check_args, _noise_check_run),
     "experiment": ("the paper's experiments: type I error, power, pieces, "
                    "robustness, piecewise-linear activations", _experiment_args,
                    _experiment_run),

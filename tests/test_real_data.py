@@ -167,3 +167,23 @@ def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path)
         assert t["p_text"] in line
         assert ("Holm-adjusted <= " in line) != t["p_exact"]
     assert (tmp_path / "tiles" / "tiles.png").is_file()
+
+
+def test_noise_check_reports_every_stored_model_on_held_out_images(trained, capsys,
+                                                                   tmp_path):
+    data, workdir = trained
+    out = tmp_path / "check.json"
+    rc, text, err = run(capsys, "noise-check", "--checkpoint", str(workdir),
+                        "--data", str(data), "--sizes", "1", "2", "--out", str(out))
+    assert rc == 0, err
+    rep = json.loads(out.read_text())
+    assert set(rep["checks"]) == {"pixel", "stationary", "lowrank"}
+    good = len(os.listdir(os.path.join(data, "test", "good")))
+    for kind, rows in rep["checks"].items():
+        assert [r["size"] for r in rows] == [1, 2] and kind in text
+        for r in rows:
+            assert r["images"] == good and r["var_z"] > 0
+            assert r["var_z_interval_99"][0] < r["var_z"] < r["var_z_interval_99"][1]
+    rc, _, err = run(capsys, "noise-check", "--checkpoint", str(workdir), "--data",
+                     str(data), "--sizes", "9")
+    assert rc == 2 and "side 9" in err
