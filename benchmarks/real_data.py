@@ -185,15 +185,18 @@ def write(a, data, run, rows) -> None:
     lines = [
         "## Real images (issue 25 item 6)",
         "",
-        f"{time.strftime('%Y-%m-%d')}, commit {commit}, {platform.processor() or 'cpu'}"
+        f"{time.strftime('%Y-%m-%d')}, written at commit {commit} (the evaluations "
+        "may have run over earlier commits with the same test code: "
+        "benchmarks/results/real_digits/*_evaluation.json hold their settings), "
+        f"{platform.processor() or 'cpu'}"
         f" ({os.cpu_count()} cores; load average at writing "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}: shared with other jobs, "
         "so the seconds per test are not a speed benchmark), "
         f"`python benchmarks/real_data.py --workdir {a.workdir} --write`. "
         "Data: `sijax data digits` (scikit-learn's digits, "
-        f"8x8; {meta['data']['n_train']} training images, of which "
+        f"8x8; {meta['data']['n_train']} training images: "
         f"{meta['summary'].get('steps', '?')} steps of training on "
-        f"{meta['config']['n_train']} and the rest held out), "
+        f"{meta['config']['n_train']}, the rest held out), "
         f"{a.n_test_good} held-out good test images, {a.n_test_defect} per defect "
         f"kind. Model: dal_v5 at 8x8, {meta['config']['epochs']} epochs, final "
         f"loss {meta['summary']['final_loss']:.4f}, validation loss "
@@ -218,12 +221,14 @@ def write(a, data, run, rows) -> None:
         total = a.n_test_good + 3 * a.n_test_defect
         done = s["images"] if isinstance(s["images"], int) else len(s["images"])
         partial = "" if done >= total else f" (partial: {done} of {total} images)"
+        def num(key, s=s):
+            v = s.get(key)
+            return "-" if v is None or v != v else f"{v:.3f}"
+
         lines.append(
             f"| {kind}{partial} | {g.get('with_region')} / {g.get('images')} | "
-            f"{_rate(g['selective'])} | {_rate(g['naive'])} | {power} | "
-            f"{s.get('pixel_auroc', float('nan')):.3f} | "
-            f"{s.get('aupro', float('nan')):.3f} | "
-            f"{s.get('image_auroc', float('nan')):.3f} | "
+            f"{_rate(g['selective'])} | {_rate(g['naive'])} | {power or '-'} | "
+            f"{num('pixel_auroc')} | {num('aupro')} | {num('image_auroc')} | "
             f"{g.get('mean_seconds') or float('nan'):.2f} |")
     checks = noise_checks(data, run)
     with open(os.path.join(dest, "noise_check.json"), "w") as f:
