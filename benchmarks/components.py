@@ -43,32 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _readme import replace_section  # noqa: E402
 
+from sijax.experiments.trials import planted_mean  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results", "components")
 HEADING = "Per-component tests (issue 27)"
-
-
-def planted_mean(setting, index: int, shape):
-    """E[X] of trial ``index``: delta on its square, rebuilt from trial_data's random
-    stream (noise, reference noise, then the square's corner) and checked."""
-    import numpy as np
-
-    from sijax.experiments.noise import sample_noise
-    from sijax.experiments.trials import trial_data
-
-    rng = np.random.default_rng([setting.data_seed, index])
-    kw = dict(
-        covariance=setting.covariance, noise=setting.noise, distance=setting.distance
-    )
-    noise = sample_noise(rng, shape, **kw)
-    sample_noise(rng, shape, **kw)
-    side = max(1, setting.size // 3)
-    r0, c0 = rng.integers(0, setting.size - side + 1, size=2)
-    mean = np.zeros(shape)
-    mean[r0 : r0 + side, c0 : c0 + side] = setting.delta
-    data = trial_data(setting, index, shape[2])
-    if not np.allclose(noise + mean, data.x):
-        raise RuntimeError("planted_mean no longer follows trial_data's stream")
-    return mean, data
 
 
 def run_setting(model, setting, a, done: dict, out_path: str) -> None:

@@ -594,18 +594,8 @@ def draw_noises_batch(eps0, eps):
 def _signal(setting, index, shape):
     """The planted mean of trial ``index`` (its square), rebuilt from trial_data's
     random stream and checked against the trial's image."""
-    from sijax.experiments.noise import sample_noise
-    from sijax.experiments.trials import trial_data
+    from sijax.experiments.trials import planted_mean
 
-    rng = np.random.default_rng([setting.data_seed, index])
-    kw = dict(
-        covariance=setting.covariance, noise=setting.noise, distance=setting.distance
-    )
-    noise = sample_noise(rng, shape, **kw)
-    sample_noise(rng, shape, **kw)
-    side = max(1, setting.size // 3)
-    r0, c0 = rng.integers(0, setting.size - side + 1, size=2)
-    mean = np.zeros(shape)
-    mean[r0 : r0 + side, c0 : c0 + side] = setting.delta
-    np.testing.assert_allclose(noise + mean, trial_data(setting, index, shape[2]).x)
+    mean, data = planted_mean(setting, index, shape)
+    assert mean.shape == data.x.shape
     return mean

@@ -41,6 +41,31 @@ class TrialData(NamedTuple):
     key: int  # seed of the trial's permutations
 
 
+def planted_mean(setting: Setting, index: int, shape) -> tuple[np.ndarray, Any]:
+    """E[X] of trial ``index`` (delta on its square) and the trial's data, rebuilt
+    from :func:`trial_data`'s random stream (noise, reference noise, then the
+    square's corner) and checked against its image (for interval coverage and
+    per-component truth).
+
+    Raises:
+      RuntimeError: the stream no longer matches trial_data's.
+    """
+    rng = np.random.default_rng([setting.data_seed, index])
+    kw = dict(
+        covariance=setting.covariance, noise=setting.noise, distance=setting.distance
+    )
+    noise = sample_noise(rng, shape, **kw)
+    sample_noise(rng, shape, **kw)
+    side = max(1, setting.size // 3)
+    r0, c0 = rng.integers(0, setting.size - side + 1, size=2)
+    mean = np.zeros(shape)
+    mean[r0 : r0 + side, c0 : c0 + side] = setting.delta
+    data = trial_data(setting, index, shape[2])
+    if not np.allclose(noise + mean, data.x):
+        raise RuntimeError("planted_mean no longer follows trial_data's stream")
+    return mean, data
+
+
 def trial_data(
     setting: Setting,
     index: int,
