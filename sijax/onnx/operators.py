@@ -464,25 +464,14 @@ def _reciprocal(ctx, x):
     return np.reciprocal(x) if is_static(x) else jnp.reciprocal(x)
 
 
-def _comparison(fn_np, fn_jnp):
-    """Equal / Greater: folded with NumPy on constants and shapes. Otherwise (a
-    float weight, or the data) with ``jax.numpy``: on the data path the tracker
-    takes the comparison as a decision, constant on each piece, and ends the piece
-    where it flips (as the region's threshold), so the test conditions on it; a
-    Cast of it is then a constant factor. (si4onnx compares the intercepts and the
-    slopes of its affine forms instead, which is not the comparison.)"""
-
-    def apply(ctx, a, b):
-        a, b = broadcast_ranks(a, b)
-        if is_static(a, b):
-            return np.asarray(fn_np(a, b))
-        return fn_jnp(a, b)
-
-    return apply
-
-
-OPS["Equal"] = _comparison(np.equal, jnp.equal)
-OPS["Greater"] = _comparison(np.greater, jnp.greater)
+# Equal / Greater: folded with NumPy on constants and shapes. Otherwise (a
+# float weight, or the data) with ``jax.numpy``: on the data path the tracker
+# takes the comparison as a decision, constant on each piece, and ends the piece
+# where it flips (as the region's threshold), so the test conditions on it; a
+# Cast of it is then a constant factor. (si4onnx compares the intercepts and the
+# slopes of its affine forms instead, which is not the comparison.)
+OPS["Equal"] = _binary(np.equal, jnp.equal)
+OPS["Greater"] = _binary(np.greater, jnp.greater)
 
 
 @implements("Softmax")
