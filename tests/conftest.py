@@ -14,3 +14,31 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = os.environ.get("SIJAX_TINY") or os.path.join(
+    os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The committed tiny_8 model (a module may define its own ``model``)."""
+    from sijax.checkpoint import load_model
+
+    return load_model(TINY)
+
+
+@pytest.fixture(scope="module")
+def example(model):
+    """An image with a planted +3 square, its reference, and sampler noises."""
+    from sijax.detect.dal import draw_noises
+
+    shape = model.image_shape
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    x[2:5, 3:6] += 3.0
+    x_ref = rng.standard_normal(shape)
+    return x, x_ref, draw_noises(jax.random.key(7), shape)

@@ -378,23 +378,6 @@ TINY = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints", "ti
 
 
 @pytest.fixture(scope="module")
-def model():
-    from sijax.checkpoint import load_model
-
-    return load_model(TINY)
-
-
-@pytest.fixture(scope="module")
-def example(model):
-    shape = model.image_shape
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(shape)
-    x[2:5, 3:6] += 3.0
-    x_ref = rng.standard_normal(shape)
-    return x, x_ref, draw_noises(jax.random.key(7), shape)
-
-
-@pytest.fixture(scope="module")
 def with_ci(model, example):
     x, x_ref, nz = example
     config = DALConfig(confidence=0.95)

@@ -15,7 +15,6 @@ import pytest
 from flax import struct
 from scipy import stats
 
-from sijax.checkpoint import load_model
 from sijax.detect.dal import (
     REPORT_EVERY,
     DALConfig,
@@ -36,22 +35,6 @@ from sijax.status import Status
 TINY = os.environ.get("SIJAX_TINY") or os.path.join(
     os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8"
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(TINY)
-
-
-@pytest.fixture(scope="module")
-def example(model):
-    """An image with a planted +3 square, its reference, and sampler noises."""
-    shape = model.image_shape
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(shape)
-    x[2:5, 3:6] += 3.0
-    x_ref = rng.standard_normal(shape)
-    return x, x_ref, draw_noises(jax.random.key(7), shape)
 
 
 @pytest.fixture(scope="module")
