@@ -161,15 +161,107 @@ class DiffusionModel:
 
         return eps_fn
 
+    @property
+    def detector(self):
+        """The :class:`sijax.detectors.Detector` this network serves."""
+        from sijax.detectors import get_detector
+
+        return get_detector(self.config.detector)
+
+    @property
+    def options(self):
+        """The detector's options (``TrainConfig.options()``)."""
+        return self.config.options()
+
+    def with_options(self, **options) -> "DiffusionModel":
+        """The same network with some detector options changed (e.g. a later
+        start step), validated by the detector's options dataclass."""
+        from sijax.detectors import options_from_items, options_items
+
+        merged = {**dict(self.config.detector_options), **options}
+        options_from_items(self.detector, merged.items())  # validates
+        full = dict(options_items(options_from_items(self.detector, merged.items())))
+        items = tuple((k, full[k]) for k in sorted(merged))
+        return self.replace(config=dataclasses.replace(self.config,
+                                                       detector_options=items))
+
+    def draw_noises(self, key: jax.Array, config=None):
+        """Every random tensor one test of this detector needs, from ``key``.
+
+        Args:
+            key: PRNG key, used once.
+            config: a DALConfig (its ``steps`` size the DAL detector's noises;
+                other detectors take their settings from :attr:`options`).
+        """
+        from sijax.diffusion.sampler import draw_noises as sampler_noises
+
+        if self.config.detector == "dal":
+            steps = 5 if config is None else len(config.steps)
+            return sampler_noises(key, self.image_shape, steps)
+        return self.detector.draw_noises(key, self.image_shape, self.options)
+
+    def check_region(self, test: bool = True) -> None:
+        """Raises unless the detector gives a region and, for a ``test``, is
+        piecewise linear with its options (the DAL test calls this).
+
+        Raises:
+            InputError: an image-level detector (DiffPath): no region to test.
+            NotPiecewiseLinearError: options that select a published form
+                the tracker cannot follow (detection works, a p-value does not).
+        """
+        from sijax.errors import NotPiecewiseLinearError
+
+        det = self.detector
+        if det.reconstruction is None and det.name != "dal":
+            raise InputError(
+                f"the {det.name} detector scores whole images: it has no region "
+                "to detect or test (sijax evaluate reports its image AUROC)")
+        reason = det.testable(self.options) if test else None
+        if reason:
+            raise NotPiecewiseLinearError(
+                f"no p-value with these {det.name} options: {reason}")
+
+    @property
+    def score_fn(self):
+        """``score_fn(x, rec) -> (H, W)`` of the detector, or None (the paper's
+        filtered absolute error with ``DALConfig.filter_size``)."""
+        score, options = self.detector.score, self.options
+        if score is None:
+            return None
+        return lambda x, rec: score(x, rec, options)
+
     def reconstruction(self, x: jax.Array, noises, *, steps, eta: float) -> jax.Array:
         """D(x) of one (H, W, C) image with fixed ``noises`` (the detector protocol).
 
-        See :func:`sijax.diffusion.sampler.reconstruct`; any object with
-        ``image_shape`` and this method can be tested by :func:`sijax.dal_test`.
+        The DAL detector: :func:`sijax.diffusion.sampler.reconstruct` with
+        ``steps`` and ``eta``; another detector: its own reconstruction with its
+        options (``steps`` and ``eta`` are the DAL sampler's and not used). Any
+        object with ``image_shape`` and this method can be tested by
+        :func:`sijax.dal_test`.
         """
-        return reconstruct(
-            self.denoiser(), x, noises, schedule=self.schedule, steps=steps, eta=eta
-        )
+        if self.config.detector == "dal":
+            return reconstruct(self.denoiser(), x, noises, schedule=self.schedule,
+                               steps=steps, eta=eta)
+        self.check_region(test=False)
+        return self.detector.reconstruction(self.denoiser(), x, noises,
+                                            schedule=self.schedule,
+                                            options=self.options)
+
+    def image_score(self, x: jax.Array, noises) -> jax.Array:
+        """The detector's whole-image anomaly score of one (H, W, C) image, ().
+
+        Image-level detectors (DiffPath) define it; for the others it is the
+        maximum of the score map (the usual image score of region detectors)
+        is computed by :mod:`sijax.evaluation` instead.
+
+        Raises:
+            InputError: the detector has no image-level score.
+        """
+        det = self.detector
+        if det.image_score is None:
+            raise InputError(f"the {det.name} detector has no image-level score")
+        return det.image_score(self.denoiser(), x, noises, schedule=self.schedule,
+                               options=self.options)
 
     def weights_sha256(self) -> str:
         """SHA-256 of the state's arrays (paths, shapes, dtypes, bytes): which

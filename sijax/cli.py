@@ -34,8 +34,12 @@ def _train_args(p: argparse.ArgumentParser):
                    "(PNG, JPEG, TIFF, NPY), an .npy/.npz stack, or an MVTec AD "
                    "category root (uses train/good); without it, iid N(0, 1) images "
                    "(the paper's synthetic setting)")
+    p.add_argument("--detector", help="detection method the model serves: dal (the "
+                   "default), deco_diff, mdps, anoddpm, ddad, diffpath "
+                   "(docs/detectors.md); without --config, its own preset")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config field (repeatable)")
+                   metavar="KEY=VALUE", help="override a config field or a "
+                   "detector option (repeatable)")
     p.add_argument("--workdir", required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --workdir")
@@ -43,8 +47,10 @@ def _train_args(p: argparse.ArgumentParser):
 
 
 def _train_run(a: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
+    from sijax.detectors import get_detector
     from sijax.config import TrainConfig, apply_overrides
     from sijax.configs import get_config
     from sijax.train import train
@@ -53,17 +59,21 @@ def _train_run(a: argparse.Namespace) -> int:
     if a.config is None and a.resume and os.path.isfile(stored):
         with open(stored) as f:
             cfg = TrainConfig.from_dict(json.load(f))
-    elif a.config is None and a.data is None:
-        raise InputError("--config is required (except with --data, or with "
-                         "--resume on an existing --workdir)")
+    elif a.config is None and a.data is None and a.detector is None:
+        raise InputError("--config is required (except with --data or --detector, "
+                         "or with --resume on an existing --workdir)")
+    elif a.config is None and a.detector is not None:
+        cfg = get_detector(a.detector).preset()
     else:
         cfg = get_config(a.config or "dal_v5")
+    if a.detector is not None and cfg.detector != a.detector:
+        cfg = dataclasses.replace(cfg, detector=a.detector, detector_options=())
     cfg = apply_overrides(cfg, a.overrides)
     _configure_jax()
     res = train(cfg, a.workdir, data=a.data, resume=a.resume,
                 progress=not a.no_progress)
     cfg = res.model.config
-    print(f"trained {cfg.name} size={cfg.size} channels={cfg.in_channels} on "
+    print(f"trained {cfg.name} ({cfg.detector}) size={cfg.size} channels={cfg.in_channels} on "
           f"{cfg.n_train} {'images' if a.data else 'N(0, 1) images'}: "
           f"{int(res.state.step)} steps, final loss {res.losses[-1, 1]:.4f}, "
           f"{res.seconds_per_step * 1e3:.1f} ms/step; model in "

@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from sijax.diffusion.schedule import Schedule, linear_schedule
+from sijax.diffusion.schedule import SCHEDULES, Schedule, cosine_schedule, linear_schedule
 from sijax.diffusion.unet import UNetConfig
 from sijax.errors import InputError
 
@@ -51,6 +51,14 @@ class TrainConfig:
             uses by default ("pixel", "stationary" or "lowrank"; all three are
             stored).
         noise_rank: rank of the "lowrank" noise model.
+        schedule_kind: "linear" (beta_start..beta_end, the DDPM's) or "cosine"
+            (Nichol and Dhariwal's, T steps; beta_start/beta_end unused).
+        detector: the detection method the network serves ("dal", the paper's;
+            ``sijax.detectors.DETECTORS`` lists them); it chooses the training loss,
+            the reconstruction and the score map.
+        detector_options: the detector's settings as sorted (name, value) pairs
+            (its options dataclass's defaults where absent); ``--set NAME=VALUE``
+            with a name of the options sets one.
     """
 
     name: str = "dal_v5"
@@ -73,6 +81,9 @@ class TrainConfig:
     threshold_quantile: float = 0.99
     noise_model: str = "lowrank"
     noise_rank: int = 32
+    schedule_kind: str = "linear"
+    detector: str = "dal"
+    detector_options: tuple[tuple[str, typing.Any], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -97,12 +108,33 @@ class TrainConfig:
                 f"noise_model={self.noise_model!r} must be one of {NOISE_MODELS}")
         if self.noise_rank < 1:
             raise InputError(f"noise_rank={self.noise_rank} must be >= 1")
+        if self.schedule_kind not in SCHEDULES:
+            raise InputError(
+                f"schedule_kind={self.schedule_kind!r} must be one of {SCHEDULES}")
+        # Normalised through the detector's options (validated, JSON lists back to
+        # tuples, sorted), so equal settings give equal, hashable configs.
+        object.__setattr__(self, "detector_options", _tuples(self.detector_options))
+        from sijax.detectors import get_detector, options_from_items, options_items
+
+        det = get_detector(self.detector)
+        given = dict(self.detector_options)
+        full = options_items(options_from_items(det, self.detector_options))
+        object.__setattr__(self, "detector_options",
+                           tuple((k, v) for k, v in full if k in given))
+
+    def options(self):
+        """The detector's options dataclass (defaults where not set)."""
+        from sijax.detectors import get_detector, options_from_items
+
+        return options_from_items(get_detector(self.detector), self.detector_options)
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(channels=self.channels, in_channels=self.in_channels,
                           temb_dim=self.temb_dim)
 
     def schedule(self) -> Schedule:
+        if self.schedule_kind == "cosine":
+            return cosine_schedule(self.T)
         return linear_schedule(self.T, self.beta_start, self.beta_end)
 
     @property
@@ -129,7 +161,18 @@ class TrainConfig:
         return cls(**d)
 
 
-def _parse_value(key: str, raw: str, typ):
+def _tuples(x):
+    """JSON lists back to (nested) tuples, pairs sorted by name."""
+    if isinstance(x, (list, tuple)):
+        pairs = tuple(tuple(_tuples(v) for v in p) if isinstance(p, (list, tuple))
+                      else p for p in x)
+        return tuple(sorted(pairs, key=lambda p: str(p[0]))) if all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+            for p in pairs) else pairs
+    return x
+
+
+def parse_value(key: str, raw: str, typ):
     """Parses ``raw`` as the type annotation ``typ`` of a config field.
 
     An optional field (``float | None``, ``Optional[int]``) takes "none" (any case)
@@ -141,7 +184,7 @@ def _parse_value(key: str, raw: str, typ):
             return None
         if len(inner) != 1:
             raise InputError(f"cannot parse --set {key}={raw!r} as {typ}")
-        return _parse_value(key, raw, inner[0])
+        return parse_value(key, raw, inner[0])
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes"):
@@ -173,14 +216,35 @@ def apply_overrides(cfg, overrides: Sequence[str]):
     """
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
-    changes = {}
+    changes, options = {}, {}
     for item in overrides:
         if "=" not in item:
             raise InputError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key not in fields and _is_option(cfg, changes, key):
+            options[key] = raw.strip()
+            continue
         if key not in fields:
             raise InputError(
                 f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        changes[key] = _parse_value(key, raw.strip(), hints[key])
+        changes[key] = parse_value(key, raw.strip(), hints[key])
+    if options:
+        # Parsed by the options dataclass (TrainConfig.__post_init__ validates).
+        from sijax.detectors import get_detector, options_from_items, options_items
+
+        det = get_detector(changes.get("detector", cfg.detector))
+        merged = {**dict(getattr(cfg, "detector_options", ())), **options}
+        parsed = dict(options_items(options_from_items(det, merged.items())))
+        changes["detector_options"] = tuple((k, parsed[k]) for k in sorted(merged))
     return dataclasses.replace(cfg, **changes)
+
+
+def _is_option(cfg, changes: dict, key: str) -> bool:
+    """Whether ``key`` names an option of ``cfg``'s detector (TrainConfig only)."""
+    if not hasattr(cfg, "detector_options"):
+        return False
+    from sijax.detectors import get_detector
+
+    det = get_detector(changes.get("detector", cfg.detector))
+    return key in {f.name for f in dataclasses.fields(det.options)}

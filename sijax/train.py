@@ -175,6 +175,14 @@ def data_config(cfg: TrainConfig, data: TrainingData) -> TrainConfig:
                                in_channels=int(data.train.shape[-1]))
 
 
+def detector_loss(cfg: TrainConfig):
+    """(loss, options) of ``cfg``'s detector: ``loss`` None means the DDPM's noise
+    prediction (the DAL paper's and most detectors' objective)."""
+    from sijax.detectors import get_detector
+
+    return get_detector(cfg.detector).loss, cfg.options()
+
+
 @functools.lru_cache(maxsize=8)
 def make_train_chunk(cfg: TrainConfig) -> Callable:
     """Builds ``chunk(state, data, steps) -> (state, losses)``, jitted once.
@@ -190,10 +198,15 @@ def make_train_chunk(cfg: TrainConfig) -> Callable:
     schedule = cfg.schedule()
     n, bs, spe = cfg.n_train, cfg.batch_size, cfg.steps_per_epoch
 
-    def loss_fn(params, batch_stats, x0, t, eps):
+    own_loss, options = detector_loss(cfg)
+
+    def loss_fn(params, batch_stats, x0, t, eps, key):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
-        loss = noise_prediction_loss(lambda x, tt: model(x, tt, train=True),
-                                     schedule, x0, t, eps)
+        apply = lambda x, tt: model(x, tt, train=True)  # noqa: E731
+        if own_loss is None:
+            loss = noise_prediction_loss(apply, schedule, x0, t, eps)
+        else:
+            loss = own_loss(apply, schedule, x0, key, options)
         return loss, nnx.state(model, nnx.BatchStat)
 
     def one_step(state: TrainState, inputs):
@@ -206,11 +219,12 @@ def make_train_chunk(cfg: TrainConfig) -> Callable:
                 jax.random.fold_in(keys["flip"], step), 0.5, (2, bs, 1, 1, 1))
             x0 = jnp.where(fh, x0[:, :, ::-1], x0)
             x0 = jnp.where(fv, x0[:, ::-1], x0)
-        kt, ke = jax.random.split(jax.random.fold_in(keys["step"], step))
+        key = jax.random.fold_in(keys["step"], step)
+        kt, ke = jax.random.split(key)
         t = jax.random.randint(kt, (bs,), 0, cfg.T)
         eps = jax.random.normal(ke, x0.shape, DTYPE)
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, x0, t, eps)
+            state.params, state.batch_stats, x0, t, eps, key)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), loss
@@ -243,14 +257,17 @@ def make_val_loss(cfg: TrainConfig) -> Callable:
     one run are comparable between checkpoints. Jitted once per config."""
     graphdef, _, _ = init_state(cfg)
     schedule, key = cfg.schedule(), _keys(cfg.seed)["val"]
+    own_loss, options = detector_loss(cfg)
 
     @jax.jit
     def val_loss(state: TrainState, x0: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
+        apply = lambda x, tt: model(x, tt, train=False)  # noqa: E731
+        if own_loss is not None:
+            return own_loss(apply, schedule, x0, key, options)
         t = (jnp.arange(x0.shape[0]) * cfg.T) // x0.shape[0]
         eps = jax.random.normal(key, x0.shape, x0.dtype)
-        return noise_prediction_loss(lambda x, tt: model(x, tt, train=False),
-                                     schedule, x0, t, eps)
+        return noise_prediction_loss(apply, schedule, x0, t, eps)
 
     return val_loss
 
@@ -270,7 +287,7 @@ def calibrate_threshold(model: DiffusionModel, images: np.ndarray,
     config = DALConfig()
     scores = []
     dtype = jax.tree.leaves(model.state)[0].dtype
-    noises = [draw_noises(jax.random.key(k), model.image_shape, config)
+    noises = [draw_noises(jax.random.key(k), model, config)
               for k in range(draws)]
     for x in images:
         for nz in noises:
@@ -545,7 +562,7 @@ def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
     preprocessing and the calibrated threshold."""
     facts = {"data": images.source,
              "preprocessing": images.preprocessing.to_dict()}
-    if len(images.val):
+    if len(images.val) and model.detector.has_region:
         x64 = jnp.result_type(float) == jnp.float64
         threshold = calibrate_threshold(
             model.astype(jnp.float64 if x64 else jnp.float32), images.val,
@@ -553,7 +570,7 @@ def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
         facts["detect"] = {"threshold": threshold,
                            "quantile": cfg.threshold_quantile,
                            "images": len(images.val)}
-    else:
+    elif model.detector.has_region:
         warnings.warn(InputWarning(
             "no held-out images (fewer than 10, or val_fraction=0): the model keeps "
             "the default threshold 0.8, which was chosen for N(0, 1) images; pass "

@@ -172,3 +172,28 @@ def tiny_checkpoint_detector(seed=4):
             return {"score": score, "mask": region(score, THRESHOLD)}
 
     return f
+
+
+def check_exhaustive_on_grid(model, data, cfg):
+    """The exhaustive test's Zset against detection on 400 points of its range.
+
+    ``data`` is (x, x_ref, noises); ``cfg`` a DALConfig with search="exhaustive"
+    (sigma 1). Any model :func:`sijax.dal_test` accepts. Returns the TestResult.
+    """
+    from sijax.detect.dal import dal_test, detect_region
+    from sijax.selective.statistics import line_statistic
+
+    x, x_ref, nz = data
+    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg)
+    assert res.status == "ok" and res.mask.any()
+    line = line_statistic(x, x_ref, res.mask, sigma=1.0)
+    lo, hi = -10 - abs(res.stat), 10 + abs(res.stat)  # the exhaustive range
+    assert res.searched_intervals[0][0] <= lo and res.searched_intervals[-1][1] >= hi
+    step = (hi - lo) / 4000
+    for z in np.linspace(lo + step, hi - step, 400):
+        _, m = detect_region(model, line.a + line.b * z, nz, cfg)
+        same = bool(np.array_equal(np.asarray(m), res.mask))
+        inside = any(a <= z <= b for a, b in res.truncated_intervals)
+        near_edge = any(abs(z - e) < step for iv in res.truncated_intervals for e in iv)
+        assert same == inside or near_edge, z
+    return res

@@ -13,6 +13,7 @@ from sijax.detect.models import ReconstructionModel
 from sijax.detect.permutation import permutation_test
 from sijax.errors import InputError
 from sijax.selective.statistics import line_statistic
+from _oracles import check_exhaustive_on_grid
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8")
 SHAPE = (8, 8, 1)
@@ -55,7 +56,7 @@ def test_wrapped_diffusion_model_gives_the_same_test(data):
 
 
 def test_toy_model_exhaustive_matches_dense_grid(toy, data):
-    _check_exhaustive_on_grid(toy, data, DALConfig(search="exhaustive", threshold=0.5))
+    check_exhaustive_on_grid(toy, data, DALConfig(search="exhaustive", threshold=0.5))
 
 
 def unfiltered_max(x, rec):
@@ -73,29 +74,11 @@ def test_a_detector_with_its_own_score(toy, data, engine):
     score, mask = detect_region(own, x, nz, cfg)
     np.testing.assert_array_equal(score, unfiltered_max(x, shrink(1.5, x)))
     assert not np.array_equal(mask, detect_region(toy, x, nz, cfg)[1])
-    res = _check_exhaustive_on_grid(own, data, cfg)
+    res = check_exhaustive_on_grid(own, data, cfg)
     np.testing.assert_array_equal(res.mask, mask)
     flat = toy.replace(score_fn=lambda x, rec: jnp.ravel(rec - x))
     with pytest.raises(InputError, match=r"score map of shape \(64,\)"):
         detect_region(flat, x, nz, cfg)
-
-
-def _check_exhaustive_on_grid(model, data, cfg):
-    """The exhaustive test's Zset against detection on 400 points of its range."""
-    x, x_ref, nz = data
-    res = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=cfg)
-    assert res.status == "ok" and res.mask.any()
-    line = line_statistic(x, x_ref, res.mask, sigma=1.0)
-    lo, hi = -10 - abs(res.stat), 10 + abs(res.stat)  # the exhaustive range
-    assert res.searched_intervals[0][0] <= lo and res.searched_intervals[-1][1] >= hi
-    step = (hi - lo) / 4000
-    for z in np.linspace(lo + step, hi - step, 400):
-        _, m = detect_region(model, line.a + line.b * z, nz, cfg)
-        same = bool(np.array_equal(np.asarray(m), res.mask))
-        inside = any(a <= z <= b for a, b in res.truncated_intervals)
-        near_edge = any(abs(z - e) < step for iv in res.truncated_intervals for e in iv)
-        assert same == inside or near_edge, z
-    return res
 
 
 def _loop_permutation_p(model, x, x_ref, nz, cfg, key, num):

@@ -227,18 +227,26 @@ class DALConfig:
             )
 
 
-def draw_noises(key: jax.Array, image_shape, config: DALConfig = DALConfig()) -> Noises:
+def draw_noises(key: jax.Array, model_or_shape, config: DALConfig = DALConfig()):
     """All sampler noises of one test, drawn once from ``key``.
 
     Args:
       key: a PRNG key, used once.
-      image_shape: (H, W, C).
-      config: gives the number of DDIM steps.
+      model_or_shape: a model (a detector with noises of its own, e.g. a
+        DiffusionModel trained with ``--detector anoddpm``, draws those) or an
+        image shape (H, W, C) (the DAL sampler's noises).
+      config: gives the number of DDIM steps of the DAL sampler.
 
     Returns:
-      Noises(eps0 (H, W, C), eps (S, H, W, C)) in the default float dtype.
+      The DAL sampler's Noises(eps0 (H, W, C), eps (S, H, W, C)), or the pytree of
+      the model's detector, in the default float dtype.
     """
-    return _draw_noises(key, tuple(image_shape), len(config.steps))
+    if hasattr(model_or_shape, "image_shape"):
+        own = getattr(model_or_shape, "draw_noises", None)
+        if own is not None:
+            return own(key, config)
+        model_or_shape = model_or_shape.image_shape
+    return _draw_noises(key, tuple(model_or_shape), len(config.steps))
 
 
 def detector(model, noises: Noises, config: DALConfig, threshold=None):
@@ -300,7 +308,7 @@ def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
     Returns:
       (score_map (H, W) float64, mask (H, W) bool).
     """
-    _check_model(model)
+    _check_model(model, test=False)
     x = _check_image("x", x, model.image_shape)
     static, nums = split_config(config)
     _, score, mask = _detect_jit(model, x, noises, nums, static)
@@ -852,13 +860,17 @@ def _status_code(core: _Core) -> jax.Array:
     ).astype(jnp.int32)
 
 
-def _check_model(model) -> None:
+def _check_model(model, test: bool = True) -> None:
+    """A model with a region (and, for a ``test``, a piecewise-linear one)."""
     if not (hasattr(model, "reconstruction") and hasattr(model, "image_shape")):
         raise InputError(
             f"a {type(model).__name__} is not a model: the DAL test needs "
             "image_shape and reconstruction(x, noises, *, steps, eta) (a "
             "DiffusionModel from sijax.load_model, or a sijax.ReconstructionModel)"
         )
+    check = getattr(model, "check_region", None)
+    if check is not None:
+        check(test)
 
 
 def _check_images(name: str, xs, shape) -> jax.Array:
@@ -921,17 +933,31 @@ def prepare_inputs(
                 f"{names[1]}.shape={x_ref.shape} must equal {names[0]}.shape={x.shape}"
             )
     if noises is not None:
-        _check_noises(noises, shape, config)
+        _check_noises(noises, model, config, batched)
     cov = as_covariance(sigma, shape)
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     return x, x_ref, cov, cov_ref
 
 
-def _check_noises(noises: Noises, shape, config):
-    want = (tuple(shape), (len(config.steps), *shape))
-    got = (tuple(noises.eps0.shape[-3:]), tuple(noises.eps.shape[-4:]))
-    if got != want:
-        raise InputError(f"noises have shapes {got}, expected {want}")
+def _check_noises(noises, model, config, batched: bool = False):
+    """The noises have the structure and (trailing) shapes ``draw_noises`` gives."""
+    want = jax.eval_shape(lambda k: draw_noises(k, model, config), jax.random.key(0))
+    lead = 1 if batched else 0
+    try:
+        got = jax.tree.map(lambda w, a: tuple(np.shape(a)[lead:]), want, noises)
+    except (ValueError, TypeError):
+        got = None
+    shapes = jax.tree.map(lambda w: tuple(w.shape), want)
+    if got is None or jax.tree.leaves(got) != jax.tree.leaves(shapes):
+        have = jax.tree.map(lambda a: tuple(np.shape(a)[lead:]), noises)
+        raise InputError(f"noises have shapes {_shapes_text(have)}, expected "
+                         f"{_shapes_text(shapes)} (draw them with "
+                         "sijax.draw_noises(key, model, config))")
+
+
+def _shapes_text(tree) -> str:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, tuple))
+    return str(tuple(leaves)) if len(leaves) > 1 else str(leaves[0])
 
 
 def dal_test(

@@ -56,7 +56,7 @@ def run_test(
     """
     ensure_output_dir(out_dir)  # before the test: a bad --out must not cost a run
     config = DALConfig() if config is None else config
-    noises = draw_noises(jax.random.key(seed), model.image_shape, config)
+    noises = draw_noises(jax.random.key(seed), model, config)
     t0 = time.perf_counter()
     with search_bar(progress) as report:
         result = dal_test(

@@ -1,4 +1,4 @@
-"""The linear noise schedule of the DDPM (docs/method.md §6)."""
+"""Noise schedules: the DDPM's linear one (docs/method.md §6) and the cosine one."""
 
 from typing import NamedTuple
 
@@ -40,6 +40,27 @@ def linear_schedule(
     if T < 1 or not 0.0 < beta_start <= beta_end < 1.0:
         raise InputError(f"bad schedule: {T=} {beta_start=} {beta_end=}")
     betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    return Schedule(betas=betas, alpha_bar=np.cumprod(1.0 - betas))
+
+
+SCHEDULES = ("linear", "cosine")
+
+
+def cosine_schedule(T: int = 1000, s: float = 0.008,  # noqa: N803
+                    max_beta: float = 0.999) -> Schedule:
+    """Nichol and Dhariwal's cosine schedule (Improved DDPM, eq. 17) over T steps.
+
+    alpha_bar(t) = f(t + 1) / f(0) with f(u) = cos((u / T + s) / (1 + s) * pi / 2)^2,
+    so that step t = T - 1 ends at pure noise; betas capped at ``max_beta``.
+
+    Returns:
+        Schedule with betas and alpha_bar of shape (T,), float64.
+    """
+    if T < 1 or not s > 0.0:
+        raise InputError(f"bad cosine schedule: {T=} {s=}")
+    u = np.arange(T + 1, dtype=np.float64) / T
+    f = np.cos((u + s) / (1.0 + s) * np.pi / 2.0) ** 2
+    betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
     return Schedule(betas=betas, alpha_bar=np.cumprod(1.0 - betas))
 
 

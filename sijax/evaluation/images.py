@@ -107,7 +107,7 @@ def run_image_test(model, x, reference: Reference, *, config: DALConfig,
       naive_p_value, p_text, p_exact, status, message, pieces, seconds, reject,
       naive_reject).
     """
-    noises = draw_noises(key, model.image_shape, config)
+    noises = draw_noises(key, model, config)
     t0 = time.perf_counter()
     res = dal_test(model, x, reference.x_ref, sigma=reference.sigma,
                    sigma_ref=reference.sigma_ref, noises=noises, config=config)
