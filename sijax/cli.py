@@ -50,9 +50,9 @@ def _train_run(a: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from sijax.detectors import get_detector
     from sijax.config import TrainConfig, apply_overrides
     from sijax.configs import get_config
+    from sijax.detectors import get_detector
     from sijax.train import train
 
     stored = os.path.join(a.workdir, "config.json")
@@ -73,7 +73,8 @@ def _train_run(a: argparse.Namespace) -> int:
     res = train(cfg, a.workdir, data=a.data, resume=a.resume,
                 progress=not a.no_progress)
     cfg = res.model.config
-    print(f"trained {cfg.name} ({cfg.detector}) size={cfg.size} channels={cfg.in_channels} on "
+    print(f"trained {cfg.name} ({cfg.detector}) size={cfg.size} "
+          f"channels={cfg.in_channels} on "
           f"{cfg.n_train} {'images' if a.data else 'N(0, 1) images'}: "
           f"{int(res.state.step)} steps, final loss {res.losses[-1, 1]:.4f}, "
           f"{res.seconds_per_step * 1e3:.1f} ms/step; model in "

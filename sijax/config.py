@@ -11,7 +11,12 @@ import types
 import typing
 from collections.abc import Sequence
 
-from sijax.diffusion.schedule import SCHEDULES, Schedule, cosine_schedule, linear_schedule
+from sijax.diffusion.schedule import (
+    SCHEDULES,
+    Schedule,
+    cosine_schedule,
+    linear_schedule,
+)
 from sijax.diffusion.unet import UNetConfig
 from sijax.errors import InputError
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import check_exhaustive_on_grid
 
 from sijax.checkpoint import load_model
 from sijax.detect.dal import DALConfig, dal_test, detect_region, draw_noises
@@ -13,7 +14,6 @@ from sijax.detect.models import ReconstructionModel
 from sijax.detect.permutation import permutation_test
 from sijax.errors import InputError
 from sijax.selective.statistics import line_statistic
-from _oracles import check_exhaustive_on_grid
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "sijax", "checkpoints", "tiny_8")
 SHAPE = (8, 8, 1)

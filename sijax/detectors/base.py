@@ -82,7 +82,9 @@ class Detector:
 def _parse(name: str, raw, typ):
     from sijax.config import parse_value
 
-    return raw if not isinstance(raw, str) or typ is str else parse_value(name, raw, typ)
+    if not isinstance(raw, str) or typ is str:
+        return raw
+    return parse_value(name, raw, typ)
 
 
 def options_from_items(detector: Detector, items) -> Any:
