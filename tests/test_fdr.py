@@ -33,3 +33,26 @@ def test_too_few_trials_are_refused():
         realised_fdr(np.ones(10), np.ones(10), m=10, pi0=0.5, reps=3)
     with pytest.raises(InputError, match="procedure"):
         realised_fdr(np.ones(10), np.ones(10), procedure="holm")
+
+
+def test_experiment_summary_pairs_each_signal_setting_with_its_null_twin():
+    from sijax.experiments import default_spec
+    from sijax.experiments.summary import fdr_markdown, fdr_rows
+
+    spec = default_spec("power", sizes=(8,), checkpoints={8: "tiny_8"},
+                        covariances=("iid",), deltas=(0.0, 2.0), trials=20,
+                        methods=("selective", "naive"))
+    rng = np.random.default_rng(2)
+    records = []
+    for s in spec.settings():
+        for i in range(20):
+            p = rng.uniform() if s.delta == 0 else rng.uniform() * 1e-3
+            records.append({"setting": s.key, "index": i, "valid": True,
+                            "methods": {"selective": {"p": p, "sup_p": p},
+                                        "naive": {"p": p}}})
+    rows = fdr_rows(spec, records)
+    assert {(r["method"], r["procedure"]) for r in rows} == {
+        (m, p) for m in ("selective", "naive") for p in ("bh", "storey")}
+    assert all(r["reps"] == 4 and r["m0"] == 5 and r["power"] > 0.9 for r in rows)
+    assert "realised false discovery rate" in fdr_markdown(rows)
+    assert fdr_rows(spec, [r for r in records if "0.0" not in r["setting"]]) == []

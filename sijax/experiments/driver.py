@@ -21,6 +21,8 @@ from sijax.experiments.runner import Runner
 from sijax.experiments.spec import ExperimentSpec, Setting
 from sijax.experiments.summary import (
     SummaryRecord,
+    fdr_markdown,
+    fdr_rows,
     null_p_values,
     summarize,
     summary_markdown,
@@ -126,8 +128,12 @@ def write_summary(
         json.dump([r.to_json() for r in rows], f, indent=1)
     with open(os.path.join(out_dir, "experiment.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)
+    fdr = fdr_rows(spec, records)
+    if fdr:
+        with open(os.path.join(out_dir, "fdr.json"), "w") as f:
+            json.dump(fdr, f, indent=1)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(summary_markdown(rows, meta))
+        f.write(summary_markdown(rows, meta) + fdr_markdown(fdr))
     write_plots(out_dir, spec, rows, null_p_values(spec, records))
     return rows
 

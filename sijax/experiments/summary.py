@@ -184,6 +184,55 @@ def null_p_values(spec: ExperimentSpec, records: Iterable[dict]) -> dict:
     return out
 
 
+def fdr_rows(spec: ExperimentSpec, records: Iterable[dict], *, m: int = 10,
+             pi0: float = 0.5) -> list[dict]:
+    """Realised FDR of BH and Storey at q = alpha, per setting with a signal whose
+    null twin (the same setting with delta 0) is in the run: repetitions of ``m``
+    images, a share ``pi0`` of them null (:func:`sijax.experiments.fdr.realised_fdr`;
+    the two settings' images are independent: delta is part of the data seed).
+    The selective method uses sup_p (exact, or an upper bound after a decision)."""
+    from sijax.experiments.fdr import realised_fdr
+
+    by_key = latest_records(records)
+    settings = {s.key: s for s in spec.settings()}
+    rows = []
+    for s in settings.values():
+        twin = dataclasses.replace(s, delta=0.0)
+        if s.delta == 0.0 or twin.key not in settings:
+            continue
+        sig, _ = _used(by_key.get(s.key, {}), spec.trials, spec.methods)
+        nul, _ = _used(by_key.get(twin.key, {}), spec.trials, spec.methods)
+        for method in ("selective", "naive"):
+            if method not in spec.methods:
+                continue
+            key = "sup_p" if method == "selective" else "p"
+            p1 = [r["methods"][method][key] for r in sig]
+            p0 = [r["methods"][method][key] for r in nul]
+            m0 = int(round(pi0 * m))
+            if len(p0) < m0 or len(p1) < m - m0:
+                continue
+            for proc in ("bh", "storey"):
+                res = realised_fdr(p0, p1, m=m, pi0=pi0, q=spec.alpha, procedure=proc)
+                rows.append({"setting": s.label(), "method": method, **res.to_json()})
+    return rows
+
+
+def fdr_markdown(rows: Sequence[dict]) -> str:
+    """The realised-FDR table (empty without rows)."""
+    if not rows:
+        return ""
+    lines = ["", "## Many images: realised false discovery rate", "",
+             "| setting | p-value | procedure | m (null) | q | repetitions | FDR "
+             "[99%] | pi0 q | power |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r['procedure']} | {r['m']} "
+            f"({r['m0']}) | {r['q']} | {r['reps']} | {r['fdr']:.3f} "
+            f"[{r['fdr_lo']:.3f}, {r['fdr_hi']:.3f}] | "
+            f"{r['q'] * r['m0'] / r['m']:.3f} | {r['power']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v, digits=3):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
