@@ -74,12 +74,15 @@ class ModelInfo:
             (None: the DAL default 0.8).
         noise_model: default noise model kind of ``--sigma model`` (None: none
             stored).
+        image_fit: what an image-level detector fitted on the normal images
+            (``Detector.fit``; JSON, stored as config.json "image_fit"), or None.
     """
 
     directory: str | None = None
     preprocessing: Any = None
     threshold: float | None = None
     noise_model: str | None = None
+    image_fit: Any = None
 
 
 @struct.dataclass
@@ -250,9 +253,10 @@ class DiffusionModel:
     def image_score(self, x: jax.Array, noises) -> jax.Array:
         """The detector's whole-image anomaly score of one (H, W, C) image, ().
 
-        Image-level detectors (DiffPath) define it; for the others it is the
-        maximum of the score map (the usual image score of region detectors)
-        is computed by :mod:`sijax.evaluation` instead.
+        Image-level detectors (DiffPath) define it: with what the detector fitted
+        on the normal training images (stored with a model trained on data) the
+        fitted score, else its unfitted fallback. For region detectors the image
+        score (the maximum of the map) is computed by :mod:`sijax.evaluation`.
 
         Raises:
             InputError: the detector has no image-level score.
@@ -260,6 +264,8 @@ class DiffusionModel:
         det = self.detector
         if det.image_score is None:
             raise InputError(f"the {det.name} detector has no image-level score")
+        if self.info.image_fit is not None and det.fitted_score is not None:
+            return det.fitted_score(self, thawed(self.info.image_fit), x)
         return det.image_score(self.denoiser(), x, noises, schedule=self.schedule,
                                options=self.options)
 
@@ -473,9 +479,30 @@ def _model_info(directory: str, meta: dict) -> ModelInfo:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"corrupt config.json in {directory}: {type(e).__name__}: {e}") from None
+    image_fit = meta.get("image_fit")
+    image_fit = None if image_fit is None else _frozen(image_fit)
     return ModelInfo(directory=directory, preprocessing=prep,
                      threshold=None if threshold is None else float(threshold),
-                     noise_model=noise)
+                     noise_model=noise, image_fit=image_fit)
+
+
+def _frozen(obj):
+    """JSON as hashable tuples (ModelInfo is static: it is hashed under jit);
+    :func:`thawed` gives back the dicts and lists."""
+    if isinstance(obj, dict):
+        return ("__dict__", tuple((k, _frozen(v)) for k, v in sorted(obj.items())))
+    if isinstance(obj, list):
+        return tuple(_frozen(v) for v in obj)
+    return obj
+
+
+def thawed(obj):
+    """The JSON that :func:`_frozen` froze."""
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__dict__":
+        return {k: thawed(v) for k, v in obj[1]}
+    if isinstance(obj, tuple):
+        return [thawed(v) for v in obj]
+    return obj
 
 
 def read_summary(directory: str | os.PathLike) -> dict:

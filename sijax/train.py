@@ -562,6 +562,14 @@ def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
     preprocessing and the calibrated threshold."""
     facts = {"data": images.source,
              "preprocessing": images.preprocessing.to_dict()}
+    fit = model.detector.fit
+    if fit is not None:
+        # Image-level detectors: fitted on the held-out normal images (all the
+        # normal images when none are held out).
+        normal = images.val if len(images.val) else images.train
+        x64 = jnp.result_type(float) == jnp.float64
+        facts["image_fit"] = fit(model.astype(jnp.float64 if x64 else jnp.float32),
+                                 np.asarray(normal))
     if len(images.val) and model.detector.has_region:
         x64 = jnp.result_type(float) == jnp.float64
         threshold = calibrate_threshold(

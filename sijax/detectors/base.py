@@ -17,6 +17,10 @@ of explicit inputs:
   the network in training mode.
 * ``image_score(eps_fn, x, noises, *, schedule, options) -> ()`` for detectors that
   score whole images only (DiffPath); such a detector has no region to test.
+* ``fit(model, images) -> dict`` (image-level detectors) fits what the score needs
+  on normal images (N, H, W, C) when the model is trained on data (a density of the
+  path statistics); the JSON dict is stored in the model directory, and
+  ``fitted_score(model, fit, x) -> float`` then scores one image with it.
 * ``testable(options) -> str | None`` says why a p-value cannot be computed with these
   options (a published, non-piecewise-linear form kept for detection only), or None.
 
@@ -59,6 +63,7 @@ class Detector:
         score: see the module docstring (None: the paper's filtered error).
         loss: see the module docstring (None: noise prediction).
         image_score: see the module docstring (None: region detectors).
+        fit, fitted_score: see the module docstring (None: nothing to fit).
         testable: see the module docstring.
     """
 
@@ -71,6 +76,8 @@ class Detector:
     score: Callable[..., Any] | None = None
     loss: Callable[..., Any] | None = None
     image_score: Callable[..., Any] | None = None
+    fit: Callable[..., dict] | None = None
+    fitted_score: Callable[..., float] | None = None
     testable: Callable[[Any], str | None] = _always_testable
 
     @property

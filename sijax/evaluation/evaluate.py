@@ -33,9 +33,16 @@ from sijax.evaluation.images import (
     Reference,
     image_key,
     model_input,
+    run_image_score,
     run_image_test,
 )
-from sijax.evaluation.summary import plot_overview, summarize_images, summary_markdown
+from sijax.evaluation.metrics import roc_auc
+from sijax.evaluation.summary import (
+    plot_image_scores,
+    plot_overview,
+    summarize_images,
+    summary_markdown,
+)
 
 RECORDS_FILE = "images.jsonl"
 
@@ -90,14 +97,20 @@ class ImageBatch:
             item = self.items[i]
             raw = self.dataset.read(item)
             x = model_input(self.model, raw, item.name)
+            record = {"index": i, "path": item.source, "name": item.name,
+                      "kind": item.kind}
+            if not self.model.detector.has_region:
+                # An image-level detector (DiffPath): a score, no region to test.
+                out.append({**record, **run_image_score(
+                    self.model, x, config=self.config, key=image_key(self.seed, i))})
+                continue
             rec, res = run_image_test(self.model, x, self.reference,
                                       config=self.config,
                                       key=image_key(self.seed, i))
             np.savez_compressed(map_path(self.out_dir, i),
                                 score=res.score_map.astype(np.float32),
                                 region=res.mask)
-            record = {"index": i, "path": item.source, "name": item.name,
-                      "kind": item.kind, **rec}
+            record.update(rec)
             if self.reports:
                 folder = os.path.join(self.out_dir, "images", _slug(i, item))
                 write_report(folder, res, x, self.reference.x_ref,
@@ -227,6 +240,9 @@ def write_evaluation_summary(out_dir: str, dataset, items, records, *, model,
     records = latest_by_index(records)
     if not records:
         return {}
+    if not model.detector.has_region:
+        return _image_level_summary(out_dir, records, alpha=alpha, fdr=fdr,
+                                    reference=reference)
     prep = model.preprocessing
     maps, regions, masks = [], [], []
     for r in records:
@@ -250,4 +266,23 @@ def write_evaluation_summary(out_dir: str, dataset, items, records, *, model,
 
     plot_overview(os.path.join(out_dir, "overview.png"), records, Inputs(), maps,
                   masks, regions, alpha=alpha)
+    return summary
+
+
+def _image_level_summary(out_dir: str, records, *, alpha, fdr, reference) -> dict:
+    """summary.json, summary.md and scores.png of an image-level detector: the
+    image AUROC of its scores (good images against the rest), no tests."""
+    summary = summarize_images(records, None, None, alpha=alpha, fdr=fdr)
+    summary["sigma"] = reference.name
+    scores = np.array([r["image_score"] for r in records], dtype=np.float64)
+    good = np.array([r["kind"] == "good" for r in records])
+    if good.any() and (~good).any() and all(r["kind"] != "unlabelled"
+                                             for r in records):
+        summary["image_auroc"] = roc_auc(scores, ~good)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    plot_image_scores(os.path.join(out_dir, "scores.png"), records, scores,
+                      summary.get("image_auroc"))
     return summary

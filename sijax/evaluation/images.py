@@ -135,6 +135,21 @@ def run_image_test(model, x, reference: Reference, *, config: DALConfig,
     return rec, res
 
 
+def run_image_score(model, x, *, config: DALConfig, key) -> dict:
+    """The whole-image score of an image-level detector (DiffPath) for one image.
+
+    Returns:
+      The record fields of ``images.jsonl``: image_score, status "image_level",
+      no region and no test (reject False), seconds.
+    """
+    noises = draw_noises(key, model, config)
+    t0 = time.perf_counter()
+    score = float(model.image_score(jax.numpy.asarray(x), noises))
+    return {"image_score": score, "status": "image_level", "region_size": 0,
+            "pieces": 0, "seconds": time.perf_counter() - t0, "reject": False,
+            "naive_reject": False, "p_value": None, "sup_p": None}
+
+
 def _num(v) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None

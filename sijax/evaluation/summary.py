@@ -206,3 +206,27 @@ def plot_overview(path: str | os.PathLike, records: Sequence[dict], images,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_image_scores(path: str | os.PathLike, records: Sequence[dict],
+                      scores: np.ndarray, auroc: float | None) -> None:
+    """Histogram of the image-level scores per kind (image-level detectors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["kind"] for r in records}, key=lambda k: (k != "good", k))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 5)))
+    for kind in kinds:
+        sel = np.array([r["kind"] == kind for r in records])
+        ax.hist(scores[sel], bins=bins, alpha=0.5, label=f"{kind} ({sel.sum()})")
+    ax.set_xlabel("image score (higher: more anomalous)")
+    ax.set_ylabel("images")
+    title = "image scores" + ("" if auroc is None else f", image AUROC {auroc:.3f}")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
