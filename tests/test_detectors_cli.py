@@ -1,0 +1,64 @@
+"""Every detector from the command line on the bundled digits (issue 26's "done
+when"): ``sijax train --detector NAME --data DIR`` and ``sijax evaluate``, tiny
+networks trained for a few epochs (the numerics are each detector's own tests)."""
+
+import json
+import os
+import warnings
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the bundled digits need the [data] extra")
+
+from sijax.checkpoint import load_model  # noqa: E402
+from sijax.cli import main  # noqa: E402
+from sijax.data import build_dataset  # noqa: E402
+from sijax.detectors import DETECTORS  # noqa: E402
+
+# The image-level detector and one region detector run by default; the rest with
+# the slow tests (each is a training and an evaluation, about a minute).
+DEFAULT = ("diffpath", "ddad")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    return build_dataset("digits", root / "digits", n_train=40, n_test_good=4,
+                         n_test_defect=2, seed=2)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow)
+    for n in DETECTORS])
+def test_train_and_evaluate_from_the_command_line(name, digits, tmp_path, capsys):
+    work, out = tmp_path / "run", tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # digits have constant border pixels
+        rc = main(["train", "--detector", name, "--data", digits, "--set", "size=8",
+                   "--set", "channels=4,8,16", "--set", "epochs=3",
+                   "--set", "batch_size=12", "--workdir", str(work), "--no-progress"])
+    assert rc == 0
+    assert f"({name})" in capsys.readouterr().out
+    model = load_model(work)
+    assert model.detector.name == name and model.config.detector == name
+    with open(work / "model" / "config.json") as f:
+        meta = json.load(f)
+    assert meta["config"]["detector"] == name
+    rc = main(["evaluate", "--checkpoint", str(work), "--data", digits, "--out",
+               str(out), "--no-progress", "--no-reports", "--workers", "1",
+               "--termination", "decision", "--max-per-kind", "2"])
+    assert rc == 0
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["images"] == 8
+    assert 0.0 <= summary["image_auroc"] <= 1.0
+    recs = [json.loads(line) for line in open(out / "images.jsonl")]
+    if model.detector.has_region:
+        assert "image_fit" not in meta and "threshold" in meta["detect"]
+        assert "pixel_auroc" in summary and os.path.isfile(out / "overview.png")
+        assert {r["status"] for r in recs} <= {"ok", "no region", "max_pieces"}
+    else:
+        assert "image_fit" in meta and "detect" not in meta
+        assert {r["status"] for r in recs} == {"image_level"}
+        assert all(isinstance(r["image_score"], float) for r in recs)
+        assert os.path.isfile(out / "scores.png")
