@@ -134,7 +134,10 @@ def test_linear_primitives_are_exact_everywhere():
         w = jnp.squeeze(jnp.expand_dims(x, 0), 0).reshape(3, 4) / 4.0
         w = lax.stop_gradient(w) @ jnp.arange(4.0) - jnp.mean(x)
         s = jnp.stack(jnp.split(x, 3, axis=1), axis=0)  # split, stack
-        return y, z, w, x.astype(jnp.float64), s
+        # unstack: the transpose of stack, met in backward passes (MDPS guidance)
+        u = jax.vjp(lambda v: jnp.stack([v, 2.0 * v], axis=1), jnp.ones((4, 3)))[1](
+            jnp.stack([x, -x], axis=1))[0]
+        return y, z, w, x.astype(jnp.float64), s, u
 
     p = track(f)(a, b, 0.4)
     assert (float(p.lo), float(p.hi)) == (-INF, INF)

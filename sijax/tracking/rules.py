@@ -347,8 +347,8 @@ LINEAR = (
     "concatenate", "pad", "slice", "squeeze", "expand_dims", "rev", "gather",
     "dynamic_slice", "dynamic_update_slice", "scatter-add", "scatter_add", "scatter",
     "reduce_sum", "reduce_window_sum", "cumsum", "select_n", "copy", "copy_p",
-    "reduce_precision", "real", "split", "stack", "device_put", "sharding_constraint",
-    "mesh_cast", "reshard", "pvary", "name",
+    "reduce_precision", "real", "split", "stack", "unstack", "device_put",
+    "sharding_constraint", "mesh_cast", "reshard", "pvary", "name",
 )  # fmt: skip
 
 RULES: dict[str, Rule] = {name: linear_rule for name in LINEAR}
