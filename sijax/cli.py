@@ -152,6 +152,33 @@ def _reconstruct_run(a: argparse.Namespace) -> int:
 
 # --- test / demo ---------------------------------------------------------------------
 
+def _load_for_test(a: argparse.Namespace):
+    """The model of ``--checkpoint`` with the detector options among ``--set``
+    applied (the rest of ``--set`` stays for the DALConfig)."""
+    import dataclasses
+
+    from sijax.checkpoint import load_model
+
+    model = load_model(a.checkpoint)
+    names = {f.name for f in dataclasses.fields(model.detector.options)}
+    dal = {f.name for f in dataclasses.fields(_dal_config_type())}
+    options, rest = {}, []
+    for item in a.overrides:
+        key, _, raw = item.partition("=")
+        if key.strip() in names and key.strip() not in dal:
+            options[key.strip()] = raw.strip()
+        else:
+            rest.append(item)
+    a.overrides = rest
+    return model.with_options(**options) if options else model
+
+
+def _dal_config_type():
+    from sijax.detect.dal import DALConfig
+
+    return DALConfig
+
+
 def _dal_config(a: argparse.Namespace, model=None):
     """The DAL options of the command line; a data-trained model's calibrated
     threshold is the default threshold."""
@@ -185,7 +212,8 @@ def _dal_options(p: argparse.ArgumentParser):
                    "propagate (batched breakpoint propagation; faster on 16x16 and "
                    "larger images, same pieces)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override any DALConfig field")
+                   metavar="KEY=VALUE", help="override any DALConfig field, or an "
+                   "option of the model's detector (docs/detectors.md)")
     p.add_argument("--seed", type=int, default=0, help="key of the sampler noises")
     p.add_argument("--out", default="sijax-out", help="output directory")
     p.add_argument("--no-progress", action="store_true",
@@ -258,13 +286,12 @@ def _test_args(p: argparse.ArgumentParser):
 
 
 def _test_run(a: argparse.Namespace) -> int:
-    from sijax.checkpoint import load_model
     from sijax.data.images import read_raw
     from sijax.detect.run import format_result, run_test
     from sijax.evaluation.images import model_input
 
     _configure_jax()
-    model = load_model(a.checkpoint)
+    model = _load_for_test(a)
     config = _dal_config(a, model)
     if a.confidence is not None or a.components:
         import dataclasses
@@ -524,13 +551,12 @@ def _evaluate_run(a: argparse.Namespace) -> int:
     _configure_jax()
     import jax
 
-    from sijax.checkpoint import load_model
     from sijax.data import open_dataset
     from sijax.evaluation.evaluate import evaluate
 
     if jax.default_backend() != "cpu" and a.workers is None:
         workers = 1
-    model = load_model(a.checkpoint)
+    model = _load_for_test(a)
     config = _dal_config(a, model)
     if a.alpha is not None:
         import dataclasses

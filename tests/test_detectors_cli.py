@@ -62,3 +62,24 @@ def test_train_and_evaluate_from_the_command_line(name, digits, tmp_path, capsys
         assert {r["status"] for r in recs} == {"image_level"}
         assert all(isinstance(r["image_score"], float) for r in recs)
         assert os.path.isfile(out / "scores.png")
+
+
+def test_detector_options_from_set_reach_the_model(monkeypatch):
+    """``sijax test --set t_lambda=100`` changes the AnoDDPM option, not the
+    DALConfig; DALConfig keys stay with the DALConfig."""
+    import argparse
+
+    from sijax import cli
+    from sijax.checkpoint import load_model as real_load
+    from sijax.detect.dal import DALConfig
+
+    base = real_load("tiny_8")
+    cfg = base.config.__class__(**{**base.config.__dict__, "detector": "anoddpm",
+                                   "detector_options": ()})
+    monkeypatch.setattr("sijax.checkpoint.load_model",
+                        lambda path: base.replace(config=cfg))
+    a = argparse.Namespace(checkpoint="x", overrides=["t_lambda=100", "threshold=0.5"])
+    model = cli._load_for_test(a)
+    assert model.options.t_lambda == 100 and a.overrides == ["threshold=0.5"]
+    assert cli._dal_config(argparse.Namespace(overrides=a.overrides)) == DALConfig(
+        threshold=0.5)

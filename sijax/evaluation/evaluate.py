@@ -170,7 +170,9 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
     os.makedirs(os.path.join(out_dir, "maps"), exist_ok=True)
     meta = {"checkpoint": checkpoint, "data": dataset.path, "layout": dataset.layout,
             "sigma": reference.name, "seed": seed, "fdr": fdr,
-            "config": dataclasses.asdict(config), "images": len(items)}
+            "config": dataclasses.asdict(config), "images": len(items),
+            "detector": model.config.detector,
+            "detector_options": dict(model.config.detector_options)}
     meta_path = os.path.join(out_dir, "evaluation.json")
     if resume and os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -205,8 +207,10 @@ def _changed_settings(had: dict, given: dict) -> dict:
     when it has its default value (the stored run computed without it), so a run
     resumes across versions that only add options."""
     defaults = {f.name: f.default for f in dataclasses.fields(DALConfig)}
+    # Runs made before the detectors existed were the DAL detector's.
+    before = {"detector": "dal", "detector_options": {}}
     changed = {k: (had.get(k), v) for k, v in given.items()
-               if k != "config" and had.get(k) != v}
+               if k != "config" and had.get(k, before.get(k)) != v}
     stored, now = had.get("config") or {}, given.get("config") or {}
     diff = {k: (stored.get(k), v) for k, v in now.items()
             if (stored[k] != v if k in stored else v != defaults.get(k))}
