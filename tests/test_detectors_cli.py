@@ -83,3 +83,24 @@ def test_detector_options_from_set_reach_the_model(monkeypatch):
     assert model.options.t_lambda == 100 and a.overrides == ["threshold=0.5"]
     assert cli._dal_config(argparse.Namespace(overrides=a.overrides)) == DALConfig(
         threshold=0.5)
+
+
+def test_experiment_runs_another_detector_with_its_own_noises(tmp_path):
+    """The paper's synthetic sweep (sijax experiment) with a DDAD model: its
+    noises come from draw_noises(model) per trial, and experiment.json names it."""
+    import dataclasses
+
+    import sijax.experiments as ex
+
+    base = load_model("tiny_8")
+    ddad = base.replace(config=dataclasses.replace(base.config, detector="ddad",
+        detector_options=(("t0", 800), ("stride", 200), ("w", 0.0))))
+    spec = ex.default_spec("fpr", sizes=(8,), checkpoints={8: "tiny_8"},
+                           covariances=("iid",), trials=3, batch=2,
+                           methods=("selective", "naive"), max_pieces=2000)
+    rows = ex.run_experiment(spec, str(tmp_path), models={("tiny_8", "relu"): ddad},
+                             progress=False)
+    assert {r.trials for r in rows} == {3}
+    with open(tmp_path / "experiment.json") as f:
+        meta = json.load(f)
+    assert {m["detector"] for m in meta["models"].values()} == {"ddad"}

@@ -139,6 +139,8 @@ def experiment_meta(spec: ExperimentSpec, models) -> dict:
             "size": m.config.size,
             "epochs": m.config.epochs,
             "channels": list(m.config.channels),
+            "detector": m.config.detector,
+            "detector_options": dict(m.config.detector_options),
             "weights_sha256": m.weights_sha256(),
         }
     return {

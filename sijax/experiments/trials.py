@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sijax.detect.dal import DALConfig, dal_test_batch, error_message
+from sijax.detect.dal import DALConfig, dal_test_batch, draw_noises, error_message
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError
 from sijax.experiments.noise import sample_noise
@@ -215,9 +215,14 @@ def run_batch(
         f: np.stack([getattr(d, f) for d in padded])
         for f in ("x", "x_ref", "eps0", "eps")
     }
+    noises = Noises(eps0=arrays["eps0"], eps=arrays["eps"])
+    if _detector(model) != "dal":
+        # Another detector draws its own noises, from the trial's key.
+        noises = jax.vmap(lambda s: draw_noises(jax.random.key(s), model))(
+            jnp.asarray([d.key for d in padded], jnp.uint32))
     if mesh is not None:
         arrays = {k: shard(mesh, v) for k, v in arrays.items()}
-    noises = Noises(eps0=arrays["eps0"], eps=arrays["eps"])
+        noises = jax.tree.map(lambda v: shard(mesh, v), noises)
     runs = [m for m in ("selective", "oc") if m in methods]
     if not runs:  # naive/bonferroni/permutation need the region and z: cheapest run
         runs = ["oc"]
@@ -295,6 +300,11 @@ def run_batch(
     return records
 
 
+def _detector(model) -> str:
+    """The detector of a model ("dal" for models that do not say)."""
+    return getattr(getattr(model, "config", None), "detector", "dal")
+
+
 def _permutation(model, setting: Setting, data: TrialData, permutations: int) -> dict:
     from sijax.detect.permutation import permutation_test
 
@@ -303,7 +313,9 @@ def _permutation(model, setting: Setting, data: TrialData, permutations: int) ->
         data.x,
         data.x_ref,
         sigma=setting.covariance,
-        noises=Noises(eps0=jnp.asarray(data.eps0), eps=jnp.asarray(data.eps)),
+        noises=(Noises(eps0=jnp.asarray(data.eps0), eps=jnp.asarray(data.eps))
+                if _detector(model) == "dal"
+                else draw_noises(jax.random.key(data.key), model)),
         key=jax.random.key(data.key),
         num_permutations=permutations,
         config=DALConfig(alpha=setting.alpha),
