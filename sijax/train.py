@@ -594,7 +594,10 @@ def save_noise_models(model_dir: str, cfg: TrainConfig,
 
     x = np.concatenate([images.train, images.val]).astype(np.float64)
     for kind in ("pixel", "stationary", "lowrank"):
-        options = {"rank": min(cfg.noise_rank, len(x) - 1)} if kind == "lowrank" \
-            else {}
+        # At most half the images' directions go to the components, so that the
+        # residual variances are estimated from data (with rank N - 1 the
+        # components span every centred image and the residual is zero).
+        rank = min(cfg.noise_rank, max(1, (len(x) - 1) // 2))
+        options = {"rank": rank} if kind == "lowrank" else {}
         nm = estimate_noise_model(x, kind, **options)
         save_noise_model(os.path.join(model_dir, "noise", kind), nm)

@@ -679,3 +679,22 @@ def test_check_noise_model_finds_the_model_that_understates_region_variance():
                                        np.nan, held_out))
     with pytest.raises(InputError, match="side 9"):
         check_noise_model(nm, held_out, sizes=(9,))
+
+
+def test_few_training_images_leave_the_low_rank_residual_to_the_data(tmp_path):
+    """20 normal images and noise_rank 32: the stored low-rank model keeps at most
+    half of the 19 centred directions, so its residual variances come from the
+    images (rank N - 1 would leave a zero residual, all from the floor)."""
+    from sijax.config import TrainConfig
+    from sijax.noise_model import load_noise_model
+    from sijax.train import TrainingData, save_noise_models
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 8, 8, 1)).astype(np.float32)
+    data = TrainingData(train=x[:18], val=x[18:], preprocessing=None, source=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "vary less than the floor" warning
+        save_noise_models(str(tmp_path), TrainConfig(noise_rank=32), data)
+    nm = load_noise_model(str(tmp_path / "noise" / "lowrank"))
+    assert nm.rank == 9
+    assert np.all(np.asarray(nm.residual) > 0.1)
