@@ -143,7 +143,8 @@ def write(a, rows) -> None:
         "of the held-out normal images' score maps; every test image tested against "
         f"the template with `--sigma {a.sigma}`, parametric search with decision "
         "termination (unless the pieces column names another search). Rates among "
-        "images with a detected region; 99% Clopper-Pearson intervals. Raw outputs in benchmarks/results/detectors/.",
+        "images with a detected region; 99% Clopper-Pearson intervals. Raw outputs "
+        "in benchmarks/results/detectors/.",
         "",
         "| detector | train s (compile excluded) | pixel AUROC | AUPRO | image AUROC "
         "| good: with region / images | type I (selective) | naive "
