@@ -118,7 +118,8 @@ def write(a, rows) -> None:
     os.makedirs(dest, exist_ok=True)
     for name in rows:
         src = os.path.join(a.workdir, f"eval_{name}")
-        for f in ("summary.json", "summary.md", "evaluation.json", "overview.png"):
+        for f in ("summary.json", "summary.md", "evaluation.json", "overview.png",
+                  "scores.png"):
             if os.path.isfile(os.path.join(src, f)):
                 shutil.copy(os.path.join(src, f), os.path.join(dest, f"{name}_{f}"))
         subprocess.run(["gzip", "-kf", os.path.join(src, "images.jsonl")], check=True)

@@ -218,11 +218,17 @@ def plot_image_scores(path: str | os.PathLike, records: Sequence[dict],
 
     kinds = sorted({r["kind"] for r in records}, key=lambda k: (k != "good", k))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 5)))
+    # A few far outliers would squeeze the rest into one bar: scores above the
+    # 95th percentile go to the last bin.
+    top = float(np.quantile(scores, 0.95))
+    shown = np.minimum(scores, top)
+    bins = np.histogram_bin_edges(shown, bins=min(40, max(5, len(scores) // 5)))
     for kind in kinds:
         sel = np.array([r["kind"] == kind for r in records])
-        ax.hist(scores[sel], bins=bins, alpha=0.5, label=f"{kind} ({sel.sum()})")
-    ax.set_xlabel("image score (higher: more anomalous)")
+        ax.hist(shown[sel], bins=bins, alpha=0.5, label=f"{kind} ({sel.sum()})")
+    clipped = int((scores > top).sum())
+    ax.set_xlabel("image score (higher: more anomalous)"
+                  + (f"; {clipped} above {top:.3g} in the last bin" if clipped else ""))
     ax.set_ylabel("images")
     title = "image scores" + ("" if auroc is None else f", image AUROC {auroc:.3f}")
     ax.set_title(title)
