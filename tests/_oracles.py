@@ -197,3 +197,36 @@ def check_exhaustive_on_grid(model, data, cfg):
         near_edge = any(abs(z - e) < step for iv in res.truncated_intervals for e in iv)
         assert same == inside or near_edge, z
     return res
+
+
+def tiny_serving(detector: str, **options):
+    """The committed tiny_8 U-Net (widths 4/8/16, float64) serving ``detector``.
+
+    Its weights stand in for a random initialisation: building the network in
+    memory with ``init_unet`` compiles an initialiser per weight shape (about 20 s
+    of CPU), loading it takes under a second.
+    """
+    import dataclasses
+
+    from sijax.checkpoint import ModelInfo, load_model
+
+    base = load_model("tiny_8")
+    cfg = dataclasses.replace(base.config, name=detector, detector=detector,
+                              detector_options=tuple(options.items()))
+    return base.replace(config=cfg, info=ModelInfo())
+
+
+def planted_example(model, shape=(8, 8, 1)):
+    """Image with a planted square, reference, noises, and a threshold that
+    detects a region (the 80% quantile of the score map)."""
+    import sijax
+    from sijax.detect.dal import DALConfig, detect_region
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    x[2:5, 3:6] += 3.0
+    x_ref = rng.standard_normal(shape)
+    nz = sijax.draw_noises(jax.random.key(7), model)
+    score, _ = detect_region(model, x, nz, DALConfig(threshold=0.0))
+    threshold = float(np.quantile(np.asarray(score), 0.8))
+    return x, x_ref, nz, threshold

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _oracles import check_exhaustive_on_grid
+from _oracles import check_exhaustive_on_grid, planted_example, tiny_serving
 
 import sijax
-from sijax.checkpoint import ModelInfo, load_model
+from sijax.checkpoint import load_model
 from sijax.detect.dal import DALConfig, detect_region
 from sijax.detectors import anoddpm
 from sijax.detectors.simplex import (
@@ -36,30 +36,12 @@ FAST = dict(t_lambda=250, stride=125)  # three network calls: 250, 125, 0
 
 @pytest.fixture(scope="module")
 def model():
-    """The committed tiny_8 U-Net (widths 4/8/16, float64) serving AnoDDPM.
-
-    Its weights stand in for a random initialisation: building the network in
-    memory with ``init_unet`` compiles an initialiser per weight shape (about 20 s
-    of CPU), loading it takes under a second.
-    """
-    base = load_model(TINY)
-    cfg = dataclasses.replace(base.config, name="anoddpm", detector="anoddpm",
-                              detector_options=tuple(FAST.items()))
-    return base.replace(config=cfg, info=ModelInfo())
+    return tiny_serving("anoddpm", **FAST)
 
 
 @pytest.fixture(scope="module")
 def data(model):
-    """Image with a planted square, reference, noises, and a threshold that
-    detects a region (the 80% quantile of the score map)."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(SHAPE)
-    x[2:5, 3:6] += 3.0
-    x_ref = rng.standard_normal(SHAPE)
-    nz = sijax.draw_noises(jax.random.key(7), model)
-    score, _ = detect_region(model, x, nz, DALConfig(threshold=0.0))
-    threshold = float(np.quantile(np.asarray(score), 0.8))
-    return x, x_ref, nz, threshold
+    return planted_example(model, SHAPE)
 
 
 # --- the noise -----------------------------------------------------------------
