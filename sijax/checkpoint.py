@@ -182,7 +182,6 @@ class DiffusionModel:
         from sijax.detectors import options_from_items, options_items
 
         merged = {**dict(self.config.detector_options), **options}
-        options_from_items(self.detector, merged.items())  # validates
         full = dict(options_items(options_from_items(self.detector, merged.items())))
         items = tuple((k, full[k]) for k in sorted(merged))
         return self.replace(config=dataclasses.replace(self.config,
