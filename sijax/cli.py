@@ -277,6 +277,11 @@ def _test_args(p: argparse.ArgumentParser):
                    "search goes on until its ends are exact; --set "
                    "exact_interval=false stops at the p-value's rule and gives the "
                    "widest interval the search allows)")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="devices that share the search of the line (the propagate "
+                   "engine, which this switches on; the same pieces and p-value). "
+                   "Default: every accelerator when there are several, else one. "
+                   "On a CPU, N single-threaded CPU devices, e.g. the cores")
     p.add_argument("--components", action="store_true",
                    help="also test each connected component of the region on its own "
                    "(8-connected; --set connectivity=4 for edges only), conditioning "
@@ -290,9 +295,15 @@ def _test_run(a: argparse.Namespace) -> int:
     from sijax.detect.run import format_result, run_test
     from sijax.evaluation.images import model_input
 
+    if a.devices is not None:
+        if a.devices < 1:
+            raise InputError(f"--devices must be >= 1; got {a.devices}")
+        from sijax.experiments.pool import use_cpu_devices
+
+        use_cpu_devices(a.devices)  # before JAX starts its CPU backend
     _configure_jax()
     model = _load_for_test(a)
-    config = _dal_config(a, model)
+    config = _shared_line(a, _dal_config(a, model))
     if a.confidence is not None or a.components:
         import dataclasses
 
@@ -312,6 +323,29 @@ def _test_run(a: argparse.Namespace) -> int:
     print(format_result(result))
     print(f"{seconds:.1f} s (compilation included); report in {a.out}/")
     return 0
+
+
+def _shared_line(a: argparse.Namespace, config):
+    """--devices: the propagate engine's search shared by N devices (default: all
+    accelerators when there are several; an explicit walk engine keeps one)."""
+    import dataclasses
+
+    import jax
+
+    engine_set = a.engine is not None or any(
+        o.split("=", 1)[0].strip() == "engine" for o in a.overrides
+    )
+    n = a.devices
+    if n is None:
+        devices = jax.local_devices()
+        n = len(devices) if devices[0].platform != "cpu" else 1
+        if engine_set and config.engine != "propagate":
+            n = 1
+    if n == 1:
+        return config
+    if engine_set:  # an explicit walk engine is refused by DALConfig
+        return dataclasses.replace(config, devices=n)
+    return dataclasses.replace(config, engine="propagate", devices=n)
 
 
 def _test_tiles(a, model, ref, config, extra) -> int:

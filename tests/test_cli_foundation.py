@@ -1,5 +1,6 @@
 """The CLI of the foundation: train/sample/reconstruct, and clean errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -162,6 +163,40 @@ def test_dal_options_reach_the_config():
     assert (cfg.engine, cfg.termination) == ("propagate", "decision")
     assert cfg.max_pieces == 50
     assert _dal_config(build_parser().parse_args(["demo"])).engine == "walk"
+
+
+def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
+    """`sijax test --devices N` switches the propagate engine on with N devices
+    (conftest: four CPU devices) and gives the one-device p-value; an explicit walk
+    engine is refused; on a CPU the default is one device."""
+    from sijax.cli import _dal_config, _shared_line, build_parser
+
+    def config(*argv):
+        a = build_parser().parse_args(["test", "--checkpoint", "c", "--image", "i",
+                                       *argv])  # fmt: skip
+        return _shared_line(a, _dal_config(a))
+
+    assert (config().engine, config().devices) == ("walk", 1)
+    assert (config("--devices", "2").engine, config("--devices", "2").devices) == (
+        "propagate", 2)  # fmt: skip
+    with pytest.raises(InputError, match="only the 'propagate' engine"):
+        config("--devices", "2", "--engine", "walk")
+    image = os.path.join(EXAMPLES_DIR, "demo_8.npy")
+    p = []
+    for extra in ([], ["--devices", "2"]):
+        rc, out, err = run_main(
+            capsys, "test", "--checkpoint", "tiny_8", "--image", image, "--reference",
+            image.replace(".npy", "_ref.npy"), "--sigma", "1", "--engine",
+            "propagate", "--no-progress", "--out",
+            str(tmp_path / str(len(extra))), *extra,
+        )  # fmt: skip
+        assert rc == 0, err
+        with open(tmp_path / str(len(extra)) / "report.json") as f:
+            p.append(json.load(f))
+    assert p[1]["config"]["devices"] == 2
+    r = [q["result"] for q in p]
+    assert r[1]["p_value"] == pytest.approx(r[0]["p_value"], abs=1e-12)
+    assert r[1]["search_count"] == r[0]["search_count"]
 
 
 def test_search_bar_shows_pieces_range_and_bounds(capsys):

@@ -124,6 +124,34 @@ def test_propagate_engine_gives_the_walking_result(
     assert sum(new_pieces(r[0], REPORT_EVERY) for r in seen) == prop.search_count
 
 
+def test_devices_share_one_line_and_give_the_one_device_result(model, example):
+    """DALConfig(devices=0): the propagate engine's windows cut over all devices
+    (four CPU devices in the tests) give the one-device pieces, truncation set and
+    p-value; devices is checked."""
+    x, x_ref, nz = example
+    config = DALConfig(engine="propagate", termination="decision")
+    one, many = (
+        dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                 config=dataclasses.replace(config, devices=n))  # fmt: skip
+        for n in (1, 0)
+    )
+    assert many.status == one.status == "ok"
+    assert many.search_count == one.search_count >= 5
+    for field in ("p_value", "inf_p", "sup_p"):
+        assert getattr(many, field) == pytest.approx(getattr(one, field), abs=1e-12)
+    assert len(many.truncated_intervals) == len(one.truncated_intervals)
+    np.testing.assert_allclose(
+        many.truncated_intervals, one.truncated_intervals, rtol=0, atol=1e-9
+    )
+    with pytest.raises(InputError, match="propagate"):
+        DALConfig(devices=2)
+    with pytest.raises(InputError, match="devices"):
+        DALConfig(engine="propagate", devices=-1)
+    with pytest.raises(InputError, match="backend has"):
+        dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                 config=dataclasses.replace(config, devices=99))  # fmt: skip
+
+
 def test_engine_is_checked():
     with pytest.raises(InputError, match="engine"):
         DALConfig(engine="fast")

@@ -295,6 +295,59 @@ def test_line_cache_serves_the_pieces_of_the_whole_line(window_pieces):
         cache.piece(3.5, 1)
 
 
+def test_devices_share_a_stretch_and_give_the_same_pieces(monkeypatch):
+    """The stretch cut into one segment per device (four CPU devices in the tests),
+    enumerated at once in threads and joined: the pieces of one device, each
+    segment computed on its own device; a LineCache over the devices serves the
+    same pieces as one over the default device."""
+    devices = jax.devices()
+    assert len(devices) >= 2  # conftest: four CPU devices
+    w = _mlp_weights(2, width=10)
+    rng = np.random.default_rng(3)
+    a, b = _normal(rng, 4), _normal(rng, 4)
+    summary = lambda o: o["mask"]  # noqa: E731
+    one = enumerate_line(_mlp_with_params, a, b, -3.0, 3.0, params=w, summary=summary)
+    from sijax.tracking.propagate import driver
+
+    seen, run = [], driver._run_window
+
+    def spy(closed, treedef, summarize, a, *rest):
+        window, n = run(closed, treedef, summarize, a, *rest)
+        seen.append(a.devices())  # the line is committed to the segment's device
+        return window, n
+
+    monkeypatch.setattr(driver, "_run_window", spy)
+    many = enumerate_line(
+        _mlp_with_params, a, b, -3.0, 3.0, params=w, summary=summary, devices=devices
+    )
+    monkeypatch.undo()
+    assert many.windows == len(devices) and one.count > 2 * len(devices)
+    np.testing.assert_allclose(many.z, one.z, rtol=0, atol=RTOL * 6.0)
+    np.testing.assert_array_equal(many.summary, one.summary)
+    assert [len(ds) for ds in seen] == [1] * len(devices)
+    assert {d for ds in seen for d in ds} == set(devices)
+    # A stretch too short to share stays on one device; an infinite one is refused.
+    tiny = enumerate_line(_mlp_with_params, a, b, 0.0, 1e-9, params=w, devices=devices)
+    assert tiny.windows == 1
+    with pytest.raises(ValueError, match="finite"):
+        enumerate_line(_mlp_with_params, a, b, 0.0, np.inf, params=w, devices=devices)
+    with pytest.raises(ValueError, match="at least one device"):
+        enumerate_line(_mlp_with_params, a, b, 0.0, 1.0, params=w, devices=[])
+    walked = []
+    for devs in (None, devices[:2]):
+        cache = LineCache(
+            _mlp_with_params, a, b, params=w, summary=summary, z_range=(-3.0, 3.0),
+            width=0.1, window_pieces=3, devices=devs,
+        )  # fmt: skip
+        hi, got = -3.0, []
+        while hi < 3.0:
+            lo, hi, m = cache.piece(hi, 1)
+            got.append((lo, hi, bool(np.all(m))))
+        walked.append(np.array(got))
+    assert len(walked[0]) == len(walked[1]) == one.count
+    np.testing.assert_allclose(walked[1], walked[0], rtol=0, atol=RTOL * 6.0)
+
+
 def test_degenerate_stretch_and_bad_input():
     w1, _, w3 = _mlp_weights(4)
 

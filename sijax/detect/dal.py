@@ -158,6 +158,12 @@ class DALConfig:
         (edges only) for ``components``.
       adjustment: "holm" (default; family-wise error over the components) or "bh"
         (Benjamini-Hochberg; false discovery rate) for ``components``.
+      devices: with the "propagate" engine, how many of the backend's devices share
+        the search of one line (1, the default: the default device; 0: all of
+        them): every stretch of the line is cut into one segment per device,
+        enumerated at the same time and joined, giving the same pieces as one
+        device (:func:`sijax.tracking.enumerate_line`). The "walk" engine shares
+        batches instead (:func:`dal_test_batch`) and accepts only 1.
     """
 
     t_start: int = 460
@@ -181,6 +187,7 @@ class DALConfig:
     components: bool = False
     connectivity: int = 8
     adjustment: str = "holm"
+    devices: int = 1
 
     def __post_init__(self):
         if self.confidence is not None:
@@ -201,6 +208,14 @@ class DALConfig:
         if self.engine not in ENGINES:
             raise InputError(f"engine={self.engine!r} must be one of {ENGINES}")
         object.__setattr__(self, "engine", Engine(self.engine))
+        if not isinstance(self.devices, int) or self.devices < 0:
+            raise InputError(f"devices={self.devices!r} must be an integer >= 0")
+        if self.devices != 1 and self.engine is not Engine.PROPAGATE:
+            raise InputError(
+                f"devices={self.devices} shares one line's search over devices, which"
+                " only the 'propagate' engine does; set engine='propagate' (the walk"
+                " engine shares a batch of images: dal_test_batch)"
+            )
         if self.search not in POLICIES:
             raise InputError(f"search={self.search!r} must be one of {POLICIES}")
         if self.termination not in TERMINATIONS:
@@ -552,6 +567,7 @@ def _search_line_host(model, noises, line, mask, nums, config, progress=None):
         params=(model, noises, nums.threshold),
         summary=lambda m: jnp.all(m == mask),
         z_range=(-r, r),
+        devices=line_devices(config.devices),
     )
 
     def source(zq, direction):
@@ -565,6 +581,21 @@ def _search_line_host(model, noises, line, mask, nums, config, progress=None):
         report_every=REPORT_EVERY,
         **_search_options(config, nums),
     )
+
+
+def line_devices(n: int):
+    """The devices that share one line's search (:attr:`DALConfig.devices`): None
+    for one (the default device), else the first n of the backend's (0: all)."""
+    if n == 1:
+        return None
+    devices = jax.local_devices()
+    if n > len(devices):
+        raise InputError(
+            f"devices={n}, but the {devices[0].platform} backend has {len(devices)};"
+            " on a CPU, `sijax test --devices N` (or jax.config.update("
+            "'jax_num_cpu_devices', N) before JAX starts) makes N"
+        )
+    return devices[: n or len(devices)]
 
 
 # Pieces between two progress reports of dal_test(progress=...): a host callback

@@ -1,7 +1,8 @@
 """The driver: enumerate_line over windows, and LineCache for the search."""
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -126,6 +127,49 @@ def _line_jaxpr(f: Callable, shape, dtype, params=None):
     return per_f[key]
 
 
+def _stretch(closed, treedef, summarize, tie_tol, max_points, ends_only, a, b,
+             leaves, lo, hi):  # fmt: skip
+    """The windows of [lo, hi] (halved while one overflows) and the points used."""
+    todo = [(lo, hi)]
+    done: list[_Window] = []
+    points = 0
+    while todo:
+        lo, hi = todo.pop(0)
+        try:
+            window, n = _run_window(
+                closed, treedef, summarize, a, b, lo, hi, tie_tol, max_points,
+                leaves, ends_only,
+            )  # fmt: skip
+        except Overflow:
+            points += max_points
+            mid = 0.5 * (lo + hi)
+            if not lo < mid < hi:
+                raise SearchError(  # pragma: no cover - needs absurd max_points
+                    f"enumerate_line: more than {max_points=} points near z={lo}"
+                ) from None
+            todo[:0] = [(lo, mid), (mid, hi)]
+            continue
+        points += n
+        done.append(window)
+    return done, points
+
+
+def _spread(devices, z_min: float, z_max: float, tie_tol: float) -> list:
+    """The devices that share [z_min, z_max]: one segment each, none shorter than
+    a thousand tie tolerances (a shorter stretch stays on the first device)."""
+    if devices is None:
+        return [None]
+    devices = list(devices)
+    if not devices:
+        raise InputError("devices must name at least one device")
+    tau = tie_tol * max(1.0, abs(z_min), abs(z_max))
+    if not np.isfinite(z_max - z_min):
+        raise InputError(f"a stretch split over devices must be finite; got "
+                         f"[{z_min}, {z_max}]")  # fmt: skip
+    k = int(min(len(devices), max(1, (z_max - z_min) // (1000 * tau))))
+    return devices[:k]
+
+
 def enumerate_line(
     f: Callable,
     a,
@@ -138,6 +182,7 @@ def enumerate_line(
     max_points: int = 4096,
     tie_tol: float = DEFAULT_TIE_TOL,
     all_fingerprints: bool = True,
+    devices: Sequence[jax.Device] | None = None,
 ) -> LinePieces:
     """Every linear piece of f along a + b t for t in [z_min, z_max] (tracking notes
     2(b)): the same pieces as `enumerate_pieces`, by batched breakpoint propagation.
@@ -161,6 +206,11 @@ def enumerate_line(
       all_fingerprints: False: only the first and the last piece get a fingerprint
         (the others NaN), which is all that joining windows needs; saves a pass
         over every ReLU's input.
+      devices: optional devices to share the stretch: it is cut into one segment
+        per device (equal lengths), each enumerated on its device in its own
+        thread, and the segments joined; the same pieces as on one device (a
+        breakpoint within the tie tolerance of a cut may move by up to that
+        tolerance, as at a window's end). None: the default device.
 
     Returns:
       `LinePieces` (host arrays).
@@ -179,27 +229,29 @@ def enumerate_line(
     closed, treedef = _line_jaxpr(f, a.shape, a.dtype, params)
     leaves = [jnp.asarray(v) for v in jax.tree.leaves(params)]
     summarize = summary if summary is not None else (lambda out: ())
-    todo = [(z_min, z_max)]
-    done: list[_Window] = []
-    points = 0
-    while todo:
-        lo, hi = todo.pop(0)
-        try:
-            window, n = _run_window(
-                closed, treedef, summarize, a, b, lo, hi, tie_tol, max_points,
-                leaves, not all_fingerprints,
-            )  # fmt: skip
-        except Overflow:
-            points += max_points
-            mid = 0.5 * (lo + hi)
-            if not lo < mid < hi:
-                raise SearchError(  # pragma: no cover - needs absurd max_points
-                    f"enumerate_line: more than {max_points=} points near z={lo}"
-                ) from None
-            todo[:0] = [(lo, mid), (mid, hi)]
-            continue
-        points += n
-        done.append(window)
+    run = partial(
+        _stretch, closed, treedef, summarize, tie_tol, max_points,
+        not all_fingerprints,
+    )  # fmt: skip
+    devices = _spread(devices, z_min, z_max, tie_tol)
+    if devices == [None]:
+        done, points = run(a, b, leaves, z_min, z_max)
+    else:
+        # One segment per device, enumerated at the same time (XLA releases the
+        # GIL while it computes) and joined like the halves of an overflowing
+        # window: the pieces do not depend on where the line is cut.
+        cuts = np.linspace(z_min, z_max, len(devices) + 1)
+        cuts[0], cuts[-1] = z_min, z_max
+
+        def on(i):
+            with jax.default_device(devices[i]):
+                put = partial(jax.device_put, device=devices[i])
+                return run(put(a), put(b), put(leaves), cuts[i], cuts[i + 1])
+
+        with ThreadPoolExecutor(len(devices)) as pool:
+            parts = list(pool.map(on, range(len(devices))))
+        done = [w for windows, _ in parts for w in windows]
+        points = sum(n for _, n in parts)
     z, origin, fp, summ = _join(done)
     return LinePieces(
         z=z,
@@ -232,23 +284,28 @@ class LineCache:
         beyond them); default the whole line, whose end pieces are never served (a
         piece reaching +-inf cannot be told from a long one).
       width: the first window's width in z (centred on the first query).
-      window_pieces: pieces per window aimed at after the first.
+      window_pieces: pieces per window aimed at after the first (per device).
+      devices: optional devices that share every window (`enumerate_line`'s
+        `devices`); the windows are that many times wider.
     """
 
     def __init__(self, f, a, b, *, params=None, summary=None,
                  z_range=(-np.inf, np.inf), width: float = 0.25,
                  window_pieces: int = 128, max_points: int = 1024,
-                 tie_tol: float = DEFAULT_TIE_TOL):  # fmt: skip
+                 tie_tol: float = DEFAULT_TIE_TOL, devices=None):  # fmt: skip
         self._enum = partial(
             enumerate_line, f, a, b, params=params, summary=summary,
             max_points=max_points, tie_tol=tie_tol, all_fingerprints=False,
+            devices=devices,
         )  # fmt: skip
+        share = 1 if devices is None else max(1, len(devices))
         self.r_lo, self.r_hi = float(z_range[0]), float(z_range[1])
         if not self.r_lo < self.r_hi:
             raise InputError(f"need z_range[0] < z_range[1]; got {z_range}")
         if not width > 0 or window_pieces < 1:
             raise InputError(f"need width > 0, window_pieces >= 1; got {width=}")
-        self.width, self.window_pieces = float(width), int(window_pieces)
+        self.width = float(width) * share
+        self.window_pieces = int(window_pieces) * share
         self.stretch: _Window | None = None
         self.points = 0  # points pushed through f, all windows
         self.windows = 0
