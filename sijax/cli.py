@@ -207,10 +207,11 @@ def _dal_options(p: argparse.ArgumentParser):
     p.add_argument("--alternative", choices=("abs", "two-sided", "less", "greater"))
     p.add_argument("--threshold", type=float, help="region threshold lambda (0.8)")
     p.add_argument("--precision", type=float, help="stop when sup_p - inf_p < this")
-    p.add_argument("--engine", choices=("walk", "propagate"),
-                   help="how pieces are found: walk (default; one compiled search) or "
-                   "propagate (batched breakpoint propagation; faster on 16x16 and "
-                   "larger images, same pieces)")
+    p.add_argument("--engine", choices=("auto", "walk", "propagate"),
+                   help="how pieces are found (the same pieces): walk (one compiled "
+                   "search), propagate (batched breakpoint propagation; faster on "
+                   "16x16 and larger images) or auto (default: propagate from "
+                   "16x16 on a CPU for the dal detector, else walk)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override any DALConfig field, or an "
                    "option of the model's detector (docs/detectors.md)")

@@ -162,7 +162,7 @@ def test_dal_options_reach_the_config():
     cfg = _dal_config(a)
     assert (cfg.engine, cfg.termination) == ("propagate", "decision")
     assert cfg.max_pieces == 50
-    assert _dal_config(build_parser().parse_args(["demo"])).engine == "walk"
+    assert _dal_config(build_parser().parse_args(["demo"])).engine == "auto"
 
 
 def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
@@ -176,7 +176,7 @@ def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
                                        *argv])  # fmt: skip
         return _shared_line(a, _dal_config(a))
 
-    assert (config().engine, config().devices) == ("walk", 1)
+    assert (config().engine, config().devices) == ("auto", 1)
     assert (config("--devices", "2").engine, config("--devices", "2").devices) == (
         "propagate", 2)  # fmt: skip
     with pytest.raises(InputError, match="only the 'propagate' engine"):

@@ -144,12 +144,37 @@ def test_devices_share_one_line_and_give_the_one_device_result(model, example):
         many.truncated_intervals, one.truncated_intervals, rtol=0, atol=1e-9
     )
     with pytest.raises(InputError, match="propagate"):
-        DALConfig(devices=2)
+        DALConfig(engine="walk", devices=2)
     with pytest.raises(InputError, match="devices"):
         DALConfig(engine="propagate", devices=-1)
     with pytest.raises(InputError, match="backend has"):
         dal_test(model, x, x_ref, sigma=1.0, noises=nz,
                  config=dataclasses.replace(config, devices=99))  # fmt: skip
+
+
+def test_auto_engine_picks_the_measured_faster_one():
+    """engine="auto" (the default): propagation for the DAL detector from 16x16 on
+    a CPU, or when the line is shared over devices; walking at 8x8, for the other
+    detectors and for lockstep batches; an explicit engine is kept."""
+    from types import SimpleNamespace
+
+    from sijax.detect.dal import resolve_engine
+
+    dal = SimpleNamespace(config=SimpleNamespace(detector="dal"))
+    ddad = SimpleNamespace(config=SimpleNamespace(detector="ddad"))
+    auto = DALConfig()
+    assert auto.engine is Engine.AUTO
+
+    def pick(model, shape, config=auto, **kw):
+        return resolve_engine(config, model, shape, **kw).engine
+
+    assert pick(dal, (8, 8, 1)) is Engine.WALK
+    assert pick(dal, (16, 16, 1)) is Engine.PROPAGATE
+    assert pick(object(), (32, 32, 3)) is Engine.PROPAGATE  # a plain Reconstructor
+    assert pick(ddad, (16, 16, 1)) is Engine.WALK
+    assert pick(dal, (16, 16, 1), lockstep=True) is Engine.WALK
+    assert pick(ddad, (8, 8, 1), DALConfig(devices=2)) is Engine.PROPAGATE
+    assert pick(dal, (16, 16, 1), DALConfig(engine="walk")) is Engine.WALK
 
 
 def test_engine_is_checked():

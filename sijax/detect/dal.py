@@ -68,10 +68,12 @@ class Engine(str, enum.Enum):
         vmap, lanes, sharding).
       PROPAGATE: stretches of the line enumerated by batched breakpoint
         propagation, the search driven from the host; one image at a time.
+      AUTO: the one measured faster for the call (:func:`resolve_engine`).
     """
 
     WALK = "walk"
     PROPAGATE = "propagate"
+    AUTO = "auto"
 
     def __str__(self) -> str:
         return self.value
@@ -92,6 +94,7 @@ __all__ = [
     "dal_test",
     "dal_test_batch",
     "default_lanes",
+    "resolve_engine",
     "detect_region",
     "detect_and_line",
     "detector",
@@ -181,7 +184,7 @@ class DALConfig:
     max_pieces: int = 20_000
     margin: float = 10.0
     memo: bool = True
-    engine: Engine = Engine.WALK
+    engine: Engine = Engine.AUTO
     confidence: float | None = None
     exact_interval: bool = True
     components: bool = False
@@ -210,7 +213,7 @@ class DALConfig:
         object.__setattr__(self, "engine", Engine(self.engine))
         if not isinstance(self.devices, int) or self.devices < 0:
             raise InputError(f"devices={self.devices!r} must be an integer >= 0")
-        if self.devices != 1 and self.engine is not Engine.PROPAGATE:
+        if self.devices != 1 and self.engine is Engine.WALK:
             raise InputError(
                 f"devices={self.devices} shares one line's search over devices, which"
                 " only the 'propagate' engine does; set engine='propagate' (the walk"
@@ -580,6 +583,36 @@ def _search_line_host(model, noises, line, mask, nums, config, progress=None):
         progress=progress,
         report_every=REPORT_EVERY,
         **_search_options(config, nums),
+    )
+
+
+# Pixels from which "auto" propagates: per piece, propagation took 10.8 against
+# 21.5 ms walking at 16x16 and 40.5 against 70.2 ms at 32x32 on one core
+# (benchmarks/README.md, "Breakpoint propagation"); at 8x8 the two are about even
+# and walking compiles in less time.
+AUTO_PROPAGATE_PIXELS = 256
+
+
+def resolve_engine(config: DALConfig, model, image_shape, *, lockstep: bool = False):
+    """``config`` with ``engine="auto"`` replaced by the engine to use.
+
+    "propagate" when the line is shared over devices (``devices != 1``), or on a
+    CPU for a model serving the DAL detector on images of at least
+    AUTO_PROPAGATE_PIXELS pixels; "walk" otherwise: small images, the other
+    detectors (measured with the walking tracker only), accelerators (not
+    measured), and batches that walk in lockstep lanes or per device
+    (``lockstep``).
+    """
+    if config.engine is not Engine.AUTO:
+        return config
+    detector_name = getattr(getattr(model, "config", None), "detector", "dal")
+    cpu = jax.default_backend() == "cpu"
+    big = math.prod(tuple(image_shape)[:2]) >= AUTO_PROPAGATE_PIXELS
+    fast = config.devices != 1 or (
+        detector_name == "dal" and big and cpu and not lockstep
+    )
+    return dataclasses.replace(
+        config, engine=Engine.PROPAGATE if fast else Engine.WALK
     )
 
 
@@ -1035,6 +1068,7 @@ def dal_test(
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )
+    config = resolve_engine(config, model, x.shape)
     static, nums = split_config(config)
     if config.engine is Engine.PROPAGATE:
         core = jax.device_get(
@@ -1300,6 +1334,10 @@ def dal_test_batch(
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )
+    mesh = _batch_mesh(xs)
+    config = resolve_engine(
+        config, model, xs.shape[1:], lockstep=lanes is not None or mesh is not None
+    )
     static, nums = split_config(config)
     b = xs.shape[0]
     if config.engine is Engine.PROPAGATE:
@@ -1307,7 +1345,6 @@ def dal_test_batch(
             model, xs, x_refs, noises, cov, cov_ref, nums, static, progress
         )
         return _batch_result(core, config)
-    mesh = _batch_mesh(xs)
     n_dev = 1 if mesh is None else mesh[0].shape[mesh[1]]
     lanes = default_lanes(b, n_dev) if lanes is None else int(lanes)
     if lanes < 1 or b % lanes:
