@@ -17,18 +17,35 @@ One network, one set of images, one search, the same cores:
 The p-value is sicore's equal-tailed ``2 min(F, 1 - F)`` (sijax ``alternative=
 "two-sided"``). Both sides are pinned to the same cores (``taskset``-style affinity;
 for one thread also ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`` and ``torch.set_num_threads(1)``). sijax's compile
-time is reported apart from its run time (one compile serves every image).
+intra_op_parallelism_threads=1`` and ``torch.set_num_threads(1)``).
+
+Each side runs in a fresh process (si4onnx in its venv, sijax once for the ONNX
+graph and once natively), so two times are measured:
+
+- warm: seconds per p-value, sijax after one untimed test of the first image (its
+  compilation; one compile serves every image), si4onnx as it comes;
+- cold: wall time from launching the process (interpreter start, imports, model
+  load and, for sijax, every compilation included) to the first image's p-value.
+  sijax starts with JAX's persistent compilation cache switched off and pointed at
+  a fresh empty directory (``JAX_ENABLE_COMPILATION_CACHE=false``,
+  ``JAX_COMPILATION_CACHE_DIR``, ``SIJAX_COMPILE_CACHE=off``); the worker counts the
+  XLA programs compiled (``jax.monitoring`` duration events
+  ``/jax/core/compile/backend_compile_duration``) and the cache hits (none).
 
 Usage::
 
     python benchmarks/vs_si4onnx.py --size 16 --images 3 --threads 1 \\
-        [--search exhaustive|precision] [--engine propagate|walk]
+        [--search exhaustive|precision] [--engine propagate|walk] [--out DIR]
 
 sijax runs with ``DALConfig(engine=...)``: "propagate" (the default here) or "walk".
 The last line printed is one JSON object with size, images, threads,
-si4onnx_seconds, sijax_seconds (medians per p-value), ratio, max_p_difference and
-p_agree.
+si4onnx_seconds, sijax_seconds (medians per p-value), ratio (warm),
+si4onnx_first_seconds, sijax_first_seconds, ratio_cold, sijax_compile_seconds (the
+cold first test minus the warm test of the same image), sijax_programs,
+max_p_difference, p_agree and cpu_share (each process's CPU time over its wall
+time: below 1 when other work took turns on its cores). The raw per-image outputs
+and that summary go to ``DIR/<size>_<search>_<engine>.json`` (default
+benchmarks/results/vs_si4onnx; ``--no-write``: nowhere).
 """
 
 from __future__ import annotations
@@ -266,13 +283,18 @@ def _remove_identities(proto) -> None:
 
 def _torch_worker_si4onnx(work: str, search: str, precision: float,
                           threads: int) -> None:  # fmt: skip
-    """Runs si4onnx's reference-image test on every image; writes si4onnx.json."""
+    """Runs si4onnx's reference-image test on every image; writes si4onnx.json with
+    ``time.monotonic()`` stamps (after the imports, at each p-value) for the cold
+    time."""
+    from importlib.metadata import version
+
     import onnx
     import si4onnx
     import torch
     from si4onnx.hypothesis import ReferenceMeanDiff
     from si4onnx.operators import Abs, AverageFilter, InputDiff
 
+    imported = time.monotonic()
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(threads)
     model = onnx.load(os.path.join(work, "model.onnx"))
@@ -289,24 +311,27 @@ def _torch_worker_si4onnx(work: str, search: str, precision: float,
         )
         x = torch.tensor(xs[i][None, None], dtype=torch.float64)
         r = torch.tensor(refs[i][None, None], dtype=torch.float64)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         kw = {"inference_mode": "exhaustive"} if search == "exhaustive" else {
             "inference_mode": "parametric", "termination_criterion": "precision",
             "search_strategy": "pi3", "precision": precision}  # fmt: skip
         res = si_model.inference((x, r), var=1.0, **kw)
-        sec = time.perf_counter() - t0
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+        done, done_cpu = time.monotonic(), time.process_time()
         results.append(dict(
             p_value=float(res.p_value), inf_p=float(res.inf_p),
             sup_p=float(res.sup_p), stat=float(res.stat),
-            search_count=int(res.search_count), seconds=sec,
+            search_count=int(res.search_count), seconds=sec, cpu_seconds=cpu,
+            done=done, done_cpu=done_cpu,
             truncated=[list(map(float, iv)) for iv in res.truncated_intervals],
             roi=np.asarray(res.roi).astype(int).tolist(),
             output=np.asarray(res.output).reshape(xs[i].shape).tolist(),
         ))  # fmt: skip
         print(f"  si4onnx image {i}: p={res.p_value:.10g} pieces={res.search_count} "
               f"{sec:.1f}s", flush=True)  # fmt: skip
+    versions = {k: version(k) for k in ("si4onnx", "sicore", "torch", "onnx", "numpy")}
     with open(os.path.join(work, "si4onnx.json"), "w") as f:
-        json.dump(results, f)
+        json.dump(dict(imported=imported, versions=versions, images=results), f)
 
 
 # ---------------------------------------------------------- the venv runner
@@ -327,17 +352,25 @@ def ensure_venv(venv: str) -> str:
     return py
 
 
-def run_worker(py: str, cpus: list[int], threads: int, *args: str) -> None:
-    env = dict(os.environ)
+def run_worker(py: str, cpus: list[int], threads: int, *args: str,
+               env: dict | None = None) -> float:  # fmt: skip
+    """Runs this script's ``--worker args`` with ``py`` in a fresh process pinned to
+    ``cpus``; returns ``time.monotonic()`` just before the launch (the clock is
+    system-wide on Linux, so the worker's stamps are measured from it). ``env``:
+    the environment (default: this one without ``XLA_FLAGS``)."""
+    if env is None:
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(threads)
-    env.pop("XLA_FLAGS", None)
     env.pop("PYTHONPATH", None)
     cmd = ["taskset", "-c", ",".join(map(str, cpus)), py, os.path.abspath(__file__),
            "--worker", *args]  # fmt: skip
     if shutil.which("taskset") is None:
         cmd = cmd[3:]
+    launched = time.monotonic()
     subprocess.run(cmd, check=True, env=env, cwd=HERE)
+    return launched
 
 
 # ---------------------------------------------------------------- sijax side
@@ -442,9 +475,38 @@ def load_sijax_model(work: str, size: int, which: str):
 
 def run_sijax(work: str, size: int, search: str, precision: float, which: str,
               engine: str = "propagate"):  # fmt: skip
-    """sijax's test on every image; ``which`` is "onnx" or "native"."""
+    """sijax's test on every image; ``which`` is "onnx" or "native".
+
+    The first image is tested once untimed (the compilation), then every image is
+    timed, with the XLA programs compiled during its test (an equation of the
+    propagation engine gets its ``jit`` at its third call, so the warm tests still
+    compile some). Returns the per-image records and a dict of the run's first
+    p-value: ``time.monotonic()`` stamps after the imports, after the model load and
+    at the first p-value; the first test's seconds; its compile seconds (first minus
+    the warm test of the same image); the XLA programs compiled up to the first
+    p-value and afterwards, and the seconds spent tracing, lowering and compiling
+    them (``jax.monitoring`` duration events); the persistent-cache hits.
+    """
+    import jax
+
     import sijax
 
+    imported = time.monotonic()
+    events = {}  # jax.monitoring duration event -> [count, seconds]
+    hits = []
+    backend = "backend_compile_duration"
+
+    def on_duration(event: str, seconds: float, **_) -> None:
+        c = events.setdefault(event.rsplit("/", 1)[-1], [0, 0.0])
+        c[0] += 1
+        c[1] += seconds
+
+    def on_event(event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     noises = load_noises(work)
     model = load_sijax_model(work, size, which)
     cfg = sijax.DALConfig(
@@ -454,24 +516,92 @@ def run_sijax(work: str, size: int, search: str, precision: float, which: str,
     )  # fmt: skip
     with np.load(os.path.join(work, "images.npz")) as z:
         xs, refs = z["x"], z["x_ref"]
-    t0 = time.perf_counter()
-    sijax.dal_test(model, xs[0], refs[0], sigma=1.0, noises=noises, config=cfg)
-    first = time.perf_counter() - t0
+    loaded = time.monotonic()
+    res = sijax.dal_test(model, xs[0], refs[0], sigma=1.0, noises=noises, config=cfg)
+    first_done, first_cpu = time.monotonic(), time.process_time()
+    cold_events = {k: list(v) for k, v in events.items()}
     out = []
     for i in range(len(xs)):
-        t0 = time.perf_counter()
-        res = sijax.dal_test(model, xs[i], refs[i], sigma=1.0, noises=noises,
-                             config=cfg)  # fmt: skip
-        sec = time.perf_counter() - t0
+        before = list(events.get(backend, [0, 0.0]))
+        t0, c0 = time.perf_counter(), time.process_time()
+        res_i = sijax.dal_test(model, xs[i], refs[i], sigma=1.0, noises=noises,
+                               config=cfg)  # fmt: skip
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+        after = events.get(backend, [0, 0.0])
         out.append(dict(
-            p_value=res.p_value, inf_p=res.inf_p, sup_p=res.sup_p, stat=res.stat,
-            search_count=res.search_count, seconds=sec, status=res.status,
-            truncated=[[lo * res.sd, hi * res.sd] for lo, hi in
-                       res.truncated_intervals],
-            mask=res.mask.astype(int), reconstruction=res.reconstruction[..., 0],
+            p_value=res_i.p_value, inf_p=res_i.inf_p, sup_p=res_i.sup_p,
+            stat=res_i.stat, raw_stat=res_i.raw_stat, sd=res_i.sd,
+            search_count=res_i.search_count, seconds=sec,
+            cpu_seconds=cpu, status=res_i.status, programs=after[0] - before[0],
+            xla_compile_seconds=after[1] - before[1],
+            truncated=[[lo * res_i.sd, hi * res_i.sd] for lo, hi in
+                       res_i.truncated_intervals],
+            mask=res_i.mask.astype(int), reconstruction=res_i.reconstruction[..., 0],
         ))  # fmt: skip
-    compile_s = max(first - out[0]["seconds"], 0.0)
-    return out, compile_s
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)
+    zero = [0, 0.0]
+    first_call = first_done - loaded
+    cold = dict(
+        imported=imported, loaded=loaded, first_done=first_done,
+        first_call_seconds=first_call, first_cpu_seconds=first_cpu,
+        compile_seconds=max(first_call - out[0]["seconds"], 0.0),
+        first_p_value=res.p_value,
+        programs=cold_events.get(backend, zero)[0],
+        xla_compile_seconds=cold_events.get(backend, zero)[1],
+        trace_seconds=cold_events.get("jaxpr_trace_duration", zero)[1],
+        lowering_seconds=cold_events.get("jaxpr_to_mlir_module_duration", zero)[1],
+        warm_programs=events.get(backend, zero)[0] - cold_events.get(backend, zero)[0],
+        cache_hits=len(hits),
+        cache_enabled=bool(jax.config.jax_enable_compilation_cache),
+        cache_dir=jax.config.jax_compilation_cache_dir,
+    )  # fmt: skip
+    return out, cold
+
+
+def _sijax_worker(work: str, size: int, search: str, precision: float, which: str,
+                  engine: str) -> None:  # fmt: skip
+    """:func:`run_sijax` in a fresh process; writes sijax_{which}.json."""
+    sys.path.insert(0, REPO)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    out, cold = run_sijax(work, size, search, precision, which, engine)
+    for r in out:
+        r["mask"] = r["mask"].tolist()
+        r["reconstruction"] = r["reconstruction"].tolist()
+    with open(os.path.join(work, f"sijax_{which}.json"), "w") as f:
+        json.dump(dict(cold=cold, images=out), f)
+
+
+def run_sijax_fresh(work: str, size: int, search: str, precision: float,
+                    which: str, engine: str, cpus: list[int],
+                    threads: int):  # fmt: skip
+    """:func:`run_sijax` in a fresh process pinned to ``cpus``, with JAX's persistent
+    compilation cache off and pointed at a new empty directory (nothing compiled
+    before is reused). Returns the records and the cold dict, whose
+    ``first_seconds`` runs from the launch to the first p-value."""
+    cache = tempfile.mkdtemp(prefix="sijax-vs-si4onnx-jax-cache-")
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false",
+               JAX_COMPILATION_CACHE_DIR=cache, SIJAX_COMPILE_CACHE="off")  # fmt: skip
+    launched = run_worker(sys.executable, cpus, threads, "sijax", work, str(size),
+                          search, str(precision), which, engine, env=env)  # fmt: skip
+    with open(os.path.join(work, f"sijax_{which}.json")) as f:
+        rec = json.load(f)
+    cold = rec["cold"]
+    cold["cache_entries_after"] = len(os.listdir(cache))
+    shutil.rmtree(cache, ignore_errors=True)
+    cold["first_seconds"] = cold["first_done"] - launched
+    cold["imports_seconds"] = cold["imported"] - launched
+    cold["load_seconds"] = cold["loaded"] - cold["imported"]
+    for k in ("imported", "loaded", "first_done"):
+        del cold[k]
+    out = rec["images"]
+    for r in out:
+        r["mask"] = np.asarray(r["mask"])
+        r["reconstruction"] = np.asarray(r["reconstruction"])
+    return out, cold
 
 
 # ---------------------------------------------------------------------- main
@@ -517,18 +647,28 @@ def main(argv=None) -> None:
     p.add_argument("--venv", default=DEFAULT_VENV)
     p.add_argument("--workdir", help="keep the files here (default: a temp dir)")
     p.add_argument("--skip-native", action="store_true")
-    p.add_argument("--engine", choices=("propagate", "walk"), default="propagate",
-                   help="sijax's DALConfig.engine (default propagate)")
+    p.add_argument(
+        "--engine",
+        choices=("propagate", "walk"),
+        default="propagate",
+        help="sijax's DALConfig.engine (default propagate)",
+    )
+    p.add_argument("--out", default=os.path.join(HERE, "results", "vs_si4onnx"),
+                   help="where <size>_<search>_<engine>.json (the raw per-image "
+                   "outputs and the summary) goes")  # fmt: skip
+    p.add_argument("--no-write", action="store_true", help="write no raw file")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.worker is not None:  # inside the si4onnx venv
-        kind, work = args.worker[0], args.worker[1]
+    if args.worker is not None:  # a fresh process: the si4onnx venv, or sijax
+        kind, work, *rest = args.worker
         if kind == "build":
-            _torch_worker_build(work, int(args.worker[2]))
+            _torch_worker_build(work, int(rest[0]))
+        elif kind == "si4onnx":
+            _torch_worker_si4onnx(work, rest[0], float(rest[1]), int(rest[2]))
         else:
-            _torch_worker_si4onnx(work, args.worker[2], float(args.worker[3]),
-                                  int(args.worker[4]))  # fmt: skip
+            _sijax_worker(work, int(rest[0]), rest[1], float(rest[2]), rest[3],
+                          rest[4])  # fmt: skip
         return
 
     cpus = _pin(args.threads, args.cpus)
@@ -539,17 +679,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     work = args.workdir or tempfile.mkdtemp(prefix="sijax-vs-si4onnx-")
     os.makedirs(work, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    # The tree is shared: say which tracked sijax files differ from the commit.
-    dirty = subprocess.run(
-        ["git", "diff", "--name-only", "HEAD", "--", "sijax"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    if dirty:
-        commit += "+dirty(" + ",".join(dirty) + ")"
+    commit = _commit()
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
     load = os.getloadavg()
     print(f"commit {commit}, jax {jax.__version__}, cpus {cpus}, threads "
           f"{args.threads}, size {args.size}, search {args.search}, engine "
@@ -560,26 +691,46 @@ def main(argv=None) -> None:
     prepare(work, args.size, args.images, args.seed, args.signal, args.weights)
     run_worker(py, cpus, args.threads, "build", work, str(args.size))
     print("si4onnx ...", flush=True)
-    t0 = time.perf_counter()
-    run_worker(py, cpus, args.threads, "si4onnx", work, args.search,
-               str(args.precision), str(args.threads))  # fmt: skip
-    print(f"si4onnx done in {time.perf_counter() - t0:.1f}s wall", flush=True)
+    launched = run_worker(py, cpus, args.threads, "si4onnx", work, args.search,
+                          str(args.precision), str(args.threads))  # fmt: skip
+    print(f"si4onnx done in {time.monotonic() - launched:.1f}s wall", flush=True)
     with open(os.path.join(work, "si4onnx.json")) as f:
-        si4 = json.load(f)
-    print("sijax (ONNX import) ...", flush=True)
-    sj, compile_s = run_sijax(work, args.size, args.search, args.precision, "onnx",
-                              args.engine)  # fmt: skip
-    native, native_compile = ([], 0.0)
-    if not args.skip_native:
-        print("sijax (native network) ...", flush=True)
-        native, native_compile = run_sijax(work, args.size, args.search,
-                                           args.precision, "native",
-                                           args.engine)  # fmt: skip
+        rec = json.load(f)
+    si4 = rec["images"]
+    si4_cold = dict(first_seconds=si4[0]["done"] - launched,
+                    first_cpu_seconds=si4[0]["done_cpu"],
+                    imports_seconds=rec["imported"] - launched)  # fmt: skip
+    si4_versions = rec["versions"]
+    for a in si4:
+        del a["done"], a["done_cpu"]
+    runs = {}
+    for which in ("onnx",) + (() if args.skip_native else ("native",)):
+        print(f"sijax ({which}, a fresh process) ...", flush=True)
+        runs[which] = run_sijax_fresh(
+            work, args.size, args.search, args.precision, which, args.engine, cpus,
+            args.threads,
+        )  # fmt: skip
+    sj, cold = runs["onnx"]
+    native, native_cold = runs.get("native", ([], None))
+    compile_s = cold["compile_seconds"]
 
     tol = 1e-6 if args.search == "exhaustive" else None
     diffs, agree = [], []
-    print(f"\nsijax compile: ONNX {compile_s:.1f}s, native {native_compile:.1f}s "
-          "(not in the per-image seconds)")  # fmt: skip
+    print(f"\nfirst p-value from a fresh process (s): si4onnx "
+          f"{si4_cold['first_seconds']:.1f} (imports "
+          f"{si4_cold['imports_seconds']:.1f})")  # fmt: skip
+    for which, (out, c) in runs.items():
+        print(f"  sijax {which}: {c['first_seconds']:.1f} (imports "
+              f"{c['imports_seconds']:.1f}, load {c['load_seconds']:.1f}, first test "
+              f"{c['first_call_seconds']:.1f} of which compile "
+              f"{c['compile_seconds']:.1f}; {c['programs']} XLA programs, XLA "
+              f"{c['xla_compile_seconds']:.1f} s, tracing {c['trace_seconds']:.1f} s, "
+              f"lowering {c['lowering_seconds']:.1f} s; {c['warm_programs']} more in "
+              f"the warm runs; cache hits {c['cache_hits']}, entries "
+              f"{c['cache_entries_after']})")  # fmt: skip
+        progs = [b["programs"] for b in out]
+        secs = [round(b["xla_compile_seconds"], 1) for b in out]
+        print(f"    warm tests: XLA programs compiled {progs}, XLA seconds {secs}")
     hdr = (f"{'img':>3} {'p si4onnx':>12} {'p sijax':>12} {'|dp|':>9} "
            f"{'pieces s/j':>11} {'s si4onnx':>9} {'s sijax':>8} {'ratio':>7}"
            f" {'p native':>12} {'s native':>8} mask")  # fmt: skip
@@ -626,16 +777,122 @@ def main(argv=None) -> None:
             a["seconds"] / a["search_count"] for a in si4),
         sijax_ms_per_piece=1e3 * statistics.median(
             b["seconds"] / b["search_count"] for b in sj),
+        si4onnx_first_seconds=si4_cold["first_seconds"],
+        sijax_first_seconds=cold["first_seconds"],
+        ratio_cold=si4_cold["first_seconds"] / cold["first_seconds"],
         sijax_compile_seconds=compile_s,
+        sijax_programs=cold["programs"],
+        sijax_xla_compile_seconds=cold["xla_compile_seconds"],
         native_seconds=statistics.median(n["seconds"] for n in native)
         if native else None,
         native_max_p_difference=max(abs(n["p_value"] - b["p_value"])
                                     for n, b in zip(native, sj, strict=True))
         if native else None,
+        native_first_seconds=native_cold["first_seconds"] if native else None,
+        native_ratio_cold=si4_cold["first_seconds"] / native_cold["first_seconds"]
+        if native else None,
+        native_compile_seconds=native_cold["compile_seconds"] if native else None,
+        native_programs=native_cold["programs"] if native else None,
         commit=commit,
         load_average_at_start=[round(v, 2) for v in load],
     )  # fmt: skip
+    # The share of the wall time each process had its cpu (1.0: no other process
+    # ran there; the cores are shared with other work).
+    share = dict(
+        si4onnx=_share(si4),
+        si4onnx_first=si4_cold["first_cpu_seconds"] / si4_cold["first_seconds"],
+    )
+    for which, (out, c) in runs.items():
+        share[which] = _share(out)
+        share[f"{which}_first"] = c["first_cpu_seconds"] / c["first_seconds"]
+    summary["cpu_share"] = {k: round(v, 3) for k, v in share.items()}
+    # The same ratios in CPU seconds, less moved by other work on the cores.
+    summary["ratio_cpu"] = statistics.median(
+        a["cpu_seconds"] for a in si4
+    ) / statistics.median(b["cpu_seconds"] for b in sj)
+    summary["ratio_cold_cpu"] = (
+        si4_cold["first_cpu_seconds"] / cold["first_cpu_seconds"]
+    )
+    end = _commit()
+    if end != commit:
+        summary["commit_at_end"] = end  # sijax changed during the run
+    if not args.no_write:
+        path = write_raw(args, summary, si4, si4_cold, si4_versions, runs, cpus, date)
+        print(f"raw: {path}")
     print(json.dumps(summary))
+
+
+def _share(records: list) -> float:
+    return sum(r["cpu_seconds"] for r in records) / sum(r["seconds"] for r in records)
+
+
+def _commit() -> str:
+    """HEAD's short hash, with the tracked sijax files that differ from it (the tree
+    is shared)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(
+        ["git", "diff", "--name-only", "HEAD", "--", "sijax"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return commit + ("+dirty(" + ",".join(dirty) + ")" if dirty else "")
+
+
+def write_raw(args, summary: dict, si4: list, si4_cold: dict, si4_versions: dict,
+              runs: dict, cpus: list[int], date: str) -> str:  # fmt: skip
+    """Writes the per-image outputs of both sides, the cold timings and the summary
+    to ``args.out/<size>_<search>_<engine>.json``; returns its path. Units: sijax's
+    ``stat`` is z (``raw_stat / sd``), si4onnx's is eta^T x like sijax's
+    ``raw_stat``; both sides' truncation sets are in eta^T x units."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    keys = ("p_value", "inf_p", "sup_p", "stat", "search_count", "seconds",
+            "cpu_seconds", "truncated")  # fmt: skip
+    images = []
+    for i, a in enumerate(si4):
+        row = dict(image=i, si4onnx={k: a[k] for k in keys})
+        for which, (out, _) in runs.items():
+            b = out[i]
+            more = ("raw_stat", "sd", "status", "programs", "xla_compile_seconds")
+            row[f"sijax_{which}"] = {k: b[k] for k in keys + more}
+            row[f"sijax_{which}"]["same_mask"] = bool(
+                np.array_equal(np.asarray(a["roi"]).reshape(b["mask"].shape), b["mask"])
+            )
+            row[f"sijax_{which}"]["max_abs_reconstruction_difference"] = float(
+                np.max(np.abs(np.asarray(a["output"]) - b["reconstruction"]))
+            )
+        images.append(row)
+    record = dict(
+        summary=summary, date=date, load_average_at_end=[
+            round(v, 2) for v in os.getloadavg()],
+        machine=dict(cpu=cpu, cores=os.cpu_count(), cpus=cpus,
+                     threads=args.threads, device=str(jax.devices()[0]),
+                     jax=jax.__version__, python=platform.python_version()),
+        si4onnx_versions=si4_versions,
+        options=dict(size=args.size, images=args.images, search=args.search,
+                     precision=args.precision, engine=args.engine,
+                     signal=args.signal, seed=args.seed, weights=args.weights,
+                     threshold_si4onnx=THRESHOLD,
+                     threshold_sijax=SIJAX_THRESHOLD),
+        cold=dict(si4onnx=si4_cold, **{f"sijax_{w}": c for w, (_, c) in
+                                       runs.items()}),
+        images=images,
+    )  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.size}_{args.search}_{args.engine}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
 
 
 def _fmt(ivs) -> str:
