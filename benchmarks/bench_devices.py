@@ -7,8 +7,8 @@ initialisation of the same v5 U-Net), reference test, sigma = 1, noises key 0,
 in three set-ups, each in a fresh process pinned with `taskset`:
 
 * ``1core``: one CPU device, one XLA thread, on cpu 0 (the one-core time);
-* ``1dev-2threads``: one CPU device with two XLA threads on cpus 0-1 (what XLA's
-  own threads make of the second core);
+* ``1dev-2threads``: one CPU device with XLA's default threads on cpus 0-1 (what
+  XLA's own threads make of the second core);
 * ``2dev``: two single-threaded CPU devices on cpus 0-1 with
   ``DALConfig(devices=2)``: every window of the line cut into two segments
   enumerated at the same time.
@@ -40,7 +40,7 @@ ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 SETUPS = {
     # name: (cpus, XLA_FLAGS, CPU devices)
     "1core": ("0", ONE_THREAD, 1),
-    "1dev-2threads": ("0,1", "intra_op_parallelism_threads=2", 1),
+    "1dev-2threads": ("0,1", "", 1),  # XLA's default threads, over the two cpus
     "2dev": ("0,1", ONE_THREAD, 2),
 }
 
