@@ -621,7 +621,9 @@ def _pin(threads: int, cpus_arg: str | None) -> list[int]:
             "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     else:
-        os.environ["XLA_FLAGS"] = f"intra_op_parallelism_threads={threads}"
+        # XLA's default threads, bounded by the affinity just set. (A value that does
+        # not start with "--" is read by XLA as the name of a flags file and fails.)
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=true"
     return cpus
 
 
