@@ -165,10 +165,9 @@ def test_dal_options_reach_the_config():
     assert _dal_config(build_parser().parse_args(["demo"])).engine == "auto"
 
 
-def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
-    """`sijax test --devices N` switches the propagate engine on with N devices
-    (conftest: four CPU devices) and gives the one-device p-value; an explicit walk
-    engine is refused; on a CPU the default is one device."""
+def test_devices_option_reaches_the_config():
+    """`sijax test --devices N` switches the propagate engine on with N devices; an
+    explicit walk engine is refused; on a CPU the default is one device."""
     from sijax.cli import _dal_config, _shared_line, build_parser
 
     def config(*argv):
@@ -181,6 +180,12 @@ def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
         "propagate", 2)  # fmt: skip
     with pytest.raises(InputError, match="only the 'propagate' engine"):
         config("--devices", "2", "--engine", "walk")
+
+
+@pytest.mark.slow
+def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
+    """`sijax test --devices 2` (conftest: four CPU devices) gives the one-device
+    p-value and pieces (the default run checks the same through dal_test)."""
     image = os.path.join(EXAMPLES_DIR, "demo_8.npy")
     p = []
     for extra in ([], ["--devices", "2"]):
