@@ -287,8 +287,10 @@ def test_cli_components_and_set_confidence(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "component 1" in printed and "95% CI" in printed
-    saved = json.loads((out / "report.json").read_text())["result"]
+    report = json.loads((out / "report.json").read_text())
+    saved = report["result"]
     assert saved["confidence"] == 0.95 and len(saved["components"]) >= 1
+    assert report["config"]["engine"] == "walk"  # what "auto" chose at 8x8
 
 
 # ------------------------------------------------------------------ validity

@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from sijax.detect.dal import DALConfig, dal_test, draw_noises
+from sijax.detect.dal import DALConfig, dal_test, draw_noises, resolve_engine
 from sijax.detect.report import write_report
 from sijax.errors import ensure_output_dir
 from sijax.status import Status
@@ -56,6 +56,8 @@ def run_test(
     """
     ensure_output_dir(out_dir)  # before the test: a bad --out must not cost a run
     config = DALConfig() if config is None else config
+    # The engine "auto" chooses, so that report.json records the one that ran.
+    config = resolve_engine(config, model, jax.numpy.shape(x))
     noises = draw_noises(jax.random.key(seed), model, config)
     t0 = time.perf_counter()
     with search_bar(progress) as report:
