@@ -328,25 +328,21 @@ def _test_run(a: argparse.Namespace) -> int:
 
 def _shared_line(a: argparse.Namespace, config):
     """--devices: the propagate engine's search shared by N devices (default: all
-    accelerators when there are several; an explicit walk engine keeps one)."""
+    accelerators when there are several; an explicit walk engine keeps one, and
+    refuses an explicit --devices through DALConfig)."""
     import dataclasses
 
     import jax
 
-    engine_set = a.engine is not None or any(
-        o.split("=", 1)[0].strip() == "engine" for o in a.overrides
-    )
     n = a.devices
     if n is None:
         devices = jax.local_devices()
-        n = len(devices) if devices[0].platform != "cpu" else 1
-        if engine_set and config.engine != "propagate":
-            n = 1
+        cpu = devices[0].platform == "cpu"
+        n = 1 if cpu or config.engine == "walk" else len(devices)
     if n == 1:
         return config
-    if engine_set:  # an explicit walk engine is refused by DALConfig
-        return dataclasses.replace(config, devices=n)
-    return dataclasses.replace(config, engine="propagate", devices=n)
+    engine = "propagate" if config.engine == "auto" else config.engine
+    return dataclasses.replace(config, engine=engine, devices=n)
 
 
 def _test_tiles(a, model, ref, config, extra) -> int:
