@@ -447,7 +447,8 @@ def _experiment_args(p: argparse.ArgumentParser):
                    help="piecewise-linear activations (pwl)")
     p.add_argument("--checkpoint", nargs="+", default=[],
                    help="model directories or committed names, one per size "
-                   "(default: the committed dal_v5_SIZE)")
+                   "(default: the committed dal_v5_SIZE); a model's calibrated "
+                   "threshold is the region threshold (else 0.8)")
     p.add_argument("--termination", choices=("decision", "precision"),
                    default="decision",
                    help="search termination of the selective test (default decision: "

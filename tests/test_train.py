@@ -45,6 +45,9 @@ def test_loss_decreases_and_model_is_exported(full_run):
         np.testing.assert_array_equal(a, np.asarray(b, np.float64))
     with open(workdir / "model" / "config.json") as f:
         assert json.load(f)["summary"]["steps"] == 40
+    # The DAL detector on N(0, 1) images keeps the paper's threshold 0.8 (the
+    # other detectors calibrate one: tests/test_detector_ddad.py).
+    assert model.info.threshold is None
 
 
 def test_kill_after_checkpoint_then_resume_is_bit_identical(full_run, tmp_path):

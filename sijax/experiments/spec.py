@@ -97,11 +97,14 @@ class Setting:
         only on the right side of alpha as with a "decision" search."""
         return self.search == "exhaustive" or self.termination == "precision"
 
-    def dal_config(self, method: str) -> DALConfig:
-        """The DAL test options behind ``method`` ("selective" or "oc")."""
+    def dal_config(self, method: str, threshold: float | None = None) -> DALConfig:
+        """The DAL test options behind ``method`` ("selective" or "oc"), with the
+        region threshold ``threshold`` (None: the default 0.8)."""
+        detect = {} if threshold is None else {"threshold": float(threshold)}
         if method == "oc":
             return DALConfig(
-                search="over_conditioning", alpha=self.alpha, hypothesis=self.hypothesis
+                search="over_conditioning", alpha=self.alpha,
+                hypothesis=self.hypothesis, **detect
             )
         return DALConfig(
             search=self.search,
@@ -109,6 +112,7 @@ class Setting:
             alpha=self.alpha,
             max_pieces=self.max_pieces,
             hypothesis=self.hypothesis,
+            **detect,
         )
 
 

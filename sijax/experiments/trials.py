@@ -197,8 +197,9 @@ def run_batch(
 
     Returns:
       JSON-ready dicts: setting key, index, status (its ``Status.code``: 0 ok, 1 no
-      region, 2 max_pieces), valid, region size, z, seconds, and per method p,
-      reject (and inf_p, sup_p, pieces for "selective").
+      region, 2 max_pieces), valid, region size, z, seconds, the region threshold
+      (:func:`model_threshold`), and per method p, reject (and inf_p, sup_p, pieces
+      for "selective").
 
     Raises:
       InputError: a test ended in error (status 3: a NaN score map, a singular
@@ -223,12 +224,13 @@ def run_batch(
     if mesh is not None:
         arrays = {k: shard(mesh, v) for k, v in arrays.items()}
         noises = jax.tree.map(lambda v: shard(mesh, v), noises)
+    threshold = model_threshold(model)
     runs = [m for m in ("selective", "oc") if m in methods]
     if not runs:  # naive/bonferroni/permutation need the region and z: cheapest run
         runs = ["oc"]
     out, seconds, fresh = {}, 0.0, False
     for m in runs:
-        cfg = dataclasses.replace(setting.dal_config(m), engine=engine)
+        cfg = dataclasses.replace(setting.dal_config(m, threshold), engine=engine)
         tag = (cfg, setting.covariance, batch, mesh is not None, id(model.graphdef))
         fresh |= tag not in compiled
         compiled.add(tag)
@@ -264,6 +266,7 @@ def run_batch(
             "z": z if valid else None,
             "seconds": seconds / len(indices),
             "compile": fresh,
+            "threshold": threshold,
             "methods": {},
         }
         if valid:
@@ -300,6 +303,15 @@ def run_batch(
     return records
 
 
+def model_threshold(model) -> float:
+    """The region threshold a model's trials use: the one calibrated when it was
+    trained (``model.info.threshold``: data-trained models, and the detectors
+    other than the DAL one trained on N(0, 1)), else the default 0.8."""
+    info = getattr(model, "info", None)
+    calibrated = getattr(info, "threshold", None)
+    return DALConfig().threshold if calibrated is None else float(calibrated)
+
+
 def _detector(model) -> str:
     """The detector of a model ("dal" for models that do not say)."""
     return getattr(getattr(model, "config", None), "detector", "dal")
@@ -318,7 +330,7 @@ def _permutation(model, setting: Setting, data: TrialData, permutations: int) ->
                 else draw_noises(jax.random.key(data.key), model)),
         key=jax.random.key(data.key),
         num_permutations=permutations,
-        config=DALConfig(alpha=setting.alpha),
+        config=DALConfig(alpha=setting.alpha, threshold=model_threshold(model)),
     )
     p = float(res.p_value)
     return {
