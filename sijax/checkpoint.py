@@ -71,7 +71,8 @@ class ModelInfo:
             into the network's input (None: the model was trained on N(0, 1)
             images, and files are read as they are).
         threshold: the detection threshold calibrated on held-out normal images
-            (None: the DAL default 0.8).
+            (or, for a detector other than DAL trained on N(0, 1) images, on fresh
+            N(0, 1) images; None: the DAL default 0.8).
         noise_model: default noise model kind of ``--sigma model`` (None: none
             stored).
         image_fit: what an image-level detector fitted on the normal images

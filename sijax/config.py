@@ -51,7 +51,9 @@ class TrainConfig:
             (logged at each checkpoint) and the threshold calibration; unused
             without data.
         threshold_quantile: with data, the detection threshold stored with the
-            model is this quantile of the score maps of the held-out images.
+            model is this quantile of the score maps of the held-out images;
+            without data, for a detector other than "dal", of its maps on fresh
+            N(0, 1) images (the DAL detector keeps the paper's 0.8).
         noise_model: with data, the noise model ``sijax test --sigma model``
             uses by default ("pixel", "stationary" or "lowrank"; all three are
             stored).
