@@ -223,7 +223,11 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
     a, b = _normal(rng, 4), _normal(rng, 4)
     whole = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
     monkeypatch.setattr(evaluator, "MAX_ROWS", 8)
+    monkeypatch.setattr(evaluator, "_RUNS", {})  # plans fix their chunk size
     chunked = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
+    # Every run was planned in chunks of 8 rows, and the point buffers (32 rows
+    # or more) went through the compiled loop over chunks.
+    assert {plan.chunk for _, plan in evaluator._RUNS.values()} == {8}
     assert whole.count > 8 and chunked.count == whole.count
     np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
     np.testing.assert_array_equal(chunked.summary, whole.summary)

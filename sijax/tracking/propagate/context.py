@@ -14,7 +14,7 @@ from sijax.errors import (
 from sijax.tracking.interpreter import (
     source_line,
 )
-from sijax.tracking.propagate.segments import interp
+from sijax.tracking.propagate.segments import interp, take_rows
 from sijax.tracking.propagate.timing import tick
 from sijax.tracking.propagate.values import ENDS, PV, Overflow, bucket
 
@@ -102,7 +102,7 @@ class Line:
         znew = np.concatenate([all_z[order], np.full(pad, z[-1])])
         w = np.where(new, (znew - z[il]) / np.where(new, z[ir] - z[il], 1.0), 0.0)
         origin = np.where(new, event, self.origin[il])
-        args = [jnp.asarray(v) for v in (il, ir, w, new)]
+        args = jax.device_put((il, ir, w, new))  # one transfer call for the four
         t0 = time.perf_counter()
         for pv in list(self.live):
             right, left = interp(
@@ -113,7 +113,7 @@ class Line:
                 continuous=pv.continuous,
             )
             pv.right, pv.left = right, (right if left is None else left)
-        self.fp = self.fp[args[0]]
+        self.fp = take_rows(self.fp, args[0])
         tick("interpolate", t0, [pv.right for pv in self.live])
         self.z, self.n, self.origin, self._z_dev = znew, n + m, origin, None
         return True

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 
 from sijax.tracking.control import CALLS, sub_jaxpr
@@ -135,7 +136,8 @@ class _Run(NamedTuple):
     out_vars: list
     out_kinds: list[int]
     fun: Callable  # jitted: arrays of in_vars -> arrays of out_vars
-    elements: int  # largest value the run computes, elements per point
+    looped: Callable  # jitted: (n, arrays) -> the same, a chunk of rows at a time
+    chunk: int  # rows per step of `looped`
 
 
 _RUNS: dict = {}
@@ -197,8 +199,11 @@ def _plan_run(jaxpr, start: int, env: dict, live: _Liveness) -> _Run | None:
     elements = max(
         (math.prod(v.aval.shape) for e in eqns for v in e.outvars), default=1
     )
-    plan = _Run(end, in_vars, out_vars, [kinds[v] for v in out_vars], jax.jit(run),
-                elements)  # fmt: skip
+    out_kinds = [kinds[v] for v in out_vars]
+    chunk = _chunk_rows(elements)
+    looped = _looped(run, in_batched, out_kinds, chunk)
+    plan = _Run(end, in_vars, out_vars, out_kinds, jax.jit(run), jax.jit(looped),
+                chunk)  # fmt: skip
     _RUNS[key] = (jaxpr, plan)
     return plan
 
@@ -217,37 +222,58 @@ def _chunk_rows(elements: int) -> int:
     return max(MIN_ROWS, min(MAX_ROWS, rows))
 
 
-def _chunked(line: Line, plan: _Run, vals: list, side: str) -> list:
-    """plan.fun on the rows of the point buffer, a chunk of rows at a time.
+def _looped(run: Callable, rows: list[bool], out_kinds: list[int], chunk: int):
+    """`run` on the rows of the point buffer, `chunk` rows per step of one compiled
+    loop: (n, *args) -> outputs, args with rows (`rows`) of a common length cap,
+    a multiple of `chunk`.
 
-    Rows are independent, so a run compiles once per chunk size whatever the buffer
-    size, and its intermediates stay in cache (`_chunk_rows`: 64 rows at once were
-    1.7x faster than 512 at 16x16, 16 rows faster again). Chunks holding only
-    padding rows are not computed: padding rows repeat the last point.
-    """
+    Rows are independent, so each step's intermediates stay in cache
+    (`_chunk_rows`). Only the chunks holding the n points are computed; the padding
+    rows after them repeat the last computed row (padding rows repeat the last
+    point). One program per run and buffer size: the loop, the slicing and the
+    joining are inside it, none of them dispatched from Python."""
+
+    def looped(n, *args):
+        cap = next(x.shape[0] for x, r in zip(args, rows, strict=True) if r)
+
+        def step(i):
+            return run(*[jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk) if r else x
+                         for x, r in zip(args, rows, strict=True)])  # fmt: skip
+
+        def put(outs, part, i):
+            return [
+                p if k == CONST
+                else jax.lax.dynamic_update_slice_in_dim(o, p, i * chunk, 0)
+                for o, p, k in zip(outs, part, out_kinds, strict=True)
+            ]
+
+        shapes = jax.eval_shape(step, 0)  # the run appears once in the program
+        empty = [jnp.zeros(o.shape if k == CONST else (cap, *o.shape[1:]), o.dtype)
+                 for o, k in zip(shapes, out_kinds, strict=True)]  # fmt: skip
+
+        def body(i, outs):
+            return put(outs, step(i), i)
+
+        used = (n + chunk - 1) // chunk  # >= 1: a line has at least two points
+        outs = jax.lax.fori_loop(0, used, body, empty)
+        row = jnp.arange(cap)
+        last = used * chunk - 1
+        return [
+            o if k == CONST else jnp.where(
+                (row < used * chunk).reshape((cap,) + (1,) * (o.ndim - 1)), o, o[last])
+            for o, k in zip(outs, out_kinds, strict=True)
+        ]
+
+    return looped
+
+
+def _chunked(line: Line, plan: _Run, vals: list, side: str) -> list:
+    """plan.fun on the rows of the point buffer (`_looped` when it has more rows
+    than one chunk)."""
     args = side_values(vals, side)
-    cap, chunk = line.cap, _chunk_rows(plan.elements)
-    if cap <= chunk:
+    if line.cap <= plan.chunk:
         return plan.fun(*args)
-    used = min(cap, -(-line.n // chunk) * chunk)
-    rows = [is_pv(v) for v in vals]
-    parts = [
-        plan.fun(
-            *[x[i : i + chunk] if r else x for x, r in zip(args, rows, strict=True)]
-        )
-        for i in range(0, used, chunk)
-    ]
-    outs = []
-    for j, kind in enumerate(plan.out_kinds):
-        if kind == CONST:
-            outs.append(parts[0][j])
-            continue
-        pieces = [p[j] for p in parts]
-        if used < cap:  # the last computed row is the last point (or a copy of it)
-            last = pieces[-1][-1:]
-            pieces.append(jnp.broadcast_to(last, (cap - used, *last.shape[1:])))
-        outs.append(jnp.concatenate(pieces))
-    return outs
+    return plan.looped(np.int32(line.n), *args)
 
 
 def _execute_run(line: Line, plan: _Run, env: dict) -> None:
