@@ -25,6 +25,7 @@ from test_tracking_properties import _normal, _settings, convnets, mlps, scan_lo
 from sijax.errors import NotPiecewiseLinearError
 from sijax.tracking import LineCache, enumerate_line, track
 from sijax.tracking.propagate import ENDS, LineDependentControlError
+from sijax.tracking.propagate.pointwise import JIT_AFTER
 
 RTOL = 1e-9  # breakpoints, relative to the stretch length
 
@@ -231,6 +232,38 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
     assert whole.count > 8 and chunked.count == whole.count
     np.testing.assert_allclose(chunked.z, whole.z, rtol=0, atol=RTOL * 6.0)
     np.testing.assert_array_equal(chunked.summary, whole.summary)
+
+
+def test_programs_compile_per_buffer_size_not_per_point_count():
+    """Lines with different numbers of points in the same buffer size reuse every
+    compiled program (the summary included): a warm test compiles nothing new."""
+    w1, w2, w3 = _mlp_weights(5, width=10)
+
+    def f(x):
+        h = jax.nn.relu(x @ w1)
+        return jnp.abs(h @ w2) @ w3 > 0.1
+
+    rng = np.random.default_rng(6)
+    a, b = _normal(rng, 4), _normal(rng, 4)
+    compiles = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        counts = []
+        # The first calls compile (an equation is jitted at its call JIT_AFTER + 1).
+        for z in (1.0,) * (JIT_AFTER + 1) + (0.6, 0.3):
+            n0 = len(compiles)
+            pieces = enumerate_line(f, a, b, -z, z, summary=lambda o: o)
+            counts.append((pieces.count, len(compiles) - n0))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len({c for c, _ in counts}) > 2, counts  # different point counts
+    assert counts[0][0] + 1 <= 32  # one buffer size (MIN_CAP) throughout
+    assert [n for _, n in counts[JIT_AFTER + 1:]] == [0, 0], counts
 
 
 def _mlp_with_params(params, x):

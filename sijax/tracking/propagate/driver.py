@@ -34,15 +34,16 @@ class _Window(NamedTuple):
 
 
 def _midpoint_outputs(line: Line, outs, avals) -> list:
-    k = line.n - 1
+    """The outputs at the midpoints of the buffer's cap - 1 segments (those past
+    the n - 1 real ones repeat the last point): shapes fixed by the buffer size, so
+    the summary compiles once per bucket, not once per point count."""
     leaves = []
     for x, aval in zip(outs, avals, strict=True):
         if is_pv(x):
-            v = midpoint(x.right, x.left) if x.affine else x.right[:-1]
-            leaves.append(v[:k])
+            leaves.append(midpoint(x.right, x.left) if x.affine else x.right[:-1])
         else:
             x = jnp.broadcast_to(jnp.asarray(x, aval.dtype), aval.shape)
-            leaves.append(jnp.broadcast_to(x, (k, *aval.shape)))
+            leaves.append(jnp.broadcast_to(x, (line.cap - 1, *aval.shape)))
     return leaves
 
 
@@ -59,7 +60,7 @@ def _run_window(closed, treedef, summarize, a, b, z_lo, z_hi, tie_tol, max_point
         z=line.z[:n].copy(),
         origin=line.origin[:n].copy(),
         fingerprint=_ends(np.asarray(line.fp)[: n - 1], ends_only),
-        summary=jax.tree.map(np.asarray, summ),
+        summary=jax.tree.map(lambda s: np.asarray(s)[: n - 1], summ),
         events=line.events,
     ), n
 
