@@ -9,7 +9,7 @@ line of the bundled example image (`sijax.data.examples`, sigma = 1) on the stre
 are compared. Compilation is timed apart (walking: lower + compile; propagation: the
 first call minus a warm run), every timed run follows a warm-up.
 
-Breakpoint attribution (tracking notes, section 1): each breakpoint found by
+Breakpoint attribution: each breakpoint found by
 propagation records the equation that created it; the first ReLU of the first U-Net
 call is the first piecewise equation the line meets.
 
@@ -151,7 +151,7 @@ def _section(rows, env) -> str:
         TITLE,
         "",
         "Walking `enumerate_pieces` (one value-and-slope pass per piece, in a",
-        "`lax.while_loop`) against `enumerate_line` (tracking notes 2(b): the",
+        "`lax.while_loop`) against `enumerate_line` (docs/design.md, `sijax/tracking/`: the",
         "sampler's jaxpr runs once on a sorted batch of points, breakpoints inserted",
         "where a ReLU/abs/comparison changes between neighbours, all live values",
         "interpolated; consecutive linear equations fused into one compiled run).",
@@ -203,8 +203,8 @@ def _section(rows, env) -> str:
         lines.append(f"- {r['size']}x{r['size']}: {prof}")
     lines += [
         "",
-        "Breakpoint attribution on the trained checkpoints (tracking notes section 1",
-        "asked whether nearly all pieces still come from the first ReLU layer):",
+        "Breakpoint attribution on the trained checkpoints (do nearly all pieces still",
+        "come from the first ReLU layer, as with random weights?):",
         "",
     ]
     for r in rows:
