@@ -12,7 +12,9 @@ every value computed so far is affine on each segment [z_k, z_{k+1}]:
     argmax, max pooling) the points where its decision changes inside a segment are
     found as linear roots between neighbours, inserted, and every still-live value is
     obtained at the new points by linear interpolation between the neighbours (exact:
-    all of them are affine there); then the primitive is applied.
+    all of them are affine there); then the primitive is applied. The interpolation
+    is lazy: a value is brought to the current points when it is next read, in one
+    gather from the points it was computed at, however many insertions came between.
 
 No slopes are carried and no point is evaluated twice. The evaluator is host-driven:
 consecutive equations that need no new point are fused into one compiled run

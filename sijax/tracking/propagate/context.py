@@ -1,7 +1,6 @@
-"""The context of one line: the points, the live values, inserting points."""
+"""The context of one line: the points, the values on them, inserting points."""
 
 import time
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,11 @@ class Line:
         self.dtype = dtype
         self.fp = jnp.zeros(cap, dtype)
         self.tie_tol, self.max_points = tie_tol, max_points
-        self.live: weakref.WeakSet = weakref.WeakSet()
+        # Point sets so far: values computed at version v are brought to the
+        # current points when read (`refresh`), one gather per version.
+        self.version = 0
+        self._points = {0: self.z[:2].copy()}
+        self._maps: dict = {}  # version -> device (il, ir, w, new) to the current
         self.events: list[str] = []
         self.stack: list = []  # open equations, for messages
         self.path: list[str] = []  # e.g. scan[3], for event descriptions
@@ -50,9 +53,26 @@ class Line:
         return self._z_dev
 
     def new(self, right, left=None, *, affine: bool) -> PV:
-        pv = PV(right, right if left is None else left, affine)
-        self.live.add(pv)
-        return pv
+        return PV(right, right if left is None else left, affine, self)
+
+    def refresh(self, pv: PV) -> None:
+        """Brings `pv` from the points of its version to the current ones: copies at
+        the points it has, interpolation between its neighbours at the others."""
+        t0 = time.perf_counter()
+        args = self._maps.get(pv._version)
+        if args is None:
+            old, z = self._points[pv._version], self.z
+            il = np.clip(np.searchsorted(old, z, side="right") - 1, 0, len(old) - 1)
+            new = old[il] != z  # strictly between old[il] and old[il + 1]
+            ir = np.where(new, np.minimum(il + 1, len(old) - 1), il)
+            gap = np.where(new, old[ir] - old[il], 1.0)
+            w = np.where(new, (z - old[il]) / gap, 0.0)
+            args = self._maps[pv._version] = jax.device_put((il, ir, w, new))
+        right, left = interp(pv._right, pv._left, *args, affine=pv.affine,
+                             continuous=pv.continuous)  # fmt: skip
+        pv._right, pv._left = right, (right if left is None else left)
+        pv._version = self.version
+        tick("interpolate", t0, right)
 
     def fail(self, eqn, why: str, error=NotPiecewiseLinearError):
         where = source_line([eqn, *reversed(self.stack)])
@@ -98,24 +118,13 @@ class Line:
         pad = cap - n - m
         il = np.concatenate([left_of[order], np.full(pad, n - 1)])
         new = np.concatenate([is_new[order], np.zeros(pad, bool)])
-        ir = np.where(new, il + 1, il)
         znew = np.concatenate([all_z[order], np.full(pad, z[-1])])
-        w = np.where(new, (znew - z[il]) / np.where(new, z[ir] - z[il], 1.0), 0.0)
         origin = np.where(new, event, self.origin[il])
-        args = jax.device_put((il, ir, w, new))  # one transfer call for the four
-        t0 = time.perf_counter()
-        for pv in list(self.live):
-            right, left = interp(
-                pv.right,
-                pv.left,
-                *args,
-                affine=pv.affine,
-                continuous=pv.continuous,
-            )
-            pv.right, pv.left = right, (right if left is None else left)
-        self.fp = take_rows(self.fp, args[0])
-        tick("interpolate", t0, [pv.right for pv in self.live])
+        self.fp = take_rows(self.fp, jax.device_put(il))
         self.z, self.n, self.origin, self._z_dev = znew, n + m, origin, None
+        self.version += 1
+        self._points[self.version] = znew[: n + m]
+        self._maps = {}
         return True
 
     def insert_roots(self, finders, event: int) -> bool:

@@ -48,17 +48,36 @@ class PV:
     """A line-dependent value at the points: (cap, ...) arrays, leading axis = points.
 
     `affine`: affine on each segment (floating); otherwise constant on each segment.
-    Mutable: inserting points replaces the arrays of every live value in place.
+    Lazy: inserting points does not touch the value; reading `right` or `left`
+    brings it to the line's current points first (`Line.refresh`: one gather from
+    the points it was computed at, exact because the value is affine, or constant,
+    between those points). A value that is live but unused over many insertions
+    (a U-Net's skip connection) is interpolated once, when it is next used.
     """
 
-    __slots__ = ("right", "left", "affine", "__weakref__")
+    __slots__ = ("_right", "_left", "affine", "_line", "_version")
 
-    def __init__(self, right, left, affine: bool):
-        self.right, self.left, self.affine = right, left, affine
+    def __init__(self, right, left, affine: bool, line):
+        self._right, self._left, self.affine = right, left, affine
+        self._line, self._version = line, line.version
+
+    def _sync(self) -> None:
+        if self._version != self._line.version:
+            self._line.refresh(self)
+
+    @property
+    def right(self):
+        self._sync()
+        return self._right
+
+    @property
+    def left(self):
+        self._sync()
+        return self._left
 
     @property
     def continuous(self) -> bool:
-        return self.left is self.right
+        return self._left is self._right
 
 
 def is_pv(x) -> bool:
