@@ -151,7 +151,8 @@ def _section(rows, env) -> str:
         TITLE,
         "",
         "Walking `enumerate_pieces` (one value-and-slope pass per piece, in a",
-        "`lax.while_loop`) against `enumerate_line` (docs/design.md, `sijax/tracking/`: the",
+        "`lax.while_loop`) against `enumerate_line` (docs/design.md, "
+        "`sijax/tracking/`: the",
         "sampler's jaxpr runs once on a sorted batch of points, breakpoints inserted",
         "where a ReLU/abs/comparison changes between neighbours, all live values",
         "interpolated; consecutive linear equations fused into one compiled run).",
