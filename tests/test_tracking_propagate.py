@@ -209,11 +209,8 @@ def test_windows_give_the_same_pieces():
     np.testing.assert_allclose(ends.fingerprint[have], split.fingerprint[have])
 
 
-def test_chunked_runs_give_the_same_pieces(monkeypatch):
-    """Fused runs called a few rows at a time (padding chunks skipped) change
-    nothing."""
-    from sijax.tracking.propagate import evaluator
-
+def _mask_mlp_line():
+    """(f, a, b): a ReLU/abs MLP giving a mask, and a line through its input."""
     w1, w2, w3 = _mlp_weights(5, width=10)
 
     def f(x):
@@ -221,7 +218,15 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
         return jnp.abs(h @ w2) @ w3 > 0.1
 
     rng = np.random.default_rng(6)
-    a, b = _normal(rng, 4), _normal(rng, 4)
+    return f, _normal(rng, 4), _normal(rng, 4)
+
+
+def test_chunked_runs_give_the_same_pieces(monkeypatch):
+    """Fused runs called a few rows at a time (padding chunks skipped) change
+    nothing."""
+    from sijax.tracking.propagate import evaluator
+
+    f, a, b = _mask_mlp_line()
     whole = enumerate_line(f, a, b, -3.0, 3.0, summary=lambda o: o)
     monkeypatch.setattr(evaluator, "MAX_ROWS", 8)
     monkeypatch.setattr(evaluator, "_RUNS", {})  # plans fix their chunk size
@@ -237,14 +242,7 @@ def test_chunked_runs_give_the_same_pieces(monkeypatch):
 def test_programs_compile_per_buffer_size_not_per_point_count():
     """Lines with different numbers of points in the same buffer size reuse every
     compiled program (the summary included): a warm test compiles nothing new."""
-    w1, w2, w3 = _mlp_weights(5, width=10)
-
-    def f(x):
-        h = jax.nn.relu(x @ w1)
-        return jnp.abs(h @ w2) @ w3 > 0.1
-
-    rng = np.random.default_rng(6)
-    a, b = _normal(rng, 4), _normal(rng, 4)
+    f, a, b = _mask_mlp_line()
     compiles = []
 
     def listen(event, seconds, **kw):
