@@ -55,8 +55,9 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sijax.detect.dal import DALConfig, dal_test
+    from sijax.detect.dal import DALConfig, dal_test, resolve_engine
     from sijax.diffusion.sampler import Noises
+    from sijax.experiments.files import provenance
 
     config = DALConfig(
         components=True,
@@ -67,6 +68,7 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
         max_pieces=a.max_pieces,
     )
     shape = tuple(model.image_shape)
+    made_by = provenance(resolve_engine(config, model, shape).engine)
     key = setting.key
     mine = done.setdefault(key, {})
     index = 0
@@ -83,7 +85,8 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         rec = {"setting": key, "index": i, "status": str(res.status),
-               "valid": res.status == "ok", "seconds": seconds}  # fmt: skip
+               "valid": res.status == "ok", "seconds": seconds,
+               **made_by}  # fmt: skip
         if rec["valid"]:
             signal = mean[..., 0] != 0
             rec.update(

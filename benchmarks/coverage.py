@@ -53,8 +53,9 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sijax.detect.dal import DALConfig, dal_test_batch
+    from sijax.detect.dal import DALConfig, dal_test_batch, resolve_engine
     from sijax.diffusion.sampler import Noises
+    from sijax.experiments.files import provenance
     from sijax.selective.confidence import naive_interval
     from sijax.status import Status
 
@@ -65,6 +66,7 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
         max_pieces=a.max_pieces,
     )
     shape = tuple(model.image_shape)
+    made_by = provenance(resolve_engine(config, model, shape).engine)
     key = setting.key
     mine = done.setdefault(key, {})
     index = 0
@@ -96,7 +98,7 @@ def run_setting(model, setting, a, done: dict, out_path: str) -> None:
             if status is Status.ERROR:
                 raise RuntimeError(f"{key}, trial {i}: the test failed")
             rec = {"setting": key, "index": i, "status": str(status),
-                   "valid": status.valid, "seconds": seconds}  # fmt: skip
+                   "valid": status.valid, "seconds": seconds, **made_by}  # fmt: skip
             if status.valid:
                 mask = np.asarray(res.mask[j])
                 theta = float(pairs[j][0][..., 0][mask].mean())

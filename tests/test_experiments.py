@@ -167,6 +167,8 @@ def test_fpr_run_writes_every_output(fpr_run):
 
 def test_fpr_records_follow_the_definitions(fpr_run):
     recs = _records(fpr_run)
+    # every record says what made it: the checkout's commit and the engine that ran
+    assert {(r["commit"], r["engine"]) for r in recs} == {(ex.git_commit(), "walk")}
     valid = [r for r in recs if r["valid"]]
     assert len(valid) >= 12 and all(r["status"] in (0, 2) for r in valid)
     for r in valid:
@@ -356,6 +358,8 @@ def test_worker_processes_record_what_one_process_does(tmp_path, models, capsys)
     recs_one = {(r["setting"], r["index"]): r for r in _records(one)}
     recs_two = {(r["setting"], r["index"]): r for r in _records(two)}
     assert len(recs_two) == len(_records(two))  # nothing ran twice
+    assert {r["engine"] for r in recs_one.values()} == {"walk"}
+    assert {r["engine"] for r in recs_two.values()} == {"propagate"}
     _check_same_results(
         recs_one, recs_two, [r.to_json() for r in rows_one],
         [r.to_json() for r in rows_two],
@@ -815,3 +819,20 @@ def test_selective_holds_the_level_and_naive_does_not(tmp_path, models):
     lo, hi = stats.binom.interval(0.99, 300, 0.05)
     assert lo <= rows["selective"].rejections <= hi, rows["selective"]
     assert rows["naive"].rate > rows["selective"].rate
+
+
+def test_git_commit_names_the_head_and_a_changed_package():
+    """The commit stamped on records and summaries: HEAD's short hash, "+dirty"
+    when tracked files of sijax/ differ from it (records made by uncommitted code
+    must not pass for the commit's)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ex.__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=root).stdout.strip()  # fmt: skip
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        pytest.skip("not a git checkout")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", root)
+    assert ex.git_commit() == head + ("+dirty" if changed else "")

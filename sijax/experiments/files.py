@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -101,21 +102,34 @@ def exclusive(out_dir: str, what: str = "sijax experiment") -> Iterator[None]:
         f.close()  # releases the flock
 
 
+@functools.cache
 def git_commit() -> str:
-    """Short hash of the sijax checkout's HEAD ("unknown" outside a checkout)."""
+    """Short hash of the sijax checkout's HEAD, with "+dirty" when tracked files
+    under ``sijax/`` differ from it ("unknown" outside a checkout). Read once per
+    process: the code a process runs is the code it imported."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=here, timeout=10
+        ).stdout.strip()
+
     try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=os.path.dirname(os.path.abspath(__file__)),
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
+        commit = git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "unknown"
+        package = os.path.dirname(here)
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", package)
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def provenance(engine) -> dict:
+    """What every trial record states about what made it (issue 27 item 5): the
+    commit (:func:`git_commit`) and the search engine that ran ("walk" or
+    "propagate": resolved, never "auto")."""
+    return {"commit": git_commit(), "engine": getattr(engine, "value", engine)}
 
 
 def machine() -> str:

@@ -23,9 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sijax.detect.dal import DALConfig, dal_test_batch, draw_noises, error_message
+from sijax.detect.dal import (
+    DALConfig,
+    dal_test_batch,
+    draw_noises,
+    error_message,
+    resolve_engine,
+)
 from sijax.diffusion.sampler import Noises
 from sijax.errors import InputError
+from sijax.experiments.files import provenance
 from sijax.experiments.noise import sample_noise
 from sijax.experiments.spec import Setting
 from sijax.status import Status
@@ -198,7 +205,8 @@ def run_batch(
     Returns:
       JSON-ready dicts: setting key, index, status (its ``Status.code``: 0 ok, 1 no
       region, 2 max_pieces), valid, region size, z, seconds, the region threshold
-      (:func:`model_threshold`), and per method p, reject (and inf_p, sup_p, pieces
+      (:func:`model_threshold`), the commit and engine that made it
+      (:func:`sijax.experiments.files.provenance`), and per method p, reject (and inf_p, sup_p, pieces
       for "selective").
 
     Raises:
@@ -231,6 +239,10 @@ def run_batch(
     out, seconds, fresh = {}, 0.0, False
     for m in runs:
         cfg = dataclasses.replace(setting.dal_config(m, threshold), engine=engine)
+        if m == runs[0]:  # as dal_test_batch resolves it (no lanes given)
+            made_by = provenance(
+                resolve_engine(cfg, model, shape, lockstep=mesh is not None).engine
+            )
         tag = (cfg, setting.covariance, batch, mesh is not None, id(model.graphdef))
         fresh |= tag not in compiled
         compiled.add(tag)
@@ -267,6 +279,7 @@ def run_batch(
             "seconds": seconds / len(indices),
             "compile": fresh,
             "threshold": threshold,
+            **made_by,
             "methods": {},
         }
         if valid:
