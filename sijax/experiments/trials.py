@@ -206,8 +206,8 @@ def run_batch(
       JSON-ready dicts: setting key, index, status (its ``Status.code``: 0 ok, 1 no
       region, 2 max_pieces), valid, region size, z, seconds, the region threshold
       (:func:`model_threshold`), the commit and engine that made it
-      (:func:`sijax.experiments.files.provenance`), and per method p, reject (and inf_p, sup_p, pieces
-      for "selective").
+      (:func:`sijax.experiments.files.provenance`), and per method p, reject
+      (and inf_p, sup_p, pieces for "selective").
 
     Raises:
       InputError: a test ended in error (status 3: a NaN score map, a singular
