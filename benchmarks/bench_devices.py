@@ -11,7 +11,10 @@ in three set-ups, each in a fresh process pinned with `taskset`:
   XLA's own threads make of the second core);
 * ``2dev``: two single-threaded CPU devices on cpus 0-1 with
   ``DALConfig(devices=2)``: every window of the line cut into two segments
-  enumerated at the same time.
+  enumerated at the same time, in two threads of one process;
+* ``2proc``: ``DALConfig(processes=2)`` on cpus 0-1: the same two segments per
+  window enumerated by two worker processes (spawned by the first test, each a
+  single-threaded CPU device), the parent process planning the windows.
 
 Each process tests the image once (compilation included: what a user of
 `sijax test` waits for, with an empty compilation cache) and then again (warm).
@@ -38,14 +41,15 @@ from _readme import replace_section  # noqa: E402
 
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 SETUPS = {
-    # name: (cpus, XLA_FLAGS, CPU devices)
-    "1core": ("0", ONE_THREAD, 1),
-    "1dev-2threads": ("0,1", "", 1),  # XLA's default threads, over the two cpus
-    "2dev": ("0,1", ONE_THREAD, 2),
+    # name: (cpus, XLA_FLAGS, CPU devices, worker processes)
+    "1core": ("0", ONE_THREAD, 1, 1),
+    "1dev-2threads": ("0,1", "", 1, 1),  # XLA's default threads, over the two cpus
+    "2dev": ("0,1", ONE_THREAD, 2, 1),
+    "2proc": ("0,1", ONE_THREAD, 1, 2),
 }
 
 
-def worker(size: int, devices: int, termination: str) -> dict:
+def worker(size: int, devices: int, processes: int, termination: str) -> dict:
     """Inside the pinned process: the test twice, as JSON."""
     import jax
 
@@ -62,7 +66,8 @@ def worker(size: int, devices: int, termination: str) -> dict:
     t0 = time.perf_counter()
     model, weights = model_for(size)
     x, x_ref = (jnp.asarray(v) for v in make_example(size))
-    config = DALConfig(engine="propagate", termination=termination, devices=devices)
+    config = DALConfig(engine="propagate", termination=termination, devices=devices,
+                       processes=processes)  # fmt: skip
     noises = draw_noises(jax.random.key(0), model, config)
     load_s = time.perf_counter() - t0
     runs = []
@@ -71,7 +76,8 @@ def worker(size: int, devices: int, termination: str) -> dict:
         r = dal_test(model, x, x_ref, sigma=1.0, noises=noises, config=config)
         runs.append(time.perf_counter() - t0)
     return dict(
-        size=size, devices=devices, weights=weights, termination=termination,
+        size=size, devices=devices, processes=processes, weights=weights,
+        termination=termination,
         jax_devices=[str(d) for d in jax.devices()], load_seconds=load_s,
         first_seconds=runs[0], warm_seconds=runs[1], p_value=r.p_value,
         inf_p=r.inf_p, sup_p=r.sup_p, pieces=r.search_count, status=str(r.status),
@@ -80,11 +86,11 @@ def worker(size: int, devices: int, termination: str) -> dict:
 
 
 def run_setup(name: str, size: int, termination: str) -> dict:
-    cpus, flags, devices = SETUPS[name]
+    cpus, flags, devices, processes = SETUPS[name]
     env = dict(os.environ, XLA_FLAGS=flags, SIJAX_COMPILE_CACHE="off",
                JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="sijax-cc-"))
     cmd = ["taskset", "-c", cpus, sys.executable, __file__, "--worker", str(size),
-           str(devices), termination]  # fmt: skip
+           str(devices), str(processes), termination]  # fmt: skip
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,10 +106,11 @@ def main() -> None:
     ap.add_argument("--termination", default="precision",
                     choices=("precision", "decision"))  # fmt: skip
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(int(a.worker[0]), int(a.worker[1]), a.worker[2])))
+        size, devices, processes, termination = a.worker
+        print(json.dumps(worker(int(size), int(devices), int(processes), termination)))
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                             capture_output=True, text=True).stdout.strip()
@@ -143,8 +150,10 @@ def write(a, rows, commit, load) -> None:
         "process with an empty compilation cache: `first` includes compilation, "
         "`warm` is the same image again. 1core: one device, one XLA thread on "
         "cpu 0; 1dev-2threads: one device, two XLA threads on cpus 0-1; 2dev: "
-        "two single-threaded CPU devices on cpus 0-1 sharing the line "
-        "(`DALConfig(devices=2)`).",
+        "two single-threaded CPU devices on cpus 0-1 sharing the line in two "
+        "threads (`DALConfig(devices=2)`); 2proc: two worker processes on cpus 0-1 "
+        "sharing the line (`DALConfig(processes=2)`, the workers spawned by the "
+        "first test: its time includes their start).",
         "",
         "| size | weights | set-up | pieces | p-value | first (s) | warm (s) "
         "| warm vs 1core |",

@@ -153,6 +153,44 @@ def test_devices_share_one_line_and_give_the_one_device_result(model, example):
                  config=dataclasses.replace(config, devices=99))  # fmt: skip
 
 
+def test_processes_share_one_line_and_give_the_one_process_result(model, example):
+    """DALConfig(processes=2): every window of the propagate engine cut into one
+    segment per worker process and joined gives the one-process pieces, truncation
+    set and p-value; the workers are kept for the next test of the same model;
+    processes is checked."""
+    from sijax.detect.line_workers import _ACTIVE, close_line_workers
+
+    x, x_ref, nz = example
+    config = DALConfig(engine="propagate", termination="decision")
+    one = dal_test(model, x, x_ref, sigma=1.0, noises=nz, config=config)
+    try:
+        two = [
+            dal_test(model, x, x_ref, sigma=1.0, noises=nz,
+                     config=dataclasses.replace(config, processes=2))  # fmt: skip
+            for _ in range(2)
+        ]
+        assert _ACTIVE["workers"].size == 2
+    finally:
+        close_line_workers()
+    assert "workers" not in _ACTIVE
+    for many in two:
+        assert many.status == one.status == "ok"
+        assert many.search_count == one.search_count >= 5
+        for field in ("p_value", "inf_p", "sup_p"):
+            assert getattr(many, field) == pytest.approx(
+                getattr(one, field), abs=1e-12
+            )
+        np.testing.assert_allclose(
+            many.truncated_intervals, one.truncated_intervals, rtol=0, atol=1e-9
+        )
+    with pytest.raises(InputError, match="propagate"):
+        DALConfig(engine="walk", processes=2)
+    with pytest.raises(InputError, match="processes"):
+        DALConfig(processes=0)
+    with pytest.raises(InputError, match="not both"):
+        DALConfig(processes=2, devices=2)
+
+
 def test_auto_engine_picks_the_measured_faster_one():
     """engine="auto" (the default): propagation for the DAL detector from 16x16 on
     a CPU, or when the line is shared over devices; walking at 8x8, for the other

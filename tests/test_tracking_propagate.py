@@ -24,7 +24,13 @@ from test_tracking_properties import _normal, _settings, convnets, mlps, scan_lo
 
 from sijax.errors import NotPiecewiseLinearError
 from sijax.tracking import LineCache, enumerate_line, track
-from sijax.tracking.propagate import ENDS, LineDependentControlError
+from sijax.tracking.interpreter import DEFAULT_TIE_TOL
+from sijax.tracking.propagate import (
+    ENDS,
+    LineDependentControlError,
+    join_pieces,
+    split_stretch,
+)
 from sijax.tracking.propagate.pointwise import JIT_AFTER
 
 RTOL = 1e-9  # breakpoints, relative to the stretch length
@@ -333,8 +339,9 @@ def test_line_cache_serves_the_pieces_of_the_whole_line(window_pieces):
 def test_devices_share_a_stretch_and_give_the_same_pieces(monkeypatch):
     """The stretch cut into one segment per device (four CPU devices in the tests),
     enumerated at once in threads and joined: the pieces of one device, each
-    segment computed on its own device; a LineCache over the devices serves the
-    same pieces as one over the default device."""
+    segment computed on its own device; a LineCache over the devices, or over
+    segments enumerated apart and joined (join_pieces, as from worker processes),
+    serves the same pieces as one over the default device."""
     devices = jax.devices()
     assert len(devices) >= 2  # conftest: four CPU devices
     w = _mlp_weights(2, width=10)
@@ -368,19 +375,36 @@ def test_devices_share_a_stretch_and_give_the_same_pieces(monkeypatch):
         enumerate_line(_mlp_with_params, a, b, 0.0, np.inf, params=w, devices=devices)
     with pytest.raises(ValueError, match="at least one device"):
         enumerate_line(_mlp_with_params, a, b, 0.0, 1.0, params=w, devices=[])
+    # Segments enumerated apart and joined (what worker processes return, here
+    # in this process): the pieces of the whole stretch.
+    def three_segments(lo, hi):
+        cuts = split_stretch(lo, hi, 3, DEFAULT_TIE_TOL)
+        assert len(cuts) == 4 or hi - lo < 1e-5
+        return join_pieces([
+            enumerate_line(_mlp_with_params, a, b, cuts[i], cuts[i + 1], params=w,
+                           summary=summary, all_fingerprints=False)
+            for i in range(len(cuts) - 1)
+        ])  # fmt: skip
+
+    three_segments.size = 3
+    joined = three_segments(-3.0, 3.0)
+    assert joined.windows == 3 and joined.count == one.count
+    np.testing.assert_allclose(joined.z, one.z, rtol=0, atol=RTOL * 6.0)
+    np.testing.assert_array_equal(joined.summary, one.summary)
     walked = []
-    for devs in (None, devices[:2]):
+    for devs, segments in ((None, None), (devices[:2], None), (None, three_segments)):
         cache = LineCache(
             _mlp_with_params, a, b, params=w, summary=summary, z_range=(-3.0, 3.0),
-            width=0.1, window_pieces=3, devices=devs,
+            width=0.1, window_pieces=3, devices=devs, segments=segments,
         )  # fmt: skip
         hi, got = -3.0, []
         while hi < 3.0:
             lo, hi, m = cache.piece(hi, 1)
             got.append((lo, hi, bool(np.all(m))))
         walked.append(np.array(got))
-    assert len(walked[0]) == len(walked[1]) == one.count
+    assert len(walked[0]) == len(walked[1]) == len(walked[2]) == one.count
     np.testing.assert_allclose(walked[1], walked[0], rtol=0, atol=RTOL * 6.0)
+    np.testing.assert_allclose(walked[2], walked[0], rtol=0, atol=RTOL * 6.0)
 
 
 def test_degenerate_stretch_and_bad_input():

@@ -54,6 +54,7 @@ from sijax.selective.statistics import (
 )
 from sijax.status import Status
 from sijax.tracking import LineCache, memo_init, track, track_memo
+from sijax.tracking.interpreter import DEFAULT_TIE_TOL
 
 
 class Engine(str, enum.Enum):
@@ -167,6 +168,14 @@ class DALConfig:
         enumerated at the same time and joined, giving the same pieces as one
         device (:func:`sijax.tracking.enumerate_line`). The "walk" engine shares
         batches instead (:func:`dal_test_batch`) and accepts only 1.
+      processes: with the "propagate" engine on a CPU, how many worker processes
+        share the search of one line (1, the default: this process alone): every
+        window is cut into one segment per process, each enumerated on its own
+        single-threaded CPU device, and joined, giving the same pieces as one
+        process (:mod:`sijax.detect.line_workers`). Unlike ``devices`` (threads
+        of this process, which wait for each other's host work), the processes
+        run in parallel throughout; they are spawned at the first test (each loads
+        the model and compiles its programs) and kept for the next ones.
     """
 
     t_start: int = 460
@@ -191,6 +200,7 @@ class DALConfig:
     connectivity: int = 8
     adjustment: str = "holm"
     devices: int = 1
+    processes: int = 1
 
     def __post_init__(self):
         if self.confidence is not None:
@@ -213,6 +223,19 @@ class DALConfig:
         object.__setattr__(self, "engine", Engine(self.engine))
         if not isinstance(self.devices, int) or self.devices < 0:
             raise InputError(f"devices={self.devices!r} must be an integer >= 0")
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise InputError(f"processes={self.processes!r} must be an integer >= 1")
+        if self.processes != 1 and self.devices != 1:
+            raise InputError(
+                f"devices={self.devices} and processes={self.processes}: share a"
+                " line's search over devices (threads) or over processes, not both"
+            )
+        if self.processes != 1 and self.engine is Engine.WALK:
+            raise InputError(
+                f"processes={self.processes} shares one line's search over worker"
+                " processes, which only the 'propagate' engine does; set"
+                " engine='propagate'"
+            )
         if self.devices != 1 and self.engine is Engine.WALK:
             raise InputError(
                 f"devices={self.devices} shares one line's search over devices, which"
@@ -556,6 +579,10 @@ def _core_host(model, x, x_ref, noises, cov, cov_ref, nums, config, progress=Non
     return _with_search(rec, score, mask, line, res, config)
 
 
+# Most points of one window of the propagate engine (LineCache's max_points).
+LINE_MAX_POINTS = 1024
+
+
 def _search_line_host(model, noises, line, mask, nums, config, progress=None):
     """_search_line with the "propagate" engine: the search driven from the host."""
     ok = int(line.status) == StatStatus.OK
@@ -563,14 +590,25 @@ def _search_line_host(model, noises, line, mask, nums, config, progress=None):
     r = math.inf
     if config.search == "exhaustive" and ok:
         r = float(nums.margin) + abs(z)
+    detector_key = (config.steps, config.eta, config.filter_size)
+    segments = None
+    if config.processes > 1:
+        from sijax.detect.line_workers import line_workers
+
+        segments = line_workers(model, config.processes).segments(
+            detector_key, noises, nums.threshold, line.a, line.b, mask,
+            max_points=LINE_MAX_POINTS, tie_tol=DEFAULT_TIE_TOL,
+        )  # fmt: skip
     cache = LineCache(
-        _line_mask(config.steps, config.eta, config.filter_size),
+        _line_mask(*detector_key),
         line.a,
         line.b,
         params=(model, noises, nums.threshold),
         summary=lambda m: jnp.all(m == mask),
         z_range=(-r, r),
+        max_points=LINE_MAX_POINTS,
         devices=line_devices(config.devices),
+        segments=segments,
     )
 
     def source(zq, direction):
@@ -596,7 +634,8 @@ AUTO_PROPAGATE_PIXELS = 256
 def resolve_engine(config: DALConfig, model, image_shape, *, lockstep: bool = False):
     """``config`` with ``engine="auto"`` replaced by the engine to use.
 
-    "propagate" when the line is shared over devices (``devices != 1``), or on a
+    "propagate" when the line is shared over devices or processes
+    (``devices != 1``, ``processes != 1``), or on a
     CPU for a model serving the DAL detector on images of at least
     AUTO_PROPAGATE_PIXELS pixels; "walk" otherwise: small images, the other
     detectors (measured with the walking tracker only), accelerators (not
@@ -608,7 +647,7 @@ def resolve_engine(config: DALConfig, model, image_shape, *, lockstep: bool = Fa
     detector_name = getattr(getattr(model, "config", None), "detector", "dal")
     cpu = jax.default_backend() == "cpu"
     big = math.prod(tuple(image_shape)[:2]) >= AUTO_PROPAGATE_PIXELS
-    fast = config.devices != 1 or (
+    fast = config.devices != 1 or config.processes != 1 or (
         detector_name == "dal" and big and cpu and not lockstep
     )
     return dataclasses.replace(

@@ -64,7 +64,12 @@ line's points and live values), ``pointwise`` and ``control_flow`` (the rules),
 """
 
 from sijax.errors import LineDependentControlError
-from sijax.tracking.propagate.driver import LineCache, enumerate_line
+from sijax.tracking.propagate.driver import (
+    LineCache,
+    enumerate_line,
+    join_pieces,
+    split_stretch,
+)
 from sijax.tracking.propagate.values import ENDS, MIN_CAP, WINDOW, LinePieces
 
 __all__ = [
@@ -75,4 +80,6 @@ __all__ = [
     "LineDependentControlError",
     "LinePieces",
     "enumerate_line",
+    "join_pieces",
+    "split_stretch",
 ]

@@ -155,20 +155,38 @@ def _stretch(closed, treedef, summarize, tie_tol, max_points, ends_only, a, b,
     return done, points
 
 
-def _spread(devices, z_min: float, z_max: float, tie_tol: float) -> list:
-    """The devices that share [z_min, z_max]: one segment each, none shorter than
-    a thousand tie tolerances (a shorter stretch stays on the first device)."""
-    if devices is None:
-        return [None]
-    devices = list(devices)
-    if not devices:
-        raise InputError("devices must name at least one device")
-    tau = tie_tol * max(1.0, abs(z_min), abs(z_max))
+def split_stretch(z_min: float, z_max: float, k: int, tie_tol: float) -> np.ndarray:
+    """Cuts [z_min, z_max] into at most k segments of equal length, none shorter
+    than a thousand tie tolerances (a shorter stretch is one segment): the k' + 1
+    ends, the first z_min and the last z_max exactly."""
     if not np.isfinite(z_max - z_min):
-        raise InputError(f"a stretch split over devices must be finite; got "
+        raise InputError(f"a stretch split into segments must be finite; got "
                          f"[{z_min}, {z_max}]")  # fmt: skip
-    k = int(min(len(devices), max(1, (z_max - z_min) // (1000 * tau))))
-    return devices[:k]
+    tau = tie_tol * max(1.0, abs(z_min), abs(z_max))
+    k = int(min(k, max(1, (z_max - z_min) // (1000 * tau))))
+    cuts = np.linspace(z_min, z_max, k + 1)
+    cuts[0], cuts[-1] = z_min, z_max
+    return cuts
+
+
+def join_pieces(parts: Sequence[LinePieces]) -> LinePieces:
+    """Adjacent stretches (each ends where the next starts) as one, joined like
+    the windows of one stretch: a cut inside a piece (the same fingerprint on
+    both sides) is no breakpoint. The pieces do not depend on where the line was
+    cut."""
+    windows = [
+        _Window(p.z, p.origin, p.fingerprint, p.summary, list(p.events)) for p in parts
+    ]
+    z, origin, fp, summ = _join(windows)
+    return LinePieces(
+        z=z,
+        summary=summ,
+        fingerprint=fp,
+        origin=origin,
+        events=tuple(parts[0].events),
+        points=sum(p.points for p in parts),
+        windows=sum(p.windows for p in parts),
+    )
 
 
 def enumerate_line(
@@ -234,23 +252,26 @@ def enumerate_line(
         _stretch, closed, treedef, summarize, tie_tol, max_points,
         not all_fingerprints,
     )  # fmt: skip
-    devices = _spread(devices, z_min, z_max, tie_tol)
-    if devices == [None]:
+    if devices is not None and not list(devices):
+        raise InputError("devices must name at least one device")
+    cuts = (
+        np.array([z_min, z_max])
+        if devices is None
+        else split_stretch(z_min, z_max, len(devices), tie_tol)
+    )
+    if len(cuts) == 2:
         done, points = run(a, b, leaves, z_min, z_max)
     else:
         # One segment per device, enumerated at the same time (XLA releases the
         # GIL while it computes) and joined like the halves of an overflowing
         # window: the pieces do not depend on where the line is cut.
-        cuts = np.linspace(z_min, z_max, len(devices) + 1)
-        cuts[0], cuts[-1] = z_min, z_max
-
         def on(i):
             with jax.default_device(devices[i]):
                 put = partial(jax.device_put, device=devices[i])
                 return run(put(a), put(b), put(leaves), cuts[i], cuts[i + 1])
 
-        with ThreadPoolExecutor(len(devices)) as pool:
-            parts = list(pool.map(on, range(len(devices))))
+        with ThreadPoolExecutor(len(cuts) - 1) as pool:
+            parts = list(pool.map(on, range(len(cuts) - 1)))
         done = [w for windows, _ in parts for w in windows]
         points = sum(n for _, n in parts)
     z, origin, fp, summ = _join(done)
@@ -288,18 +309,26 @@ class LineCache:
       window_pieces: pieces per window aimed at after the first (per device).
       devices: optional devices that share every window (`enumerate_line`'s
         `devices`); the windows are that many times wider.
+      segments: optional `(lo, hi) -> LinePieces` that enumerates a window in
+        its stead (f, a, b, params and summary then only name the line), with a
+        `size` attribute: how many share a window (e.g. worker processes, each
+        one segment); the windows are that many times wider.
     """
 
     def __init__(self, f, a, b, *, params=None, summary=None,
                  z_range=(-np.inf, np.inf), width: float = 0.25,
                  window_pieces: int = 128, max_points: int = 1024,
-                 tie_tol: float = DEFAULT_TIE_TOL, devices=None):  # fmt: skip
-        self._enum = partial(
+                 tie_tol: float = DEFAULT_TIE_TOL, devices=None,
+                 segments=None):  # fmt: skip
+        if segments is not None and devices is not None:
+            raise InputError("LineCache: give devices or segments, not both")
+        self._enum = segments or partial(
             enumerate_line, f, a, b, params=params, summary=summary,
             max_points=max_points, tie_tol=tie_tol, all_fingerprints=False,
             devices=devices,
         )  # fmt: skip
-        share = 1 if devices is None else max(1, len(devices))
+        share = max(1, len(devices)) if devices is not None else (
+            1 if segments is None else max(1, int(segments.size)))  # fmt: skip
         self.r_lo, self.r_hi = float(z_range[0]), float(z_range[1])
         if not self.r_lo < self.r_hi:
             raise InputError(f"need z_range[0] < z_range[1]; got {z_range}")
