@@ -283,6 +283,13 @@ def _test_args(p: argparse.ArgumentParser):
                    "engine, which this switches on; the same pieces and p-value). "
                    "Default: every accelerator when there are several, else one. "
                    "On a CPU, N single-threaded CPU devices, e.g. the cores")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="worker processes that share the search of the line on a "
+                   "CPU (the propagate engine, which this switches on; the same "
+                   "pieces and p-value): each enumerates its part of every window on "
+                   "one core, e.g. --processes 2 on two cores. Default: 2 on a CPU "
+                   "with two usable cores or more for images of 32x32 pixels or more "
+                   "(the propagate engine, native models), else 1")
     p.add_argument("--components", action="store_true",
                    help="also test each connected component of the region on its own "
                    "(8-connected; --set connectivity=4 for edges only), conditioning "
@@ -317,6 +324,7 @@ def _test_run(a: argparse.Namespace) -> int:
     if a.tiles:
         return _test_tiles(a, model, ref, config, extra)
     x = model_input(model, read_raw(a.image), a.image)
+    config = _auto_processes(a, model, config, x.shape)
     result, seconds = run_test(model, x, ref.x_ref, sigma=ref.sigma,
                                sigma_ref=ref.sigma_ref, out_dir=a.out,
                                checkpoint=a.checkpoint, seed=a.seed, config=config,
@@ -326,14 +334,58 @@ def _test_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _shared_line(a: argparse.Namespace, config):
-    """--devices: the propagate engine's search shared by N devices (default: all
-    accelerators when there are several; an explicit walk engine keeps one, and
-    refuses an explicit --devices through DALConfig)."""
+# From this many pixels `sijax test` on a CPU shares one image's line over worker
+# processes by default (when the propagate engine runs it, the model is a native
+# one and there are two usable cores): at 32x32 two processes gave 1.83x warm and
+# 1.61x on the first p-value, at 16x16 only 1.19x / 1.03x (benchmarks/README.md,
+# "One image on every core"). At most AUTO_PROCESSES, the count measured.
+AUTO_PROCESSES_PIXELS = 1024
+AUTO_PROCESSES = 2
+
+
+def _auto_processes(a: argparse.Namespace, model, config, shape):
+    """The default of --processes for one image of ``shape`` (see above)."""
     import dataclasses
 
     import jax
 
+    from sijax.checkpoint import DiffusionModel
+    from sijax.detect.dal import Engine, resolve_engine
+    from sijax.experiments.pool import usable_cores
+
+    asked = a.processes is not None or a.devices is not None
+    if asked or config.devices != 1 or config.processes != 1:
+        return config
+    n = min(usable_cores(), AUTO_PROCESSES)
+    big = shape[0] * shape[1] >= AUTO_PROCESSES_PIXELS
+    if n < 2 or not big or not isinstance(model, DiffusionModel):
+        return config
+    if jax.default_backend() != "cpu":
+        return config
+    if resolve_engine(config, model, shape).engine is not Engine.PROPAGATE:
+        return config
+    return dataclasses.replace(config, engine=Engine.PROPAGATE, processes=n)
+
+
+def _shared_line(a: argparse.Namespace, config):
+    """--devices / --processes: the propagate engine's search shared by N devices
+    (default: all accelerators when there are several; an explicit walk engine
+    keeps one, and refuses an explicit --devices through DALConfig) or by N worker
+    processes (DALConfig.processes)."""
+    import dataclasses
+
+    import jax
+
+    procs = getattr(a, "processes", None)
+    if procs is not None:
+        if procs < 1:
+            raise InputError(f"--processes must be >= 1; got {procs}")
+        if procs > 1 and a.devices not in (None, 1):
+            raise InputError("--devices and --processes both share the line: "
+                             "choose one")  # fmt: skip
+        if procs > 1:
+            engine = "propagate" if config.engine == "auto" else config.engine
+            return dataclasses.replace(config, engine=engine, processes=procs)
     n = a.devices
     if n is None:
         devices = jax.local_devices()

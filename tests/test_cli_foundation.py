@@ -12,6 +12,7 @@ from sijax.cli import COMMANDS, main
 from sijax.config import TrainConfig, apply_overrides
 from sijax.configs import get_config
 from sijax.data.examples import EXAMPLES_DIR
+from sijax.detect.dal import DALConfig
 from sijax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,8 +167,9 @@ def test_dal_options_reach_the_config():
 
 
 def test_devices_option_reaches_the_config():
-    """`sijax test --devices N` switches the propagate engine on with N devices; an
-    explicit walk engine is refused; on a CPU the default is one device."""
+    """`sijax test --devices N` / `--processes N` switch the propagate engine on
+    with N devices / worker processes; an explicit walk engine is refused, as are
+    both together; on a CPU the default is one device."""
     from sijax.cli import _dal_config, _shared_line, build_parser
 
     def config(*argv):
@@ -180,28 +182,65 @@ def test_devices_option_reaches_the_config():
         "propagate", 2)  # fmt: skip
     with pytest.raises(InputError, match="only the 'propagate' engine"):
         config("--devices", "2", "--engine", "walk")
+    two = config("--processes", "2")
+    assert (two.engine, two.processes, two.devices) == ("propagate", 2, 1)
+    assert config("--processes", "1").processes == 1
+    with pytest.raises(InputError, match="only the 'propagate' engine"):
+        config("--processes", "2", "--engine", "walk")
+    with pytest.raises(InputError, match="choose one"):
+        config("--processes", "2", "--devices", "2")
+    with pytest.raises(InputError, match="processes must be"):
+        config("--processes", "0")
+
+
+def test_processes_default_to_two_from_32x32_on_a_cpu(monkeypatch):
+    """`sijax test` without --processes/--devices: two worker processes share the
+    line of a native model's image from 32x32 on a CPU with two usable cores (the
+    measured gain), one process below 32x32, on one core, with the walk engine or
+    when the user chose."""
+    import argparse
+
+    from sijax import cli
+    from sijax.checkpoint import load_model
+    from sijax.experiments import pool
+
+    model = load_model("tiny_8")
+    a = argparse.Namespace(processes=None, devices=None)
+    auto = DALConfig()
+    monkeypatch.setattr(pool, "usable_cores", lambda: 16)
+    big = cli._auto_processes(a, model, auto, (32, 32, 1))
+    assert (big.engine, big.processes) == ("propagate", 2)
+    assert cli._auto_processes(a, model, auto, (16, 16, 1)) is auto
+    walk = DALConfig(engine="walk")
+    assert cli._auto_processes(a, model, walk, (32, 32, 1)) is walk
+    chose = argparse.Namespace(processes=1, devices=None)
+    assert cli._auto_processes(chose, model, auto, (32, 32, 1)) is auto
+    monkeypatch.setattr(pool, "usable_cores", lambda: 1)
+    assert cli._auto_processes(a, model, auto, (64, 64, 1)) is auto
 
 
 @pytest.mark.slow
 def test_devices_share_the_line_from_the_command_line(capsys, tmp_path):
-    """`sijax test --devices 2` (conftest: four CPU devices) gives the one-device
-    p-value and pieces (the default run checks the same through dal_test)."""
+    """`sijax test --devices 2` (conftest: four CPU devices) and `--processes 2`
+    give the one-device p-value and pieces (the default run checks the same
+    through dal_test)."""
     image = os.path.join(EXAMPLES_DIR, "demo_8.npy")
     p = []
-    for extra in ([], ["--devices", "2"]):
+    for extra in ([], ["--devices", "2"], ["--processes", "2"]):
         rc, out, err = run_main(
             capsys, "test", "--checkpoint", "tiny_8", "--image", image, "--reference",
             image.replace(".npy", "_ref.npy"), "--sigma", "1", "--engine",
             "propagate", "--no-progress", "--out",
-            str(tmp_path / str(len(extra))), *extra,
+            str(tmp_path / "-".join(["out", *extra])), *extra,
         )  # fmt: skip
         assert rc == 0, err
-        with open(tmp_path / str(len(extra)) / "report.json") as f:
+        with open(tmp_path / "-".join(["out", *extra]) / "report.json") as f:
             p.append(json.load(f))
-    assert p[1]["config"]["devices"] == 2
+    assert p[1]["config"]["devices"] == p[2]["config"]["processes"] == 2
     r = [q["result"] for q in p]
-    assert r[1]["p_value"] == pytest.approx(r[0]["p_value"], abs=1e-12)
-    assert r[1]["search_count"] == r[0]["search_count"]
+    for i in (1, 2):
+        assert r[i]["p_value"] == pytest.approx(r[0]["p_value"], abs=1e-12)
+        assert r[i]["search_count"] == r[0]["search_count"]
 
 
 def test_search_bar_shows_pieces_range_and_bounds(capsys):
