@@ -185,7 +185,8 @@ def detector_loss(cfg: TrainConfig):
 
 @functools.lru_cache(maxsize=8)
 def make_train_chunk(cfg: TrainConfig) -> Callable:
-    """Builds ``chunk(state, data, steps) -> (state, losses)``, jitted once.
+    """Builds ``chunk(state, data, steps) -> (state, losses)``: one compiled step
+    dispatched per entry of ``steps``.
 
     Cached per config, so repeated or resumed runs in one process compile once.
 
@@ -232,16 +233,26 @@ def make_train_chunk(cfg: TrainConfig) -> Callable:
     total = cfg.total_steps
 
     @jax.jit
-    def chunk(state: TrainState, data: jax.Array, steps: jax.Array):
-        def body(s, step):
-            new, loss = one_step(s, (step, data))
-            # Steps past the end (padding of the last chunk) leave the state as is,
-            # so every chunk has the same length and compiles once.
-            active = step < total
-            new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, s)
-            return new, jnp.where(active, loss, jnp.nan)
+    def step_fn(s: TrainState, data: jax.Array, step: jax.Array):
+        new, loss = one_step(s, (step, data))
+        # Steps past the end (padding of the last chunk) leave the state as is.
+        active = step < total
+        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, s)
+        return new, jnp.where(active, loss, jnp.nan)
 
-        return jax.lax.scan(body, state, steps)
+    def chunk(state: TrainState, data: jax.Array, steps: jax.Array):
+        # One dispatch per step, not a compiled loop over the steps: on XLA's CPU
+        # backend (jax 0.10.2) the kernel-gradient convolutions inside a
+        # scan/while body run about 30x slower than at the top level of a
+        # program (a dal_v5 step at 32x32: 13 s in a scan of length 1 against
+        # 0.55 s alone; docs/design.md, "Training, checkpoints, configuration").
+        # Dispatches are asynchronous, so the steps still queue without waiting
+        # for the host.
+        losses = []
+        for step in jnp.asarray(steps):
+            state, loss = step_fn(state, data, step)
+            losses.append(loss)
+        return state, jnp.stack(losses)
 
     return chunk
 
