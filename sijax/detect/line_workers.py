@@ -80,7 +80,7 @@ class LineWorkers:
         into one segment per worker; its ``size`` is the worker count."""
         from sijax.experiments.pool import call
 
-        host = partial(np.asarray)
+        host = np.asarray
         line = (tuple(detector), jax.tree.map(host, noises), float(threshold),
                 host(a), host(b), host(mask))  # fmt: skip
         workers = self
