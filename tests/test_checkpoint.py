@@ -20,7 +20,8 @@ from sijax.errors import CheckpointError, InputError, SijaxError
 
 @pytest.mark.parametrize("name,size,channels", [
     ("tiny_8", 8, (4, 8, 16)), ("dal_v5_8", 8, (32, 64, 128, 256)),
-    ("dal_v5_16", 16, (32, 64, 128, 256)), ("dal_v5_32", 32, (32, 64, 128, 256))])
+    ("dal_v5_16", 16, (32, 64, 128, 256)), ("dal_v5_32", 32, (32, 64, 128, 256)),
+    ("dal_v5_64", 64, (32, 64, 128, 256))])
 def test_committed_checkpoints(name, size, channels):
     model = load_model(name)
     assert model.image_shape == (size, size, 1)
@@ -88,7 +89,7 @@ def test_a_changed_state_file_is_refused_not_loaded(tmp_path):
     """Orbax keeps no checksums: one flipped bit in an array chunk loaded silently as
     a different weight (seen before the checksums). The SHA-256 of every state file,
     saved in config.json, catches it, and a missing file, before Orbax reads them."""
-    for name in ("tiny_8", "dal_v5_8", "dal_v5_16", "dal_v5_32"):
+    for name in ("tiny_8", "dal_v5_8", "dal_v5_16", "dal_v5_32", "dal_v5_64"):
         d = f"{CHECKPOINTS_DIR}/{name}"
         meta = json.loads(open(f"{d}/config.json").read())
         assert meta["state_sha256"] == state_checksums(f"{d}/state")

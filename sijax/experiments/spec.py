@@ -235,7 +235,7 @@ def default_spec(experiment: str, **overrides) -> ExperimentSpec:
     """The paper's settings for ``experiment`` (docs/method.md §7), with overrides.
 
     Sizes default to 8 and 16; every size uses the committed ``dal_v5_{size}``
-    (8, 16 and 32 are committed) unless ``checkpoints`` names another; 64 needs one.
+    (8, 16, 32 and 64 are committed) unless ``checkpoints`` names another.
     Defaults: fpr iid+corr, 1000 trials; power d=16, delta 1..4; pieces d=8, 16, 100
     trials, exhaustive; robustness d=16 iid, five families at
     W1 = 0.01..0.04; pwl d=8 with pwl_silu and pwl_gelu.
