@@ -78,33 +78,40 @@ class LineWorkers:
                  max_points: int, tie_tol: float):  # fmt: skip
         """``(lo, hi) -> LinePieces`` of the DAL mask along a + b z, each window cut
         into one segment per worker; its ``size`` is the worker count."""
-        from sijax.experiments.pool import call
-
         host = np.asarray
         line = (tuple(detector), jax.tree.map(host, noises), float(threshold),
                 host(a), host(b), host(mask))  # fmt: skip
-        workers = self
+        return _LineSegments(self, line, max_points, tie_tol)
 
-        class Segments:
-            size = workers.size
 
-            def __call__(self, lo, hi):
-                cuts = split_stretch(lo, hi, workers.size, tie_tol)
-                try:
-                    futures = [
-                        workers.pool.submit(call, *line, cuts[i], cuts[i + 1],
-                                            max_points, tie_tol)  # fmt: skip
-                        for i in range(len(cuts) - 1)
-                    ]
-                    return join_pieces([f.result() for f in futures])
-                except BrokenProcessPool as e:
-                    close_line_workers()
-                    raise SearchError(
-                        "a worker process sharing the line's search died (out of "
-                        f"memory, or killed): {e}; run again, or with processes=1"
-                    ) from None
+class _LineSegments:
+    """``(lo, hi) -> LinePieces`` of one line: the window cut into one segment per
+    worker, enumerated by the workers and joined; ``size`` is the worker count
+    (what :class:`~sijax.tracking.LineCache` takes as ``segments``)."""
 
-        return Segments()
+    def __init__(self, workers: LineWorkers, line: tuple, max_points: int,
+                 tie_tol: float):  # fmt: skip
+        self.workers, self.line = workers, line
+        self.max_points, self.tie_tol = max_points, tie_tol
+        self.size = workers.size
+
+    def __call__(self, lo: float, hi: float):
+        from sijax.experiments.pool import call
+
+        cuts = split_stretch(lo, hi, self.size, self.tie_tol)
+        try:
+            futures = [
+                self.workers.pool.submit(call, *self.line, cuts[i], cuts[i + 1],
+                                         self.max_points, self.tie_tol)  # fmt: skip
+                for i in range(len(cuts) - 1)
+            ]
+            return join_pieces([f.result() for f in futures])
+        except BrokenProcessPool as e:
+            close_line_workers()
+            raise SearchError(
+                "a worker process sharing the line's search died (out of "
+                f"memory, or killed): {e}; run again, or with processes=1"
+            ) from None
 
 
 _ACTIVE: dict = {}

@@ -177,15 +177,22 @@ def join_pieces(parts: Sequence[LinePieces]) -> LinePieces:
     windows = [
         _Window(p.z, p.origin, p.fingerprint, p.summary, list(p.events)) for p in parts
     ]
+    return _pieces(
+        windows, sum(p.points for p in parts), sum(p.windows for p in parts)
+    )
+
+
+def _pieces(windows: list[_Window], points: int, count: int) -> LinePieces:
+    """The joined windows as LinePieces (``count``: windows enumerated)."""
     z, origin, fp, summ = _join(windows)
     return LinePieces(
         z=z,
         summary=summ,
         fingerprint=fp,
         origin=origin,
-        events=tuple(parts[0].events),
-        points=sum(p.points for p in parts),
-        windows=sum(p.windows for p in parts),
+        events=tuple(windows[0].events),
+        points=points,
+        windows=count,
     )
 
 
@@ -274,16 +281,7 @@ def enumerate_line(
             parts = list(pool.map(on, range(len(cuts) - 1)))
         done = [w for windows, _ in parts for w in windows]
         points = sum(n for _, n in parts)
-    z, origin, fp, summ = _join(done)
-    return LinePieces(
-        z=z,
-        summary=summ,
-        fingerprint=fp,
-        origin=origin,
-        events=tuple(done[0].events),
-        points=points,
-        windows=len(done),
-    )
+    return _pieces(done, points, len(done))
 
 
 class LineCache:
@@ -327,8 +325,11 @@ class LineCache:
             max_points=max_points, tie_tol=tie_tol, all_fingerprints=False,
             devices=devices,
         )  # fmt: skip
-        share = max(1, len(devices)) if devices is not None else (
-            1 if segments is None else max(1, int(segments.size)))  # fmt: skip
+        share = 1
+        if devices is not None:
+            share = max(1, len(devices))
+        elif segments is not None:
+            share = max(1, int(segments.size))
         self.r_lo, self.r_hi = float(z_range[0]), float(z_range[1])
         if not self.r_lo < self.r_hi:
             raise InputError(f"need z_range[0] < z_range[1]; got {z_range}")
