@@ -6,6 +6,7 @@ and exit with status 2, without a traceback.
 """
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -73,12 +74,14 @@ def _train_run(a: argparse.Namespace) -> int:
     res = train(cfg, a.workdir, data=a.data, resume=a.resume,
                 progress=not a.no_progress)
     cfg = res.model.config
+    speed = (f"{res.seconds_per_step * 1e3:.1f} ms/step"
+             if not math.isnan(res.seconds_per_step)
+             else "ms/step not measured (no step after the compiling chunk)")
     print(f"trained {cfg.name} ({cfg.detector}) size={cfg.size} "
           f"channels={cfg.in_channels} on "
           f"{cfg.n_train} {'images' if a.data else 'N(0, 1) images'}: "
           f"{int(res.state.step)} steps, final loss {res.losses[-1, 1]:.4f}, "
-          f"{res.seconds_per_step * 1e3:.1f} ms/step; model in "
-          f"{os.path.join(a.workdir, 'model')}")
+          f"{speed}; model in {os.path.join(a.workdir, 'model')}")
     return 0
 
 

@@ -70,7 +70,8 @@ class TrainResult(NamedTuple):
         model: the trained model in eval mode (float32 state).
         state: final TrainState.
         losses: (K, 2) float64 rows (step, mean loss of the chunk ending there).
-        seconds_per_step: wall time per step of this call, compile time excluded.
+        seconds_per_step: wall time per step of this call, compile time excluded;
+            NaN when every step ran in the first, compiling chunk (not measured).
     """
 
     model: DiffusionModel
@@ -552,7 +553,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, data=None,
     tail = loss_arr[-max(1, len(loss_arr) // 10):, 1]
     summary = {"steps": int(step), "final_loss": float(tail.mean()),
                "final_loss_window_steps": int(len(tail) * d),
-               "seconds_per_step": sec, "backend": jax.default_backend()}
+               "backend": jax.default_backend()}
+    if timed_steps:  # else not measured; NaN would make config.json invalid JSON
+        summary["seconds_per_step"] = sec
     vals = [r["val_loss"] for r in log_rows if "val_loss" in r]
     if vals:
         summary["final_val_loss"] = vals[-1]

@@ -117,3 +117,22 @@ def test_existing_run_and_changed_config_are_rejected(full_run):
     # Resuming a finished run is a no-op that returns the same state.
     res = train(CFG, workdir, resume=True, progress=False)
     assert int(res.state.step) == 40
+
+
+def test_resuming_a_finished_run_writes_strict_json(full_run, capsys):
+    # No step runs, so none is timed: config.json once held `NaN` (not JSON) as
+    # seconds_per_step and the CLI printed "nan ms/step".
+    from sijax.cli import main
+
+    workdir, _ = full_run
+    assert main(["train", "--workdir", str(workdir), "--resume",
+                 "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "ms/step not measured" in stdout and "nan" not in stdout
+
+    def strict(text):
+        raise ValueError(f"{text} in config.json is not JSON")
+
+    with open(workdir / "model" / "config.json") as f:
+        summary = json.load(f, parse_constant=strict)["summary"]
+    assert summary["steps"] == 40 and "seconds_per_step" not in summary
