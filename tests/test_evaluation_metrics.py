@@ -133,3 +133,24 @@ def test_a_resume_accepts_options_added_since_at_their_defaults():
     assert _changed_settings(stored, {**now, "sigma": "model:lowrank",
                                       "config": {"alpha": 0.05}}) == {
         "sigma": ("model:pixel", "model:lowrank")}
+
+
+def test_a_summary_without_good_images_is_strict_json():
+    import json
+
+    from sijax.evaluation.summary import summarize_images, summary_markdown
+
+    # An MVTec folder with an empty test/good: the image AUROC is undefined. It
+    # was NaN, which json.dump writes as `NaN` (not JSON).
+    records = [_record("spot", 0.01, 0.01), _record("spot", 0.5, 0.5)]
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    masks = np.zeros((2, 4, 4), bool)
+    masks[:, 1:3, 1:3] = True
+    s = summarize_images(records, maps, masks, alpha=0.05, fdr=0.05)
+    assert s["image_auroc"] is None and 0.0 <= s["pixel_auroc"] <= 1.0
+
+    def strict(text):
+        raise ValueError(f"{text} is not JSON")
+
+    assert json.loads(json.dumps(s), parse_constant=strict) == s
+    assert "image_auroc: undefined (needs both good and defect" in summary_markdown(s)

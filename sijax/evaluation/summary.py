@@ -105,11 +105,17 @@ def summarize_images(records: Sequence[dict], score_maps: np.ndarray | None,
     if score_maps is not None and masks is not None and len(records):
         labelled = np.array([r["kind"] != "unlabelled" for r in records])
         if labelled.all():
-            out["pixel_auroc"] = roc_auc(score_maps, masks)
-            out["aupro"] = aupro(score_maps, masks)
-            out["image_auroc"] = roc_auc(score_maps.reshape(len(records), -1).max(1),
-                                         ~good)
+            # None where a class is absent (no good or no defect images or
+            # pixels): NaN is not JSON, and strict readers refuse summary.json.
+            out["pixel_auroc"] = _defined(roc_auc(score_maps, masks))
+            out["aupro"] = _defined(aupro(score_maps, masks))
+            out["image_auroc"] = _defined(roc_auc(
+                score_maps.reshape(len(records), -1).max(1), ~good))
     return out
+
+
+def _defined(metric: float) -> float | None:
+    return None if np.isnan(metric) else metric
 
 
 def summary_markdown(summary: dict) -> str:
@@ -128,7 +134,10 @@ def summary_markdown(summary: dict) -> str:
                      f"{fmt(k['selective'])} | {fmt(k['naive'])} |")
     for key in ("pixel_auroc", "aupro", "image_auroc"):
         if key in summary:
-            lines.append(f"\n{key}: {summary[key]:.4f}")
+            v = summary[key]
+            lines.append(f"\n{key}: " + (
+                "undefined (needs both good and defect images)" if v is None
+                else f"{v:.4f}"))
     lines.append(f"\nBenjamini-Hochberg at FDR {summary['fdr']}: "
                  f"{len(summary['bh_rejected'])} images rejected")
     return "\n".join(lines) + "\n"
