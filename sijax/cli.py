@@ -238,7 +238,7 @@ def _sigma(raw: str):
         return load_npy(raw, "--sigma")
 
 
-def _reference(a: argparse.Namespace, model):
+def _reference(a: argparse.Namespace, model, config):
     """--sigma and --reference as a Reference: the stored noise model by default
     for a model trained on data; a model without one needs --sigma."""
     from sijax.data.images import read_raw
@@ -254,7 +254,16 @@ def _reference(a: argparse.Namespace, model):
     raw_ref = a.reference
     if a.reference not in (None, "template"):
         raw_ref = read_raw(a.reference)
-    return resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    ref = resolve_reference(model, sigma, raw_ref, reference_path=a.reference)
+    if ref.x_ref is None and config.hypothesis == "reference":
+        # Said here in the command line's terms; dal_test would name x_ref.
+        template = (", or --sigma model to compare with the template of the normal "
+                    "training images" if model.info.noise_model is not None else "")
+        raise InputError(
+            f"--sigma {a.sigma} with the reference test (the default --hypothesis) "
+            f"needs --reference IMAGE, a normal image{template}; or --hypothesis "
+            "background|neighbour to compare the region with the rest of the image")
+    return ref
 
 
 def _test_args(p: argparse.ArgumentParser):
@@ -321,7 +330,7 @@ def _test_run(a: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, confidence=config.confidence if a.confidence is None else
             a.confidence, components=config.components or a.components)
-    ref = _reference(a, model)
+    ref = _reference(a, model, config)
     extra = {"image": a.image, "reference": a.reference or
              ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}
     if a.tiles:
@@ -649,7 +658,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, alpha=a.alpha)
-    ref = _reference(a, model)
+    ref = _reference(a, model, config)
     dataset = open_dataset(a.data)
     summary = evaluate(model, dataset, ref, a.out, config=config,
                        checkpoint=a.checkpoint, seed=a.seed, fdr=a.fdr,

@@ -64,12 +64,18 @@ def test_overrides_and_presets():
       "--out", "F/o"], "cannot write to the"),
     (["train", "--config", "tiny", "--workdir", "F/o"], "cannot write to the"),
     # Files that are not .npy arrays, and a directory, as image or covariance.
-    (["test", "--checkpoint", "tiny_8", "--image", "G.npy", "--sigma", "1", "--out",
-      "o"], "not a NumPy .npy file"),
+    (["test", "--checkpoint", "tiny_8", "--image", "G.npy", "--sigma", "1",
+      "--hypothesis", "background", "--out", "o"], "not a NumPy .npy file"),
     (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "G.npy", "--out",
       "o"], "cannot read --sigma"),
     (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "D", "--out",
       "o"], "is a directory, not an .npy file"),
+    # No reference image for the reference test: say so in the CLI's options.
+    (["test", "--checkpoint", "tiny_8", "--image", "EX", "--sigma", "1", "--out",
+      "o"], "--sigma 1 with the reference test (the default --hypothesis) needs "
+     "--reference IMAGE, a normal image; or --hypothesis background|neighbour"),
+    (["evaluate", "--checkpoint", "tiny_8", "--data", "D", "--sigma", "iid",
+      "--out", "o"], "--sigma iid with the reference test"),
 ])
 def test_errors_print_cleanly(capsys, tmp_path, argv, match):
     (tmp_path / "F").write_text("a file, not a directory")
