@@ -381,6 +381,9 @@ def test_max_pieces_reports_status_and_bounds(model, example):
         (lambda x, r: (x, r[:4]), "shape"),
         (lambda x, r: (x[:4], r), "shape"),
         (lambda x, r: (x, None), "reference"),
+        # A cast would drop the imaginary part, or take a mask for an image.
+        (lambda x, r: (x + 1j, r), "x must hold real numbers; got dtype=complex"),
+        (lambda x, r: (x, r > 0), "x_ref must hold real numbers; got dtype=bool"),
     ],
 )
 def test_bad_images_are_refused(model, example, change, match):
@@ -388,6 +391,19 @@ def test_bad_images_are_refused(model, example, change, match):
     x2, r2 = change(x, x_ref)
     with pytest.raises(InputError, match=match):
         dal_test(model, x2, r2, sigma=1.0, noises=nz)
+
+
+def test_missing_or_wrong_noises_are_refused(model, example):
+    x, x_ref, nz = example
+    with pytest.raises(InputError, match="noises=None: .* sijax.draw_noises"):
+        dal_test(model, x, x_ref, sigma=1.0, noises=None)
+    with pytest.raises(InputError, match="noises=None"):
+        detect_region(model, x, None)
+    with pytest.raises(InputError, match="noises=None"):
+        dal_test_batch(model, x[None], x_ref[None], sigma=1.0, noises=None)
+    wrong = draw_noises(jax.random.key(0), (16, 16, 1))
+    with pytest.raises(InputError, match=r"noises have shapes .*\(16, 16, 1\)"):
+        detect_region(model, x, wrong)
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, "nonsense"])

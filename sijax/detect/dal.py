@@ -323,8 +323,28 @@ def detector(model, noises: Noises, config: DALConfig, threshold=None):
     return detect
 
 
+def _real_pixels(name: str, x) -> jax.Array:
+    """``x`` as float64, refusing what a cast would silently change: complex
+    values (the imaginary part dropped), booleans (a mask passed for an image)."""
+    try:
+        x = jnp.asarray(x)
+    except TypeError as e:
+        raise InputError(f"{name} must be an array of real numbers: {e}") from None
+    real = jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype,
+                                                                  jnp.floating)
+    if not real or x.dtype == jnp.bool_:
+        raise InputError(f"{name} must hold real numbers; got dtype={x.dtype}")
+    return x.astype(jnp.float64)
+
+
+def require_noises(noises) -> None:
+    if noises is None:
+        raise InputError("noises=None: a test needs its sampler noises; draw them "
+                         "with sijax.draw_noises(key, model, config)")
+
+
 def _check_image(name: str, x, shape) -> jax.Array:
-    x = jnp.asarray(x, jnp.float64)
+    x = _real_pixels(name, x)
     if x.ndim == 2 and len(shape) == 3 and shape[2] == 1:
         x = x[:, :, None]
     if x.shape != tuple(shape):
@@ -351,6 +371,8 @@ def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
     """
     _check_model(model, test=False)
     x = _check_image("x", x, model.image_shape)
+    require_noises(noises)
+    _check_noises(noises, model, config)
     static, nums = split_config(config)
     _, score, mask = _detect_jit(model, x, noises, nums, static)
     return score, mask
@@ -978,7 +1000,7 @@ def _check_model(model, test: bool = True) -> None:
 
 def _check_images(name: str, xs, shape) -> jax.Array:
     """A batch (B, H, W, C) of finite images of the model's shape, float64."""
-    xs = jnp.asarray(xs, jnp.float64)
+    xs = _real_pixels(name, xs)
     if xs.ndim != 4 or xs.shape[1:] != tuple(shape):
         raise InputError(f"{name}.shape={xs.shape} must be (B, *{tuple(shape)})")
     if not bool(jnp.all(jnp.isfinite(xs))):
@@ -1104,6 +1126,7 @@ def dal_test(
         not reproduce the region), or hit ``max_pieces`` with ``throw``.
       NotPiecewiseLinearError: the model is not piecewise linear.
     """
+    require_noises(noises)
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )
@@ -1370,6 +1393,7 @@ def dal_test_batch(
             "components=True is computed by dal_test (one image) only; test the "
             "images one by one"
         )
+    require_noises(noises)
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )
@@ -1426,6 +1450,7 @@ def compile_batch(
 
     ``lanes`` None: all images in lockstep (the GPU default).
     """
+    require_noises(noises)
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )
@@ -1454,6 +1479,7 @@ def observed_line(
       :class:`sijax.selective.statistics.LineStatistic` with the line a + b z, z_obs
       and the statistic's status), device arrays.
     """
+    require_noises(noises)
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )
