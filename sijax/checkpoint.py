@@ -413,9 +413,16 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
             "jax.config.update('jax_enable_x64', True) first"
         )
     # Absolute: Orbax refuses a relative path (as "corrupt state" below).
-    directory = os.path.abspath(_resolve(os.fspath(directory)))
+    given = os.fspath(directory)
+    directory = os.path.abspath(_resolve(given))
     if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
+        committed = sorted(
+            n for n in os.listdir(CHECKPOINTS_DIR)
+            if os.path.isfile(os.path.join(CHECKPOINTS_DIR, n, "config.json")))
+        raise CheckpointError(
+            f"checkpoint directory not found: {directory}"
+            + ("" if os.sep in given else
+               f"; nor is {given!r} a committed model ({', '.join(committed)})"))
     cfg_path = os.path.join(directory, "config.json")
     state_path = os.path.join(directory, "state")
     if not os.path.isfile(cfg_path) or not os.path.isdir(state_path):
@@ -464,18 +471,29 @@ def load_model(directory: str | os.PathLike, dtype=jnp.float64) -> DiffusionMode
             raise CheckpointError(f"model state in {state_path} has NaN/Inf values")
     return DiffusionModel(
         config=config, graphdef=graphdef, state=cast_state(state, dtype),
-        info=_model_info(directory, meta),
+        info=_model_info(directory, meta, config),
     )
 
 
-def _model_info(directory: str, meta: dict) -> ModelInfo:
+def _model_info(directory: str, meta: dict, config: TrainConfig) -> ModelInfo:
+    # config.json itself has no checksum: an edited or damaged entry is caught
+    # here rather than as a confusing error in the first test.
     try:
         prep = None
         if "preprocessing" in meta:
             from sijax.data import Preprocessing
 
             prep = Preprocessing.from_dict(meta["preprocessing"])
+            if prep.image_shape != config.image_shape:
+                raise ValueError(
+                    f"the preprocessing gives {prep.image_shape} images but the "
+                    f"model's config is for {config.image_shape}")
         threshold = meta.get("detect", {}).get("threshold")
+        if threshold is not None and not (
+                isinstance(threshold, int | float) and np.isfinite(threshold)
+                and threshold >= 0):
+            raise ValueError(f"detect.threshold={threshold!r} must be a finite "
+                             "number >= 0")
         noise = None
         if os.path.isdir(os.path.join(directory, "noise")):
             noise = meta["config"].get("noise_model", "lowrank")

@@ -61,6 +61,10 @@ def test_relative_paths(tmp_path, monkeypatch):
 def test_missing_and_corrupt(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope")
+    # A bare name is looked up among the committed models too: say so.
+    with pytest.raises(CheckpointError, match="nor is 'dal_v5_9' a committed model "
+                       r"\(dal_v5_16, dal_v5_32, dal_v5_64, dal_v5_8, tiny_8\)"):
+        load_model("dal_v5_9")
     with pytest.raises(CheckpointError, match="not a sijax model"):
         load_model(tmp_path)
     bad = tmp_path / "bad"
@@ -128,3 +132,31 @@ def test_save_model_records_checksums(tmp_path):
 def test_float64_needs_x64():
     with jax.enable_x64(False), pytest.raises(InputError, match="x64"):
         load_model("tiny_8")
+
+
+def test_an_edited_config_json_is_refused(tmp_path):
+    """config.json has no checksum; entries that contradict the model or cannot
+    be a threshold are caught at load, not as an odd error in the first test."""
+    from sijax.data import Preprocessing
+
+    good = json.loads(open(f"{CHECKPOINTS_DIR}/tiny_8/config.json").read())
+    bad = tmp_path / "bad"
+    shutil.copytree(f"{CHECKPOINTS_DIR}/tiny_8", bad)
+    prep = Preprocessing(size=8, mean=(0.5,), std=(0.2,)).to_dict()
+    for edit, match in [
+        ({"preprocessing": {**prep, "size": 16}},
+         r"preprocessing gives \(16, 16, 1\) images but the model's config is "
+         r"for \(8, 8, 1\)"),
+        ({"preprocessing": {**prep, "channels": 3, "mean": [0.5] * 3,
+                            "std": [0.2] * 3}}, r"\(8, 8, 3\) images"),
+        ({"detect": {"threshold": float("nan")}}, "threshold=nan must be a finite"),
+        ({"detect": {"threshold": -1.0}}, "threshold=-1.0 must be"),
+        ({"detect": {"threshold": "0.8"}}, "threshold='0.8' must be"),
+    ]:
+        (bad / "config.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(CheckpointError, match="corrupt config.json.*" + match):
+            load_model(bad)
+    (bad / "config.json").write_text(json.dumps(
+        {**good, "preprocessing": prep, "detect": {"threshold": 1.5}}))
+    info = load_model(bad).info
+    assert info.threshold == 1.5 and info.preprocessing.size == 8
