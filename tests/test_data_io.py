@@ -261,6 +261,9 @@ def test_channel_conversions():
         np.testing.assert_array_equal(rgb[:, :, k], GREY8[:10] / 255.0)
     with pytest.raises(InputError, match="2 channels"):
         pre3.check_input(np.zeros((10, 10, 2)), "two.npy")
+    # The file is named, not "image:" (sijax test on an int32 .npy said so).
+    with pytest.raises(InputError, match="^i32.npy: pixel dtype int32 has no"):
+        pre1.check_input(np.ones((10, 10), np.int32), "i32.npy")
 
 
 def test_check_input_warns_far_from_training():

@@ -165,31 +165,35 @@ class Preprocessing:
 
     # ---------------------------------------------------------------------- applying
 
-    def resample(self, raw) -> np.ndarray:
+    def resample(self, raw, where: str = "image") -> np.ndarray:
         """Steps 1-3 (scale, channels, geometry), without standardisation.
 
         Args:
             raw: (H, W) or (H, W, C) image as stored, or a file path.
+            where: named in error messages (a file path names itself).
 
         Returns:
             float64 (size, size, channels).
         """
-        raw = _as_raw(raw)
-        x = _convert_channels(scale_intensity(raw), self.channels, "image")
+        if isinstance(raw, str | os.PathLike):
+            where = os.fspath(raw)
+        raw = _as_raw(raw, where)
+        x = _convert_channels(scale_intensity(raw, where), self.channels, where)
         x = _crop(x, self.mode)
         return resize(x, self.size, self.size)
 
-    def apply(self, raw) -> np.ndarray:
+    def apply(self, raw, where: str = "image") -> np.ndarray:
         """Stored image -> model input (steps 1-4).
 
         Args:
             raw: (H, W) or (H, W, C) image as stored (uint8, uint16 or float), or a
                 file path (read with :func:`sijax.data.images.read_raw`).
+            where: named in error messages (a file path names itself).
 
         Returns:
             float64 (size, size, channels).
         """
-        x = self.resample(raw)
+        x = self.resample(raw, where)
         return (x - np.asarray(self.mean)) / np.asarray(self.std)
 
     def unapply(self, x) -> np.ndarray:
@@ -251,7 +255,7 @@ class Preprocessing:
             os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
         raw = _as_raw(raw, where)
         _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
-        x = self.apply(raw)
+        x = self.apply(raw, where)
         flat = x.reshape(-1, self.channels)
         m, s = flat.mean(0), flat.std(0)
         lo = 1.0 / self.MAX_STD_RATIO
