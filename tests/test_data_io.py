@@ -485,3 +485,25 @@ def test_unreadable_file_in_folder_named_on_open(tmp_path):
     ds = open_dataset(tmp_path)
     with pytest.raises(InputError, match="003.npy: 36 NaN/Inf"):
         ds.train_images()
+
+
+def test_evaluation_never_falls_back_to_the_training_images(tmp_path):
+    from sijax.evaluation.evaluate import evaluation_items
+
+    _mvtec(tmp_path)
+    ds = open_dataset(tmp_path)
+    assert [it.kind for it in evaluation_items(ds, max_per_kind=1)] == [
+        "good", "scratch"]
+    with pytest.raises(InputError, match="--max-per-kind must be >= 1; got 0"):
+        evaluation_items(ds, max_per_kind=0)
+    # An MVTec root whose test folders are empty once had its train/good images
+    # tested as "unlabelled".
+    for f in (tmp_path / "test").rglob("*.png"):
+        f.unlink()
+    for f in (tmp_path / "ground_truth").rglob("*.png"):
+        f.unlink()
+    with pytest.raises(InputError, match="no test images in test/good or test/"):
+        evaluation_items(open_dataset(tmp_path))
+    # A flat folder has no test split: all its images are tested.
+    flat = open_dataset(tmp_path / "train" / "good")
+    assert {it.kind for it in evaluation_items(flat)} == {"unlabelled"}

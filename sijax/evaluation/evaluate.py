@@ -53,6 +53,12 @@ def evaluation_items(dataset, kinds: Sequence[str] | None = None,
     without one, as "unlabelled"), optionally only ``kinds`` and at most
     ``max_per_kind`` of each kind (the first by name)."""
     items = list(dataset.test)
+    if not items and dataset.layout == "mvtec":
+        # Never fall back to train/good: a model tested on its own training
+        # images looks better than it is.
+        raise InputError(f"{dataset.path}: no test images in test/good or "
+                         "test/<defect>; sijax evaluate does not test the training "
+                         "images of train/good")
     if not items:
         items = [it._replace(split="test", kind="unlabelled") for it in dataset.items]
     if kinds:
@@ -62,6 +68,8 @@ def evaluation_items(dataset, kinds: Sequence[str] | None = None,
                              f"kinds: {sorted({it.kind for it in items})}")
         items = [it for it in items if it.kind in kinds]
     if max_per_kind is not None:
+        if max_per_kind < 1:
+            raise InputError(f"--max-per-kind must be >= 1; got {max_per_kind}")
         seen: dict = {}
         kept = []
         for it in items:
