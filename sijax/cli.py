@@ -703,6 +703,7 @@ def _noise_check_run(a: argparse.Namespace) -> int:
         raise InputError(f"{a.checkpoint} stores no noise model (it was not trained "
                          "with --data)")
     dataset = open_dataset(a.data)
+    _refuse_training_data(model, dataset)
     items = evaluation_items(dataset)
     if any(it.kind == "good" for it in items):
         items = [it for it in items if it.kind == "good"]
@@ -732,6 +733,34 @@ def _noise_check_run(a: argparse.Namespace) -> int:
         with open(a.out, "w") as f:
             json.dump({"images": len(x), "checks": rows}, f, indent=1)
     return 0
+
+
+def _refuse_training_data(model, dataset) -> None:
+    """noise-check on the very images the noise models were estimated from would
+    pass whatever the noise: the recorded training folder (an MVTec root's
+    train/good), or the same files elsewhere. An MVTec root is fine (its test/good
+    is used)."""
+    import json
+
+    from sijax.data.datasets import data_source
+
+    if dataset.layout == "mvtec":
+        return
+    with open(os.path.join(model.info.directory, "config.json")) as f:
+        trained = json.load(f).get("data") or {}
+    if "path" not in trained:
+        return
+    folder = trained["path"]
+    if trained.get("layout") == "mvtec":
+        folder = os.path.join(folder, "train", "good")
+    same = os.path.abspath(dataset.path) == folder or (
+        trained.get("sha256") == data_source(dataset.path)["sha256"])
+    if same:
+        raise InputError(
+            f"{dataset.path} holds the images the model was trained on (the same "
+            "files as its recorded data source): its noise models were estimated "
+            "from them, so the check would pass whatever the noise; give normal "
+            "images that were not used for training")
 
 
 # --- data --------------------------------------------------------------------------

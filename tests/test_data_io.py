@@ -502,7 +502,8 @@ def test_evaluation_never_falls_back_to_the_training_images(tmp_path):
         f.unlink()
     for f in (tmp_path / "ground_truth").rglob("*.png"):
         f.unlink()
-    with pytest.raises(InputError, match="no test images in test/good or test/"):
+    with pytest.raises(InputError, match="no test images in test/good or "
+                       r"test/<defect> \(the training images of train/good"):
         evaluation_items(open_dataset(tmp_path))
     # A flat folder has no test split: all its images are tested.
     flat = open_dataset(tmp_path / "train" / "good")

@@ -187,3 +187,8 @@ def test_noise_check_reports_every_stored_model_on_held_out_images(trained, caps
     rc, _, err = run(capsys, "noise-check", "--checkpoint", str(workdir), "--data",
                      str(data), "--sizes", "9")
     assert rc == 2 and "side 9" in err
+    # The training images themselves (once checked silently: in-sample, the noise
+    # models fit whatever the noise).
+    rc, _, err = run(capsys, "noise-check", "--checkpoint", str(workdir), "--data",
+                     os.path.join(data, "train", "good"))
+    assert rc == 2 and "holds the images the model was trained on" in err

@@ -57,8 +57,8 @@ def evaluation_items(dataset, kinds: Sequence[str] | None = None,
         # Never fall back to train/good: a model tested on its own training
         # images looks better than it is.
         raise InputError(f"{dataset.path}: no test images in test/good or "
-                         "test/<defect>; sijax evaluate does not test the training "
-                         "images of train/good")
+                         "test/<defect> (the training images of train/good are "
+                         "never used as test images)")
     if not items:
         items = [it._replace(split="test", kind="unlabelled") for it in dataset.items]
     if kinds:
