@@ -121,6 +121,13 @@ def test_a_resume_accepts_options_added_since_at_their_defaults():
     now = {"data": "d", "sigma": "model:pixel",
            "config": {"alpha": 0.05, "confidence": None, "components": False}}
     assert _changed_settings(stored, now) == {}
+    # A run from before the fingerprints resumes (they are unknown there); one
+    # that has them compares them.
+    prints = {"weights_sha256": "w", "data_sha256": "d"}
+    assert _changed_settings(stored, {**now, **prints}) == {}
+    assert _changed_settings({**stored, **prints}, {**now, **prints,
+                                                    "data_sha256": "e"}) == {
+        "data_sha256": ("d", "e")}
     # A new option away from its default, a changed one, or a dropped one is a
     # change: the stored images were computed otherwise.
     now["config"]["confidence"] = 0.9

@@ -4,8 +4,10 @@ tiles."""
 
 import json
 import os
+import shutil
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -138,6 +140,20 @@ def test_evaluate_resumes_without_redoing_or_losing_an_image(trained, tmp_path):
     # Changed settings are refused on resume.
     with pytest.raises(InputError, match="other settings"):
         evaluate(model, ds, ref, out, resume=True, seed=5, **kw)
+    # So are other weights or other pixels behind the same paths (a model
+    # retrained in its workdir, an image replaced): once mixed in silently.
+    other = model.replace(state=jax.tree.map(lambda a: a * 1.01, model.state))
+    with pytest.raises(InputError, match="weights_sha256"):
+        evaluate(other, ds, ref, out, resume=True, **kw)
+    changed = shutil.copytree(data, tmp_path / "copy")
+    ds2 = open_dataset(changed)
+    evaluate(model, ds2, ref, str(tmp_path / "ev2"), max_batches=1, **kw)
+    first = ds2.test[0].source
+    os.replace(ds2.test[1].source, first)  # same names and count, other pixels
+    shutil.copy(ds2.train[0].source, ds2.test[1].source)
+    with pytest.raises(InputError, match="data_sha256"):
+        evaluate(model, open_dataset(changed), ref, str(tmp_path / "ev2"),
+                 resume=True, **kw)
 
 
 def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path):

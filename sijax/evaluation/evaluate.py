@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sijax.data.datasets import data_source
 from sijax.detect.dal import DALConfig
 from sijax.errors import InputError, ensure_output_dir
 from sijax.evaluation.images import (
@@ -45,6 +46,8 @@ from sijax.evaluation.summary import (
 )
 
 RECORDS_FILE = "images.jsonl"
+# evaluation.json entries that identify the contents behind the paths.
+FINGERPRINTS = ("weights_sha256", "data_sha256")
 
 
 def evaluation_items(dataset, kinds: Sequence[str] | None = None,
@@ -180,7 +183,11 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
             "sigma": reference.name, "seed": seed, "fdr": fdr,
             "config": dataclasses.asdict(config), "images": len(items),
             "detector": model.config.detector,
-            "detector_options": dict(model.config.detector_options)}
+            "detector_options": dict(model.config.detector_options),
+            # Paths alone let a resume mix results of a retrained model or of
+            # replaced images with the earlier ones.
+            "weights_sha256": model.weights_sha256(),
+            "data_sha256": data_source(dataset.path)["sha256"]}
     meta_path = os.path.join(out_dir, "evaluation.json")
     if resume and os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -217,8 +224,11 @@ def _changed_settings(had: dict, given: dict) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(DALConfig)}
     # Runs made before the detectors existed were the DAL detector's.
     before = {"detector": "dal", "detector_options": {}}
+    # Fingerprints a stored run may predate: unknown there, so not compared.
+    unknown = {k for k in FINGERPRINTS if k not in had}
     changed = {k: (had.get(k), v) for k, v in given.items()
-               if k != "config" and had.get(k, before.get(k)) != v}
+               if k != "config" and k not in unknown
+               and had.get(k, before.get(k)) != v}
     stored, now = had.get("config") or {}, given.get("config") or {}
     diff = {k: (stored.get(k), v) for k, v in now.items()
             if (stored[k] != v if k in stored else v != defaults.get(k))}
