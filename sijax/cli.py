@@ -413,7 +413,7 @@ def _test_tiles(a, model, ref, config, extra) -> int:
     import json
 
     from sijax.data.images import read_raw
-    from sijax.evaluation.tiles import plot_tiles, run_tiled_test
+    from sijax.evaluation.tiles import plot_tiles, run_tiled_test, tile_origins
 
     ensure_output_dir(a.out)
     prep = model.preprocessing
@@ -424,11 +424,18 @@ def _test_tiles(a, model, ref, config, extra) -> int:
         from sijax.data.images import scale_intensity
 
         image = scale_intensity(raw, a.image)
+    s = model.image_shape[0]
+    # Said before the work: a large image is many tests, each up to minutes, and
+    # nothing is written until the last one.
+    n = len(tile_origins(image.shape[0], image.shape[1], s))
+    print(f"{a.image}: {image.shape[0]}x{image.shape[1]}, {n} tiles of {s}x{s}; "
+          "each tile with a region gets a DAL test", file=sys.stderr)
     bar = None
     if not a.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="tiles", unit="tile", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=n, desc="tiles", unit="tile", dynamic_ncols=True,
+                   file=sys.stderr)
 
     def progress(done, total):
         bar.total = total

@@ -171,6 +171,7 @@ def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path)
                        str(tmp_path / "tiles"), "--no-progress", "--termination",
                        "decision")
     assert rc == 0, err
+    assert "big.png: 20x16, 6 tiles of 8x8; each tile with a region" in err
     rep = json.loads((tmp_path / "tiles" / "tiles.json").read_text())
     assert len(rep["tiles"]) == 6 and rep["adjustment"] == "holm"
     tested = [t for t in rep["tiles"] if t["adjusted_p"] is not None]
