@@ -404,6 +404,21 @@ def test_missing_or_wrong_noises_are_refused(model, example):
     wrong = draw_noises(jax.random.key(0), (16, 16, 1))
     with pytest.raises(InputError, match=r"noises have shapes .*\(16, 16, 1\)"):
         detect_region(model, x, wrong)
+    # Once reported as a non-finite score map, "corrupt or diverged weights?".
+    nan = jax.tree.map(lambda a: a.at[0].set(jnp.nan), nz)
+    with pytest.raises(InputError, match="noises hold NaN or Inf"):
+        dal_test(model, x, x_ref, sigma=1.0, noises=nan)
+
+
+def test_float32_weights_are_refused_by_name(model, example):
+    # Once a TypeError from inside a convolution.
+    x, x_ref, nz = example
+    m32 = model.astype(jnp.float32)
+    with pytest.raises(InputError, match=r"weights are \['float32'\] but the "
+                       "images are float64: load it with sijax.load_model"):
+        dal_test(m32, x, x_ref, sigma=1.0, noises=nz)
+    with pytest.raises(InputError, match="weights are"):
+        detect_region(m32, x, nz)
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, "nonsense"])

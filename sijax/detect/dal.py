@@ -996,6 +996,17 @@ def _check_model(model, test: bool = True) -> None:
     check = getattr(model, "check_region", None)
     if check is not None:
         check(test)
+    # A DiffusionModel loaded with dtype=float32 failed deep inside a convolution
+    # ("requires arguments to have the same dtypes").
+    state = getattr(model, "state", None)
+    dtypes = {a.dtype for a in jax.tree.leaves(state)
+              if jnp.issubdtype(a.dtype, jnp.floating)}
+    want = jnp.result_type(float)
+    if dtypes - {want}:
+        raise InputError(
+            f"the model's weights are {sorted(str(d) for d in dtypes)} but the "
+            f"images are {want}: load it with sijax.load_model(path) (float64, the "
+            "test path) or convert it with model.astype(jnp.float64)")
 
 
 def _check_images(name: str, xs, shape) -> jax.Array:
@@ -1077,6 +1088,10 @@ def _check_noises(noises, model, config, batched: bool = False):
         have = jax.tree.map(lambda a: tuple(np.shape(a)[lead:]), noises)
         raise InputError(f"noises have shapes {_shapes_text(have)}, expected "
                          f"{_shapes_text(shapes)} (draw them with "
+                         "sijax.draw_noises(key, model, config))")
+    # Else reported as a non-finite score map, blamed on the weights.
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(noises)):
+        raise InputError("noises hold NaN or Inf values (draw them with "
                          "sijax.draw_noises(key, model, config))")
 
 
