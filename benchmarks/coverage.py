@@ -205,22 +205,16 @@ def main() -> None:
 
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
-    from sijax.detect.run import DEFAULT_CHECKPOINTS
-    from sijax.experiments.files import git_commit, machine
+    from sijax.experiments.files import git_commit, machine, records_by_setting
     from sijax.experiments.spec import Setting
     from sijax.experiments.trials import load_models
 
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "trials.jsonl")
-    done: dict = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                done.setdefault(r["setting"], {})[r["index"]] = r
+    done = records_by_setting(path)
     settings = [
         Setting(size=d, covariance=c, delta=delta,
-                checkpoint=os.path.join(DEFAULT_CHECKPOINTS, f"dal_v5_{d}"),
+                checkpoint=f"dal_v5_{d}",
                 search=a.search, termination=a.termination,
                 max_pieces=a.max_pieces)
         for d in a.sizes for c in a.covariances for delta in a.deltas

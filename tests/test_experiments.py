@@ -840,3 +840,27 @@ def test_git_commit_names_the_head_and_a_changed_package():
         return
     changed = git("status", "--porcelain", "--untracked-files=no", "--", root)
     assert ex.git_commit() == head + ("+dirty" if changed else "")
+
+
+def test_records_of_another_checkout_resume_the_same_setting(tmp_path):
+    # A benchmark run from a worktree keyed its trials by that checkout's absolute
+    # checkpoint path; resumed from another checkout they must name the same setting
+    # (else its trials start again from index 0: the same images twice).
+    from sijax.experiments.files import portable_key, records_by_setting
+    from sijax.experiments.spec import Setting
+
+    here = Setting(size=8, covariance="iid", delta=0.0, checkpoint="dal_v5_8")
+    elsewhere = json.loads(here.key)
+    elsewhere["checkpoint"] = "/some/worktree/sijax/checkpoints/dal_v5_8"
+    own = json.loads(here.key)
+    own["checkpoint"] = str(tmp_path / "my_model")  # not a committed model: kept
+    path = tmp_path / "trials.jsonl"
+    rows = [{"setting": json.dumps(elsewhere), "index": 0, "z": 1.0},
+            {"setting": here.key, "index": 0, "z": 2.0},
+            {"setting": here.key, "index": 1, "z": 3.0},
+            {"setting": json.dumps(own), "index": 0, "z": 4.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = records_by_setting(str(path))
+    assert set(done) == {here.key, json.dumps(own)}
+    assert {i: r["z"] for i, r in done[here.key].items()} == {0: 1.0, 1: 3.0}
+    assert portable_key(json.dumps(own)) == json.dumps(own)

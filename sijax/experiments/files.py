@@ -42,6 +42,34 @@ def read_records(path: str) -> list[dict]:
 read_trials = read_records  # the experiments' name for it
 
 
+def portable_key(key: str) -> str:
+    """A setting key whose committed checkpoint is named as committed ("dal_v5_8")
+    rather than by the absolute path of the checkout that ran it, so that records
+    made from another checkout (a worktree, a fresh clone) resume the same setting
+    instead of starting its trials again."""
+    from sijax.checkpoint import CHECKPOINTS_DIR
+
+    setting = json.loads(key)
+    path = setting.get("checkpoint")
+    if isinstance(path, str) and os.path.isabs(path):
+        parent, name = os.path.split(os.path.normpath(path))
+        committed = os.path.isdir(os.path.join(CHECKPOINTS_DIR, name))
+        if os.path.basename(parent) == "checkpoints" and committed:
+            setting["checkpoint"] = name
+            return json.dumps(setting, sort_keys=True)
+    return key
+
+
+def records_by_setting(path: str) -> dict[str, dict[int, dict]]:
+    """{setting key: {trial index: record}} of a trials file, keys made portable
+    (`portable_key`); a trial recorded twice keeps its first record."""
+    done: dict = {}
+    for r in read_records(path):
+        r["setting"] = portable_key(r["setting"])
+        done.setdefault(r["setting"], {}).setdefault(r["index"], r)
+    return done
+
+
 def append_records(path: str, records: Sequence[dict]) -> None:
     """Appends ``records`` to ``path``, one JSON line each, flushed to disk."""
     # Start on a fresh line if a killed writer left a torn one.
