@@ -95,7 +95,7 @@ def check_trial(model, setting: Setting, index: int, eps: float, grid: int = 0) 
         model, data.x, data.x_ref, sigma=setting.covariance, noises=noises, config=cfg
     )
     x, x_ref, cov, cov_ref = prepare_inputs(
-        model, data.x, data.x_ref, setting.covariance, None, cfg
+        model, data.x, data.x_ref, setting.covariance, None, cfg, noises=noises
     )
     line = line_statistic(
         x,

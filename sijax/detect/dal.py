@@ -337,12 +337,6 @@ def _real_pixels(name: str, x) -> jax.Array:
     return x.astype(jnp.float64)
 
 
-def require_noises(noises) -> None:
-    if noises is None:
-        raise InputError("noises=None: a test needs its sampler noises; draw them "
-                         "with sijax.draw_noises(key, model, config)")
-
-
 def _check_image(name: str, x, shape) -> jax.Array:
     x = _real_pixels(name, x)
     if x.ndim == 2 and len(shape) == 3 and shape[2] == 1:
@@ -371,7 +365,6 @@ def detect_region(model, x, noises: Noises, config: DALConfig = DALConfig()):
     """
     _check_model(model, test=False)
     x = _check_image("x", x, model.image_shape)
-    require_noises(noises)
     _check_noises(noises, model, config)
     static, nums = split_config(config)
     _, score, mask = _detect_jit(model, x, noises, nums, static)
@@ -1020,7 +1013,7 @@ def _check_images(name: str, xs, shape) -> jax.Array:
 
 
 def prepare_inputs(
-    model, x, x_ref, sigma, sigma_ref, config, *, noises=None, batched: bool = False
+    model, x, x_ref, sigma, sigma_ref, config, *, noises, batched: bool = False
 ):
     """The inputs of a DAL test, checked once at the public entry.
 
@@ -1068,8 +1061,7 @@ def prepare_inputs(
             raise InputError(
                 f"{names[1]}.shape={x_ref.shape} must equal {names[0]}.shape={x.shape}"
             )
-    if noises is not None:
-        _check_noises(noises, model, config, batched)
+    _check_noises(noises, model, config, batched)
     cov = as_covariance(sigma, shape)
     cov_ref = as_covariance(sigma if sigma_ref is None else sigma_ref, shape)
     return x, x_ref, cov, cov_ref
@@ -1077,6 +1069,9 @@ def prepare_inputs(
 
 def _check_noises(noises, model, config, batched: bool = False):
     """The noises have the structure and (trailing) shapes ``draw_noises`` gives."""
+    if noises is None:
+        raise InputError("noises=None: a test needs its sampler noises; draw them "
+                         "with sijax.draw_noises(key, model, config)")
     want = jax.eval_shape(lambda k: draw_noises(k, model, config), jax.random.key(0))
     lead = 1 if batched else 0
     try:
@@ -1141,7 +1136,6 @@ def dal_test(
         not reproduce the region), or hit ``max_pieces`` with ``throw``.
       NotPiecewiseLinearError: the model is not piecewise linear.
     """
-    require_noises(noises)
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )
@@ -1408,7 +1402,6 @@ def dal_test_batch(
             "components=True is computed by dal_test (one image) only; test the "
             "images one by one"
         )
-    require_noises(noises)
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )
@@ -1465,7 +1458,6 @@ def compile_batch(
 
     ``lanes`` None: all images in lockstep (the GPU default).
     """
-    require_noises(noises)
     xs, x_refs, cov, cov_ref = prepare_inputs(
         model, xs, x_refs, sigma, sigma_ref, config, noises=noises, batched=True
     )
@@ -1494,7 +1486,6 @@ def observed_line(
       :class:`sijax.selective.statistics.LineStatistic` with the line a + b z, z_obs
       and the statistic's status), device arrays.
     """
-    require_noises(noises)
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )

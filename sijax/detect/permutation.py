@@ -23,7 +23,6 @@ from sijax.detect.dal import (
     DALConfig,
     detect_and_line,
     prepare_inputs,
-    require_noises,
     split_config,
 )
 from sijax.diffusion.sampler import Noises
@@ -138,7 +137,6 @@ def permutation_test(
         )
     if num_permutations < 1 or chunk < 1:
         raise InputError(f"need {num_permutations=} >= 1 and {chunk=} >= 1")
-    require_noises(noises)
     x, x_ref, cov, cov_ref = prepare_inputs(
         model, x, x_ref, sigma, sigma_ref, config, noises=noises
     )
