@@ -143,7 +143,7 @@ def training_data(cfg: TrainConfig, data=None) -> TrainingData:
     from sijax.data import Preprocessing, data_source, open_dataset
 
     if isinstance(data, (str, os.PathLike)):
-        raw = open_dataset(data).train_images()
+        raw = open_dataset(data).train_raws()  # each (H, W, C); sizes may vary
         source = data_source(data)
     else:
         raw = np.asarray(data)
@@ -152,8 +152,10 @@ def training_data(cfg: TrainConfig, data=None) -> TrainingData:
         source = {"path": "<array>", "count": int(raw.shape[0]),
                   "sha256": hashlib.sha256(np.ascontiguousarray(raw).tobytes()
                                            ).hexdigest()}
-    if raw.ndim != 4 or raw.shape[0] < 2:
-        raise InputError(f"need at least 2 images (N, H, W[, C]); got {raw.shape}")
+        if raw.ndim != 4:
+            raise InputError(f"need images (N, H, W[, C]); got shape={raw.shape}")
+    if len(raw) < 2:
+        raise InputError(f"need at least 2 training images; got {len(raw)}")
     prep = Preprocessing.fit(raw, size=cfg.size)
     x = np.stack([prep.apply(r) for r in raw]).astype(np.float32)
     n = len(x)

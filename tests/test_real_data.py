@@ -156,6 +156,42 @@ def test_evaluate_resumes_without_redoing_or_losing_an_image(trained, tmp_path):
                  resume=True, **kw)
 
 
+def test_images_of_varied_sizes_train_and_evaluate(trained, tmp_path):
+    """A training image and a defect image (with its mask) of other sizes: each is
+    resampled to the model's size, the mask with it."""
+    from PIL import Image
+
+    from sijax.train import TrainConfig, training_data
+
+    data, workdir = trained
+    root = shutil.copytree(data, tmp_path / "varied")
+    ds = open_dataset(root)
+    big = np.kron(ds.read(ds.train[0])[..., 0], np.ones((2, 3), np.uint8))
+    Image.fromarray(big).save(ds.train[0].source)  # 16x24
+    item = next(it for it in ds.test if it.kind == "spot")
+    Image.fromarray(np.kron(ds.read(item)[..., 0], np.ones((3, 3), np.uint8))
+                    ).save(item.source)  # fmt: skip
+    mask = np.kron(ds.read_mask(item).astype(np.uint8) * 255, np.ones((3, 3),
+                                                                     np.uint8))
+    Image.fromarray(mask).save(item.mask)  # 24x24
+    ds = open_dataset(root)
+    assert ds.size_of(ds.train[0]) == (16, 24) and ds.size_of(item) == (24, 24)
+    cfg = TrainConfig(size=8, val_fraction=0.0)
+    td = training_data(cfg, str(root))
+    assert td.train.shape == (66, 8, 8, 1)
+    model = load_model(workdir)
+    ref = resolve_reference(model, "model:pixel")
+    out = str(tmp_path / "ev")
+    summary = evaluate(model, ds, ref, out, config=DALConfig(
+        threshold=model.info.threshold, termination="decision"),
+        checkpoint=str(workdir), reports=False, progress=False, max_per_kind=1)
+    recs = {r["name"]: r for r in map(json.loads, open(os.path.join(out,
+                                                                   "images.jsonl")))}
+    assert recs[os.path.join("spot", os.path.basename(item.source))]["status"] in (
+        "ok", "no region")
+    assert summary["images"] == 4 and 0.0 <= summary["pixel_auroc"] <= 1.0
+
+
 def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path):
     from PIL import Image
 

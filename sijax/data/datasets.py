@@ -13,13 +13,16 @@
         train/good/*.png                   normal training images
         test/good/*.png                    normal test images
         test/<defect>/<name>.png           anomalous test images
-        ground_truth/<defect>/<name>_mask.png   their masks (nonzero = anomalous)
+        ground_truth/<defect>/<name>_mask.png   their masks (anomalous: above half
+                                                the mask's largest value)
 
     ``sijax train --data`` on such a folder uses ``train/good``.
 
-Checks (each an :class:`~sijax.errors.InputError` naming the file): an empty folder,
-images of different sizes or channel counts (naming the first odd file and the shape
-of the others), an unreadable or truncated file (found when its pixels are read), a
+Images may differ in height and width (a model resizes each to its own size;
+:attr:`Dataset.sizes` says whether they vary); they need one channel count. Checks
+(each an :class:`~sijax.errors.InputError` naming the file): an empty folder, images of
+different channel counts (naming the first odd file and the count of the others), an
+unreadable or truncated file (found when its pixels are read), a
 defect folder without its ``ground_truth`` folder or an image without its mask, a mask
 without an image, a mask of another size than its image, NaN/Inf in an array.
 Files that are not images (e.g. ``README.txt``, ``.DS_Store``, sub-folders of a flat
@@ -93,10 +96,13 @@ class Dataset(NamedTuple):
         path: the folder or file opened.
         layout: "folder", "stack" or "mvtec".
         items: every image, in order (train first, then test by kind and name).
-        shape: (H, W, C) shared by all images, as stored.
+        shape: (H, W, C) of the images as stored: the most common one when their
+            sizes vary (``sizes``).
         skipped: files ignored because they are not images (reported, not read).
         stack: for a stack, the (N, H, W, C) array as stored; else None.
         stack_masks: for a stack with masks, bool (N, H, W); else None.
+        sizes: (H, W) of each image file by its path when the images differ in
+            size; else None (all are ``shape``).
     """
 
     path: str
@@ -106,6 +112,13 @@ class Dataset(NamedTuple):
     skipped: tuple[str, ...] = ()
     stack: np.ndarray | None = None
     stack_masks: np.ndarray | None = None
+    sizes: dict[str, tuple[int, int]] | None = None
+
+    def size_of(self, item: Item) -> tuple[int, int]:
+        """(H, W) of one item as stored."""
+        if self.sizes is None:
+            return self.shape[0], self.shape[1]
+        return self.sizes[item.source]
 
     @property
     def train(self) -> tuple[Item, ...]:
@@ -135,7 +148,7 @@ class Dataset(NamedTuple):
         Raises:
             InputError: unreadable mask, or a size other than the image's.
         """
-        h, w = self.shape[:2]
+        h, w = self.size_of(item)
         if item.index is not None and self.stack_masks is not None:
             return self.stack_masks[item.index]
         if item.mask is None:
@@ -144,7 +157,9 @@ class Dataset(NamedTuple):
         if m.shape[:2] != (h, w):
             raise InputError(f"mask {item.mask} is {m.shape[0]}x{m.shape[1]} but its "
                              f"image {item.source} is {h}x{w}")
-        return np.any(m != 0, axis=2)
+        # Above half the largest value: the nonzero pixels of a binary mask (0/1,
+        # 0/255), without the faint ringing a JPEG mask has around its edges.
+        return np.any(m > m.max() / 2, axis=2)
 
     def train_images(self, preprocessing: Preprocessing | None = None) -> np.ndarray:
         """All training images, stacked.
@@ -158,15 +173,21 @@ class Dataset(NamedTuple):
             preprocessed.
 
         Raises:
-            InputError: no training items, or an unreadable file (naming it).
+            InputError: no training items, images of different sizes without
+                ``preprocessing`` (they do not stack; see :meth:`train_raws`), or an
+                unreadable file (naming it).
         """
-        items = self.train
-        if not items:
-            raise InputError(f"{self.path}: no training images (layout {self.layout};"
-                             " an .npz with masks is a test set)")
         if preprocessing is not None:
-            return preprocessing.apply_batch(self.read(it) for it in items)
-        raws = [self.read(it) for it in items]
+            return preprocessing.apply_batch(self.train_raws())
+        raws = self.train_raws()
+        items = self.train
+        if self.sizes is not None:
+            sizes = sorted({self.size_of(it) for it in items})
+            if len(sizes) > 1:
+                raise InputError(
+                    f"{self.path}: the training images differ in size ({_fmt(sizes[0])}"
+                    f" ... {_fmt(sizes[-1])}) and do not stack as stored; resize them "
+                    "with a Preprocessing (sijax train does)")
         dtypes = {r.dtype for r in raws}
         if len(dtypes) > 1:
             from sijax.data.images import scale_intensity
@@ -174,6 +195,17 @@ class Dataset(NamedTuple):
             raws = [scale_intensity(r, it.source) for r, it in zip(raws, items,
                                                                    strict=True)]
         return np.stack(raws)
+
+    def train_raws(self) -> list[np.ndarray]:
+        """The training images as stored, one (H, W, C) array each (sizes may vary).
+
+        Raises:
+            InputError: no training items, or an unreadable file (naming it).
+        """
+        if not self.train:
+            raise InputError(f"{self.path}: no training images (layout {self.layout};"
+                             " an .npz with masks is a test set)")
+        return [self.read(it) for it in self.train]
 
     def test_items(self, preprocessing: Preprocessing | None = None
                    ) -> Iterator[LabelledImage]:
@@ -238,9 +270,9 @@ def _open(path: str) -> Dataset:
     if not files:
         raise InputError(f"{path}: no image files (looked for "
                          + ", ".join(IMAGE_SUFFIXES) + ")")
-    shape = _common_shape(files, path)
+    shape, sizes = _common_shape(files, path)
     items = tuple(Item(f, None, "train", "good", None) for f in files)
-    return Dataset(path, "folder", items, shape, tuple(skipped))
+    return Dataset(path, "folder", items, shape, tuple(skipped), sizes=sizes)
 
 
 def data_source(path: str | os.PathLike) -> dict:
@@ -299,19 +331,26 @@ def _fmt(shape) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _common_shape(files: list[str], where: str) -> tuple[int, int, int]:
-    """The (H, W, C) shared by all files; else an error naming the first odd one."""
+def _common_shape(files: list[str], where: str):
+    """(the most common (H, W, C), each file's (H, W) when they differ, else None).
+
+    Raises:
+        InputError: the files differ in channel count (naming the first odd one).
+    """
     shapes = [image_header(f) for f in files]
-    counts = collections.Counter(shapes)
-    common, n = counts.most_common(1)[0]
-    if len(counts) > 1:
-        odd = next(f for f, s in zip(files, shapes, strict=True) if s != common)
-        first = next(f for f, s in zip(files, shapes, strict=True) if s == common)
+    common, n = collections.Counter(shapes).most_common(1)[0]
+    channels = collections.Counter(s[2] for s in shapes)
+    if len(channels) > 1:
+        c, n = channels.most_common(1)[0]
+        odd = next(f for f, s in zip(files, shapes, strict=True) if s[2] != c)
+        first = next(f for f, s in zip(files, shapes, strict=True) if s[2] == c)
         raise InputError(
             f"{odd} is {_fmt(shapes[files.index(odd)])} (H x W x C) but {n} of the "
-            f"{len(files)} images in {where} are {_fmt(common)} (e.g. {first}); all "
-            "images of a data set need one size and channel count")
-    return common
+            f"{len(files)} images in {where} have {c} channel(s) (e.g. {first}); all "
+            "images of a data set need one channel count")
+    if len(set(shapes)) == 1:
+        return common, None
+    return common, {f: (s[0], s[1]) for f, s in zip(files, shapes, strict=True)}
 
 
 def _open_stack(path: str) -> Dataset:
@@ -418,11 +457,12 @@ def _open_mvtec(root: str) -> Dataset:
                 if orphans:
                     raise InputError(f"{orphans[0]}: mask without an image (no "
                                      f"folder {os.path.join(test_dir, kind)})")
-    shape = _common_shape([it.source for it in items], root)
+    shape, sizes = _common_shape([it.source for it in items], root)
     for it in items:
         if it.mask is not None:
             mh, mw, _ = image_header(it.mask)
-            if (mh, mw) != shape[:2]:
+            h, w = shape[:2] if sizes is None else sizes[it.source]
+            if (mh, mw) != (h, w):
                 raise InputError(f"mask {it.mask} is {mh}x{mw} but its image "
-                                 f"{it.source} is {shape[0]}x{shape[1]}")
-    return Dataset(root, "mvtec", tuple(items), shape, tuple(skipped))
+                                 f"{it.source} is {h}x{w}")
+    return Dataset(root, "mvtec", tuple(items), shape, tuple(skipped), sizes=sizes)
