@@ -123,7 +123,7 @@ def test_digits_disjoint_and_scaled(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(InputError, match="unknown bundled data set 'mnist'"):
         build_dataset("mnist", tmp_path / "x")
-    with pytest.raises(InputError, match="n_train"):
+    with pytest.raises(InputError, match=r"n_train \(--n-train\) must be"):
         build_dataset("digits", tmp_path / "x", n_train=0)
     with pytest.raises(InputError, match="seed"):
         build_dataset("digits", tmp_path / "x", seed=-1)

@@ -81,8 +81,8 @@ def test_resume_after_an_interruption_redoes_and_loses_nothing(tmp_path):
         _run(tmp_path, dies_at_7)
     assert calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert [r["index"] for r in _file(tmp_path)] == list(range(6))
-    # a killed writer may leave a torn line: ignored, and the next record starts on
-    # a line of its own
+    # a killed writer may leave a torn line: ignored, and cut off by the next append
+    # (the file stays strict JSON lines for other readers)
     with open(os.path.join(tmp_path, "images.jsonl"), "a") as f:
         f.write('{"group": "ima')
     with pytest.raises(InputError, match="--resume"):
@@ -97,6 +97,8 @@ def test_resume_after_an_interruption_redoes_and_loses_nothing(tmp_path):
     assert calls == [[6, 7, 8], [9]]  # nothing that finished runs again
     assert [r["index"] for r in _file(tmp_path)] == list(range(10))
     assert [r["index"] for r in records] == list(range(10))
+    with open(os.path.join(tmp_path, "images.jsonl")) as f:
+        assert [json.loads(line)["index"] for line in f] == list(range(10))
 
 
 def test_groups_take_turns_batch_by_batch(tmp_path):
@@ -153,3 +155,21 @@ def test_worker_processes_give_the_records_of_one_process(tmp_path, capsys):
     assert sorted(json.dumps(r) for r in _file(tmp_path / "two")) == sorted(
         json.dumps(r) for r in one
     )
+
+
+def test_a_torn_tail_longer_than_a_block_is_cut_whole(tmp_path):
+    from sijax.experiments.files import _drop_torn_tail, append_records
+
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [{"i": 0}])
+    with open(path, "a") as f:
+        f.write('{"i": 1, "x": "' + "y" * 300)
+    _drop_torn_tail(path, block=64)
+    with open(path) as f:
+        assert f.read() == '{"i": 0}\n'
+    with open(path, "w") as f:
+        f.write('{"torn')  # nothing intact at all
+    append_records(path, [{"i": 2}])
+    assert read_records(path) == [{"i": 2}]
+    with open(path) as f:
+        assert f.read() == '{"i": 2}\n'

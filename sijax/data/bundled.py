@@ -123,8 +123,9 @@ def build_dataset(name: str, out_dir: str | os.PathLike, *, size: int | None = N
                      ("n_test_good", n_test_good, 0),
                      ("n_test_defect", n_test_defect, 0), ("seed", seed, 0)):
         if not isinstance(v, int | np.integer) or v < lo:
-            raise InputError(f"build_dataset: {k} must be an integer >= {lo}; "
-                             f"got {v!r}")
+            flag = "--" + k.replace("_", "-")  # the option of `sijax data`
+            raise InputError(f"build_dataset: {k} ({flag}) must be an integer >= "
+                             f"{lo}; got {v!r}")
     out = _prepare_out(os.path.abspath(os.fspath(out_dir)), overwrite)
     try:
         _build(name, out, size, n_train, n_test_good, n_test_defect, seed)
@@ -315,7 +316,8 @@ def _digit_patches(rng, size, n_train, n_good, n_defect):
     imgs = datasets.load_digits().images  # (1797, 8, 8), levels 0..16
     need = n_train + n_good + n_defect
     if need > len(imgs):
-        raise InputError(f"digits: {need} images asked, {len(imgs)} available")
+        raise InputError(f"digits: {need} images asked (--n-train + --n-test-good + "
+                         f"the defect images), {len(imgs)} available")
     u8 = np.round(imgs * (255.0 / 16.0)).astype(np.uint8)[..., None]
     perm = rng.permutation(len(imgs))
     pick = [u8[i] if size == 8 else _resize_u8(u8[i], size) for i in perm[:need]]

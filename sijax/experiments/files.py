@@ -70,17 +70,33 @@ def records_by_setting(path: str) -> dict[str, dict[int, dict]]:
     return done
 
 
+def _drop_torn_tail(path: str, block: int = 1 << 16) -> None:
+    """Cuts a torn last line (a writer killed mid-record) off ``path``: the record
+    it held is incomplete and is computed again, and the file stays valid JSON
+    lines for other readers (``pandas.read_json(lines=True)``)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return  # intact
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(start + nl + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 def append_records(path: str, records: Sequence[dict]) -> None:
     """Appends ``records`` to ``path``, one JSON line each, flushed to disk."""
-    # Start on a fresh line if a killed writer left a torn one.
-    torn = os.path.exists(path) and os.path.getsize(path) > 0
-    if torn:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
+    _drop_torn_tail(path)
     with open(path, "a") as f:
-        if torn:
-            f.write("\n")
         for r in records:
             f.write(json.dumps(r) + "\n")
         f.flush()
