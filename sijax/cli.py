@@ -282,8 +282,15 @@ def _test_args(p: argparse.ArgumentParser):
                    "matrix)")
     p.add_argument("--tiles", action="store_true",
                    help="an image larger than the model: test every model-sized tile "
-                   "at the image's resolution (Holm-adjusted over the tiles); writes "
-                   "tiles.json and tiles.png")
+                   "at the image's resolution (Holm-adjusted over the tiles); each "
+                   "tile's record goes to tiles.jsonl as it finishes, then tiles.json "
+                   "and tiles.png")
+    p.add_argument("--resume", action="store_true",
+                   help="with --tiles: continue a killed tiled test in --out (only "
+                   "the tiles without a record are tested)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with --tiles: worker processes testing tiles at the same "
+                   "time (e.g. one per core)")
     p.add_argument("--confidence", type=float, metavar="LEVEL",
                    help="also give the selective confidence interval of the region's "
                    "mean difference at this level, e.g. 0.95 (equal-tailed; the "
@@ -335,6 +342,9 @@ def _test_run(a: argparse.Namespace) -> int:
              ("template" if ref.sigma_ref is not None else None), "sigma": ref.name}
     if a.tiles:
         return _test_tiles(a, model, ref, config, extra)
+    if a.resume or a.workers != 1:
+        raise InputError("--resume and --workers go with --tiles (one image is one "
+                         "test; --processes shares its search)")
     x = model_input(model, read_raw(a.image), a.image)
     config = _auto_processes(a, model, config, x.shape)
     result, seconds = run_test(model, x, ref.x_ref, sigma=ref.sigma,
@@ -425,26 +435,15 @@ def _test_tiles(a, model, ref, config, extra) -> int:
 
         image = scale_intensity(raw, a.image)
     s = model.image_shape[0]
-    # Said before the work: a large image is many tests, each up to minutes, and
-    # nothing is written until the last one.
+    # Said before the work: a large image is many tests, each up to minutes.
     n = len(tile_origins(image.shape[0], image.shape[1], s))
     print(f"{a.image}: {image.shape[0]}x{image.shape[1]}, {n} tiles of {s}x{s}; "
-          "each tile with a region gets a DAL test", file=sys.stderr)
-    bar = None
-    if not a.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc="tiles", unit="tile", dynamic_ncols=True,
-                   file=sys.stderr)
-
-    def progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    res = run_tiled_test(model, image, ref, config=config, seed=a.seed,
-                         progress=None if bar is None else progress)
-    if bar is not None:
-        bar.close()
+          "each tile with a region gets a DAL test (records in "
+          f"{os.path.join(a.out, 'tiles.jsonl')} as they finish; --resume continues "
+          "a killed run)", file=sys.stderr)
+    res = run_tiled_test(model, image, ref, config=config, seed=a.seed, out_dir=a.out,
+                         resume=a.resume, workers=a.workers,
+                         progress=not a.no_progress)
     with open(os.path.join(a.out, "tiles.json"), "w") as f:
         json.dump({"tiles": res.tiles, "size": res.size, "alpha": config.alpha,
                    "adjustment": "holm", **extra}, f, indent=1)

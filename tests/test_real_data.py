@@ -125,6 +125,12 @@ def test_evaluate_resumes_without_redoing_or_losing_an_image(trained, tmp_path):
     assert len(first) == 3
     with pytest.raises(InputError, match="--resume"):
         evaluate(model, ds, ref, out, **kw)
+    # A call refused for want of --resume leaves the stored settings alone (it once
+    # overwrote them, and a resume with its settings then mixed two runs).
+    with pytest.raises(InputError, match="--resume"):
+        evaluate(model, ds, ref, out, seed=5, **kw)
+    with pytest.raises(InputError, match="other settings"):
+        evaluate(model, ds, ref, out, resume=True, seed=5, **kw)
     summary = evaluate(model, ds, ref, out, resume=True, **kw)
     recs = [json.loads(line) for line in open(os.path.join(out, "images.jsonl"))]
     assert recs[:3] == first  # kept, not redone
@@ -220,6 +226,29 @@ def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path)
         assert t["p_text"] in line
         assert ("Holm-adjusted <= " in line) != t["p_exact"]
     assert (tmp_path / "tiles" / "tiles.png").is_file()
+    # Each tile was recorded as it finished: a killed run resumes where it stopped
+    # and gives the same tiles; records without --resume, or a resume with other
+    # settings, are refused.
+    args = ["test", "--checkpoint", str(workdir), "--image", str(tmp_path / "big.png"),
+            "--tiles", "--out", str(tmp_path / "tiles"), "--no-progress",
+            "--termination", "decision"]
+    rc, _, err = run(capsys, *args)
+    assert rc == 2 and "--resume" in err
+    jsonl = tmp_path / "tiles" / "tiles.jsonl"
+    lines = jsonl.read_text().splitlines()
+    assert len(lines) == 6
+    jsonl.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # killed mid-write
+    rc, _, err = run(capsys, *args, "--resume")
+    assert rc == 0, err
+    again = json.loads((tmp_path / "tiles" / "tiles.json").read_text())
+    strip = ["seconds"]
+    assert ([{k: v for k, v in t.items() if k not in strip} for t in again["tiles"]]
+            == [{k: v for k, v in t.items() if k not in strip} for t in rep["tiles"]])
+    rc, _, err = run(capsys, *args, "--resume", "--seed", "3")
+    assert rc == 2 and "other settings" in err and "seed" in err
+    rc, _, err = run(capsys, "test", "--checkpoint", str(workdir), "--image",
+                     str(tmp_path / "big.png"), "--resume")
+    assert rc == 2 and "go with --tiles" in err
 
 
 def test_noise_check_reports_every_stored_model_on_held_out_images(trained, capsys,

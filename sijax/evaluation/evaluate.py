@@ -44,6 +44,7 @@ from sijax.evaluation.summary import (
     summarize_images,
     summary_markdown,
 )
+from sijax.experiments.files import read_records
 
 RECORDS_FILE = "images.jsonl"
 # evaluation.json entries that identify the contents behind the paths.
@@ -188,16 +189,8 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
             # replaced images with the earlier ones.
             "weights_sha256": model.weights_sha256(),
             "data_sha256": data_source(dataset.path)["sha256"]}
-    meta_path = os.path.join(out_dir, "evaluation.json")
-    if resume and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            had = json.load(f)
-        changed = _changed_settings(had, json.loads(json.dumps(meta, default=str)))
-        if changed:
-            raise InputError(f"{out_dir} holds an evaluation with other settings "
-                             f"(stored, given): {changed}; choose another --out")
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1, default=str)
+    claim_output(out_dir, RECORDS_FILE, "evaluation.json", meta, resume,
+                 "an evaluation")
     batch_fn = ImageBatch(model, reference, dataset, items, config, seed, out_dir,
                           checkpoint, reports)
 
@@ -216,7 +209,36 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
         return json.load(f)
 
 
-def _changed_settings(had: dict, given: dict) -> dict:
+def claim_output(out_dir: str, records_file: str, meta_file: str, meta: dict,
+                 resume: bool, what: str) -> None:
+    """Checks that a run may write to ``out_dir`` and records its settings there.
+
+    Records without ``resume`` are refused, and so is a resume of records made with
+    other settings (:func:`changed_settings`); only then is ``meta`` written, so a
+    refused call leaves the stored settings as they were (a call refused for want of
+    ``--resume`` once overwrote them, and the resume that followed mixed records of
+    two settings).
+
+    Raises:
+      InputError: as above.
+    """
+    meta = json.loads(json.dumps(meta, default=str))
+    records = os.path.join(out_dir, records_file)
+    if not resume and read_records(records):
+        raise InputError(f"{records} already holds records: pass --resume to "
+                         "continue, or choose another --out")
+    meta_path = os.path.join(out_dir, meta_file)
+    if resume and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            changed = changed_settings(json.load(f), meta)
+        if changed:
+            raise InputError(f"{out_dir} holds {what} with other settings (stored, "
+                             f"given): {changed}; choose another --out")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def changed_settings(had: dict, given: dict) -> dict:
     """The settings of ``given`` that differ from the stored ``had``, as (stored,
     given). A DALConfig field that the stored run predates counts as unchanged
     when it has its default value (the stored run computed without it), so a run

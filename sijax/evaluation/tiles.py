@@ -13,18 +13,26 @@ a function of (seed, tile index)). Their p-values are adjusted for the number of
 tested tiles by Holm's method (family-wise error at ``alpha`` over the image,
 valid under any dependence between tiles); a tile is significant when its adjusted
 p-value is below ``alpha``.
+
+A large image is many tests: the tiles run through the experiments' resumable
+runner (:class:`sijax.experiments.runner.Runner`), each tile's record appended to
+``tiles.jsonl`` and its maps saved as it finishes, in one or several worker
+processes; a killed run resumes where it stopped, and a resume with another image,
+model or setting is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
-from collections.abc import Callable
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
 
 from sijax.detect.dal import DALConfig
-from sijax.errors import InputError
+from sijax.errors import InputError, ensure_output_dir
 from sijax.evaluation.images import Reference, image_key, run_image_test
 from sijax.evaluation.metrics import holm
 
@@ -69,9 +77,46 @@ class TiledResult(NamedTuple):
         return sum(bool(t["significant"]) for t in self.tiles)
 
 
+TILES_FILE = "tiles.jsonl"  # one record per finished tile
+RUN_FILE = "tiles_run.json"  # what the records belong to, checked on resume
+
+
+def tile_map_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "tile_maps", f"{index:05d}.npz")
+
+
+@dataclasses.dataclass
+class TileBatch:
+    """Tests tiles of one image (picklable: each worker process holds a copy of the
+    model, the image and the reference)."""
+
+    model: object
+    image: np.ndarray
+    reference: Reference
+    config: DALConfig
+    seed: int
+    origins: list
+    out_dir: str
+
+    def __call__(self, group, indices, report=None) -> list[dict]:
+        s = self.model.image_shape[0]
+        out = []
+        for i in indices:
+            r, col = self.origins[i]
+            rec, res = run_image_test(self.model, self.image[r:r + s, col:col + s],
+                                      self.reference, config=self.config,
+                                      key=image_key(self.seed, i))
+            # Saved before the record is appended: a record means its maps exist.
+            np.savez_compressed(tile_map_path(self.out_dir, i), score=res.score_map,
+                                region=res.mask)
+            out.append({"index": i, "tile": i, "row": r, "col": col, **rec})
+        return out
+
+
 def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
-               config: DALConfig | None = None, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> TiledResult:
+                   config: DALConfig | None = None, seed: int = 0,
+                   out_dir: str | os.PathLike | None = None, resume: bool = False,
+                   workers: int = 1, progress: bool = False) -> TiledResult:
     """Tests every tile of a preprocessed image (not resized).
 
     Args:
@@ -81,26 +126,56 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
       reference: the reference of one tile and the covariances.
       config: the DAL options (``alpha`` is the family-wise level).
       seed: tile i's sampler noises come from ``image_key(seed, i)``.
-      progress: called as ``progress(done, total)`` after each tile.
+      out_dir: where each tile's record (``tiles.jsonl``) and maps (``tile_maps/``)
+        are written as it finishes; None: a temporary folder, removed at the end.
+      resume: continue a killed run in ``out_dir`` (required when it holds
+        records); only the tiles without a record are tested.
+      workers: processes that test tiles at the same time (each on its own tiles).
+      progress: a progress bar of the tiles.
+
+    Raises:
+      InputError: an image without the model's channels or smaller than a tile,
+        records in ``out_dir`` without ``resume``, or a resume with another image,
+        model or setting.
     """
     config = DALConfig() if config is None else config
     s, _, c = model.image_shape
+    image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != c:
         raise InputError(f"image shape {image.shape} does not have the model's {c} "
                          "channel(s)")
     origins = tile_origins(image.shape[0], image.shape[1], s)
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="sijax-tiles-") as tmp:
+            return run_tiled_test(model, image, reference, config=config, seed=seed,
+                                  out_dir=tmp, workers=workers, progress=progress)
+    from sijax.evaluation.evaluate import claim_output
+    from sijax.experiments.runner import EveryIndex, Runner
+
+    out_dir = os.fspath(out_dir)
+    ensure_output_dir(out_dir)
+    os.makedirs(os.path.join(out_dir, "tile_maps"), exist_ok=True)
+    pixels = np.ascontiguousarray(image, np.float64)
+    meta = {"image_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+            "image_shape": list(image.shape), "tile": s, "tiles": len(origins),
+            "weights_sha256": model.weights_sha256(), "sigma": reference.name,
+            "seed": seed, "config": dataclasses.asdict(config)}
+    claim_output(out_dir, TILES_FILE, RUN_FILE, meta, resume, "the tiles of a test")
+    batch = TileBatch(model, image, reference, config, seed, origins, out_dir)
+    records = Runner([EveryIndex("tiles", len(origins))], batch, out_dir, batch=1,
+                     records_file=TILES_FILE, resume=resume, workers=workers,
+                     progress=progress, desc="tiles", unit="tile",
+                     what="sijax test --tiles").run()
+    latest = {r["index"]: r for r in records}
     score = np.full(image.shape[:2], -np.inf)
     mask = np.zeros(image.shape[:2], bool)
     tiles = []
     for i, (r, col) in enumerate(origins):
-        rec, res = run_image_test(model, image[r:r + s, col:col + s], reference,
-                              config=config, key=image_key(seed, i))
-        window = (slice(r, r + s), slice(col, col + s))
-        score[window] = np.maximum(score[window], res.score_map)
-        mask[window] |= res.mask
-        tiles.append({"tile": i, "row": r, "col": col, **rec})
-        if progress is not None:
-            progress(i + 1, len(origins))
+        with np.load(tile_map_path(out_dir, i)) as maps:
+            window = (slice(r, r + s), slice(col, col + s))
+            score[window] = np.maximum(score[window], maps["score"])
+            mask[window] |= maps["region"]
+        tiles.append({k: v for k, v in latest[i].items() if k != "index"})
     tested = [t for t in tiles if t["status"] in ("ok", "max_pieces")]
     # A decision search knows only bounds: its sup_p is the conservative p-value.
     p = [t["sup_p"] if t["sup_p"] is not None else 1.0 for t in tested]
