@@ -286,6 +286,10 @@ def make_val_loss(cfg: TrainConfig) -> Callable:
     return val_loss
 
 
+# Fewer held-out images than this give the calibrated threshold a warning.
+FEW_HELD_OUT = 5
+
+
 def calibrate_threshold(model: DiffusionModel, images: np.ndarray,
                         quantile: float, draws: int = 3) -> float:
     """The ``quantile`` of the score maps of normal ``images`` (V, H, W, C).
@@ -596,6 +600,13 @@ def _data_facts(cfg: TrainConfig, model: DiffusionModel, images: TrainingData):
         facts["detect"] = {"threshold": threshold,
                            "quantile": cfg.threshold_quantile,
                            "images": len(images.val)}
+        if len(images.val) < FEW_HELD_OUT:
+            warnings.warn(InputWarning(
+                f"the threshold {threshold:.4g} is the {cfg.threshold_quantile} "
+                f"quantile of the score maps of {len(images.val)} held-out image(s) "
+                "only: it may sit far from where it would on other normal images "
+                "(hold out more with --set val_fraction=F, or give sijax test "
+                "--threshold)"), stacklevel=3)
     elif model.detector.has_region:
         warnings.warn(InputWarning(
             "no held-out images (fewer than 10, or val_fraction=0): the model keeps "

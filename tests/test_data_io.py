@@ -279,6 +279,37 @@ def test_check_input_warns_far_from_training():
         pre.check_input(raw[0].astype(np.float64) * 40, "u16.png")
 
 
+def test_check_input_warns_on_other_channels_or_scale():
+    """A grey image for a colour model, or an image far larger or smaller than the
+    training images (resampled, its content shows at another scale), warns; an old
+    model without the record does not."""
+    raw = [RNG.integers(60, 200, hw + (3,), dtype=np.uint8)
+           for hw in [(16, 16), (20, 12)]]
+    pre = Preprocessing.fit(raw, size=8)
+    assert pre.stored == {"channels": 3, "min_hw": [16, 12], "max_hw": [20, 16]}
+    back = Preprocessing.from_dict(json.loads(json.dumps(pre.to_dict())))
+    assert back.stored == pre.stored and back == pre
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.check_input(raw[1], "ok.png")
+        pre.check_input(raw[0][:9, :7], "half.png")  # within half to twice
+    grey = np.round(raw[0] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    with pytest.warns(InputWarning, match=r"grey.png has 1 channel\(s\) but the "
+                      r"training images had 3: the model sees its grey value"):
+        pre.check_input(grey, "grey.png")
+    big = np.tile(raw[0], (3, 3, 1))  # 48x48
+    with pytest.warns(InputWarning, match=r"big.png is 48x48 but the training images "
+                      r"were 16x12 to 20x16"):
+        pre.check_input(big, "big.png")
+    old = Preprocessing.from_dict({k: v for k, v in pre.to_dict().items()
+                                   if k != "stored"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old.check_input(big, "big.png")
+    with pytest.raises(InputError, match="'stored'"):
+        Preprocessing.from_dict({**pre.to_dict(), "stored": {"channels": 3}})
+
+
 def test_resize_mask_nearest_same_crop():
     pre = Preprocessing(size=4, mode="center_crop")
     m = np.zeros((8, 12), bool)

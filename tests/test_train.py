@@ -136,3 +136,16 @@ def test_resuming_a_finished_run_writes_strict_json(full_run, capsys):
     with open(workdir / "model" / "config.json") as f:
         summary = json.load(f, parse_constant=strict)["summary"]
     assert summary["steps"] == 40 and "seconds_per_step" not in summary
+
+
+def test_a_threshold_from_few_held_out_images_warns(tmp_path):
+    """20 images hold out 2: their score maps' quantile is a noisy threshold."""
+    from sijax.errors import InputWarning
+
+    data = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    cfg = dataclasses.replace(CFG, epochs=1, batch_size=8)
+    with pytest.warns(InputWarning, match=r"quantile of the score maps of 2 held-out"):
+        train(cfg, tmp_path / "few", data=data, progress=False)
+    model = load_model(tmp_path / "few")
+    assert model.preprocessing.stored == {"channels": 1, "min_hw": [8, 8],
+                                          "max_hw": [8, 8]}

@@ -50,6 +50,9 @@ class Preprocessing:
         mode: "resize" or "center_crop".
         mean: per-channel mean of the training images after steps 1-3, length C.
         std: per-channel standard deviation, length C, each > 0.
+        stored: what the training images were as stored, for the warnings of
+            :meth:`check_input`: ``{"channels": C, "min_hw": [H, W], "max_hw":
+            [H, W]}`` (recorded by :meth:`fit`; None for older models).
     """
 
     size: int
@@ -57,6 +60,7 @@ class Preprocessing:
     mode: str = "resize"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    stored: dict | None = dataclasses.field(default=None, compare=False)
 
     # An input whose standardised channel mean is beyond this, or whose standard
     # deviation is beyond this factor of the training one, gets an InputWarning.
@@ -97,8 +101,11 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (plain ints, floats, lists) for config.json."""
-        return {"size": self.size, "channels": self.channels, "mode": self.mode,
-                "mean": list(self.mean), "std": list(self.std)}
+        d = {"size": self.size, "channels": self.channels, "mode": self.mode,
+             "mean": list(self.mean), "std": list(self.std)}
+        if self.stored is not None:
+            d["stored"] = self.stored
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
@@ -116,6 +123,11 @@ class Preprocessing:
         for k in ("mean", "std"):
             if k in kw:
                 kw[k] = tuple(kw[k])
+        stored = kw.get("stored")
+        if stored is not None and not (
+                isinstance(stored, dict) and set(stored) == {"channels", "min_hw",
+                                                             "max_hw"}):
+            raise InputError(f"bad preprocessing record: 'stored' {stored!r}")
         return cls(**kw)
 
     # ----------------------------------------------------------------------- fitting
@@ -141,8 +153,13 @@ class Preprocessing:
         geo = None
         s1 = s2 = None
         n = 0
+        lo_hw, hi_hw, stored_c = None, None, None
         for raw in raw_images:
             raw = _as_raw(raw)
+            hw = np.asarray(raw.shape[:2])
+            lo_hw = hw if lo_hw is None else np.minimum(lo_hw, hw)
+            hi_hw = hw if hi_hw is None else np.maximum(hi_hw, hw)
+            stored_c = 1 if raw.ndim == 2 else raw.shape[2]
             if geo is None:
                 c = raw.shape[2] if channels is None else channels
                 geo = cls(size=size, channels=c, mode=mode)
@@ -161,7 +178,10 @@ class Preprocessing:
         if np.any(std < 1e-8 * np.maximum(1.0, np.abs(mean))):
             raise InputError(f"Preprocessing.fit: the training images are constant in "
                              f"some channel (std={std.tolist()}); nothing to learn")
-        return dataclasses.replace(geo, mean=tuple(mean), std=tuple(std))
+        stored = {"channels": int(stored_c), "min_hw": [int(v) for v in lo_hw],
+                  "max_hw": [int(v) for v in hi_hw]}
+        return dataclasses.replace(geo, mean=tuple(mean), std=tuple(std),
+                                   stored=stored)
 
     # ---------------------------------------------------------------------- applying
 
@@ -249,12 +269,18 @@ class Preprocessing:
             InputWarning: a standardised channel mean beyond ``MAX_ABS_MEAN`` or a
                 channel std outside ``[1 / MAX_STD_RATIO, MAX_STD_RATIO]`` times the
                 training one: the model never saw such an image, so its answer may
-                say more about the scale than about an anomaly.
+                say more about the scale than about an anomaly. Also (models that
+                recorded their training images, ``stored``) a channel count other
+                than the training images' (converted, e.g. a grey image for a
+                colour model), or a height or width beyond half to twice the
+                training images' range (resampled to ``size``, it shows its
+                content at another scale than the model learned).
         """
         where = os.fspath(path) if path is not None else (
             os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
         raw = _as_raw(raw, where)
         _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
+        self._check_stored(raw, where)
         x = self.apply(raw, where)
         flat = x.reshape(-1, self.channels)
         m, s = flat.mean(0), flat.std(0)
@@ -268,6 +294,29 @@ class Preprocessing:
                 "the intensity scale, not about an anomaly. Is it the same kind of "
                 "image, bit depth and exposure?"), stacklevel=2)
         return x
+
+    def _check_stored(self, raw: np.ndarray, where: str) -> None:
+        if self.stored is None:
+            return
+        c = 1 if raw.ndim == 2 else raw.shape[2]
+        if c != self.stored["channels"]:
+            how = ("its grey value repeated in R, G and B" if c == 1 else
+                   "its luma" if self.channels == 1 else "converted")
+            warnings.warn(InputWarning(
+                f"{where} has {c} channel(s) but the training images had "
+                f"{self.stored['channels']}: the model sees {how}; an image unlike "
+                "the training ones in colour may be flagged for that alone"),
+                stacklevel=3)
+        lo, hi = self.stored["min_hw"], self.stored["max_hw"]
+        h, w = raw.shape[:2]
+        if not (lo[0] / 2 <= h <= 2 * hi[0] and lo[1] / 2 <= w <= 2 * hi[1]):
+            span = (f"{lo[0]}x{lo[1]}" if lo == hi else
+                    f"{lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}")
+            warnings.warn(InputWarning(
+                f"{where} is {h}x{w} but the training images were {span}: resampled "
+                f"to {self.size}x{self.size} it shows its content at another scale "
+                "than the model learned (crop or resize it like the training "
+                "images, or test it by tiles)"), stacklevel=3)
 
     def resize_mask(self, mask) -> np.ndarray:
         """A mask through the same crop, resampled by nearest neighbour.
