@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the table of the evaluations as they "
                     "stand (an unfinished one marked partial)")
+    ap.add_argument("--note", default="",
+                    help="a sentence added to the section's header (e.g. which rows "
+                    "come from which run when the workdir gathers several)")
     ap.add_argument("--setting", choices=("real", "synthetic"), default="real",
                     help="real: the bundled digits with sijax evaluate (default); "
                     "synthetic: the paper's N(0, 1) images with sijax experiment "
@@ -198,7 +201,7 @@ def write(a, rows) -> None:
         f"the template with `--sigma {a.sigma}`, parametric search with decision "
         "termination (unless the pieces column names another search). Rates among "
         "images with a detected region; 99% Clopper-Pearson intervals. Raw outputs "
-        "in benchmarks/results/detectors/.",
+        "in benchmarks/results/detectors/." + (f" {a.note}" if a.note else ""),
         "",
         "| detector | train s (compile excluded) | pixel AUROC | AUPRO | image AUROC "
         "| good: with region / images | type I (selective) | naive "
