@@ -115,30 +115,30 @@ def test_the_selection_over_images_uses_the_upper_bound_of_a_bounded_p():
 
 
 def test_a_resume_accepts_options_added_since_at_their_defaults():
-    from sijax.evaluation.evaluate import _changed_settings
+    from sijax.evaluation.evaluate import changed_settings
 
     stored = {"data": "d", "sigma": "model:pixel", "config": {"alpha": 0.05}}
     now = {"data": "d", "sigma": "model:pixel",
            "config": {"alpha": 0.05, "confidence": None, "components": False}}
-    assert _changed_settings(stored, now) == {}
+    assert changed_settings(stored, now) == {}
     # A run from before the fingerprints resumes (they are unknown there); one
     # that has them compares them.
     prints = {"weights_sha256": "w", "data_sha256": "d"}
-    assert _changed_settings(stored, {**now, **prints}) == {}
-    assert _changed_settings({**stored, **prints}, {**now, **prints,
-                                                    "data_sha256": "e"}) == {
+    assert changed_settings(stored, {**now, **prints}) == {}
+    assert changed_settings({**stored, **prints}, {**now, **prints,
+                                                   "data_sha256": "e"}) == {
         "data_sha256": ("d", "e")}
     # A new option away from its default, a changed one, or a dropped one is a
     # change: the stored images were computed otherwise.
     now["config"]["confidence"] = 0.9
-    assert _changed_settings(stored, now) == {"config": {"confidence": (None, 0.9)}}
-    assert _changed_settings(stored, {**now, "config": {"alpha": 0.1}}) == {
+    assert changed_settings(stored, now) == {"config": {"confidence": (None, 0.9)}}
+    assert changed_settings(stored, {**now, "config": {"alpha": 0.1}}) == {
         "config": {"alpha": (0.05, 0.1)}}
-    assert _changed_settings({**stored, "config": {"alpha": 0.05, "old": 1}},
-                             {**now, "config": {"alpha": 0.05}}) == {
+    assert changed_settings({**stored, "config": {"alpha": 0.05, "old": 1}},
+                            {**now, "config": {"alpha": 0.05}}) == {
         "config": {"old": (1, None)}}
-    assert _changed_settings(stored, {**now, "sigma": "model:lowrank",
-                                      "config": {"alpha": 0.05}}) == {
+    assert changed_settings(stored, {**now, "sigma": "model:lowrank",
+                                     "config": {"alpha": 0.05}}) == {
         "sigma": ("model:pixel", "model:lowrank")}
 
 
