@@ -162,6 +162,37 @@ def test_evaluate_resumes_without_redoing_or_losing_an_image(trained, tmp_path):
                  resume=True, **kw)
 
 
+def test_a_run_refused_for_the_lock_leaves_the_settings_of_the_running_one(
+        trained, tmp_path):
+    """Another evaluation or tiled test writing ``out`` holds its lock (here taken
+    by the test) and may have no record yet: a second run is refused, and without
+    writing its settings over the running one's (the resume of the first would then
+    be refused, and one with the second's settings would mix the two)."""
+    from sijax.evaluation.tiles import run_tiled_test
+    from sijax.experiments.files import exclusive
+
+    data, workdir = trained
+    model = load_model(workdir)
+    ref = resolve_reference(model, "model:pixel")
+    config = DALConfig(threshold=model.info.threshold, termination="decision")
+    image = np.zeros((12, 12, 1))
+    for name, start in [
+            ("evaluation.json", lambda out: evaluate(
+                model, open_dataset(data), ref, out, config=config, reports=False,
+                progress=False, max_per_kind=1)),
+            ("tiles_run.json", lambda out: run_tiled_test(
+                model, image, ref, config=config, out_dir=out))]:
+        out = str(tmp_path / name)
+        os.makedirs(out)
+        with open(os.path.join(out, name), "w") as f:
+            f.write('{"seed": 7}')  # the running run's settings
+        with exclusive(out, "sijax test"):
+            with pytest.raises(InputError, match="being written by another"):
+                start(out)
+        with open(os.path.join(out, name)) as f:
+            assert f.read() == '{"seed": 7}', name
+
+
 def test_images_of_varied_sizes_train_and_evaluate(trained, tmp_path):
     """A training image and a defect image (with its mask) of other sizes: each is
     resampled to the model's size, the mask with it."""

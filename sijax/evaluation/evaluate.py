@@ -20,6 +20,7 @@ can be reproduced on its own with ``sijax test --seed`` semantics of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -189,8 +190,6 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
             # replaced images with the earlier ones.
             "weights_sha256": model.weights_sha256(),
             "data_sha256": data_source(dataset.path)["sha256"]}
-    claim_output(out_dir, RECORDS_FILE, "evaluation.json", meta, resume,
-                 "an evaluation")
     batch_fn = ImageBatch(model, reference, dataset, items, config, seed, out_dir,
                           checkpoint, reports)
 
@@ -203,7 +202,10 @@ def evaluate(model, dataset, reference: Reference, out_dir: str, *,
                     progress=progress, desc="evaluate", unit="image",
                     postfix=_postfix, summary=write_summary,
                     summary_every=summary_every, max_batches=max_batches,
-                    what="sijax evaluate")
+                    what="sijax evaluate",
+                    claim=functools.partial(claim_output, out_dir, RECORDS_FILE,
+                                            "evaluation.json", meta, resume,
+                                            "an evaluation"))
     runner.run()
     with open(os.path.join(out_dir, "summary.json")) as f:
         return json.load(f)
@@ -217,7 +219,9 @@ def claim_output(out_dir: str, records_file: str, meta_file: str, meta: dict,
     other settings (:func:`changed_settings`); only then is ``meta`` written, so a
     refused call leaves the stored settings as they were (a call refused for want of
     ``--resume`` once overwrote them, and the resume that followed mixed records of
-    two settings).
+    two settings). Called as the :class:`~sijax.experiments.runner.Runner`'s
+    ``claim``, under the directory's lock: a run refused because another one is
+    writing ``out_dir`` leaves that run's settings alone too.
 
     Raises:
       InputError: as above.

@@ -24,6 +24,7 @@ model or setting is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import tempfile
@@ -160,12 +161,13 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
             "image_shape": list(image.shape), "tile": s, "tiles": len(origins),
             "weights_sha256": model.weights_sha256(), "sigma": reference.name,
             "seed": seed, "config": dataclasses.asdict(config)}
-    claim_output(out_dir, TILES_FILE, RUN_FILE, meta, resume, "the tiles of a test")
     batch = TileBatch(model, image, reference, config, seed, origins, out_dir)
+    claim = functools.partial(claim_output, out_dir, TILES_FILE, RUN_FILE, meta,
+                              resume, "the tiles of a test")
     records = Runner([EveryIndex("tiles", len(origins))], batch, out_dir, batch=1,
                      records_file=TILES_FILE, resume=resume, workers=workers,
                      progress=progress, desc="tiles", unit="tile",
-                     what="sijax test --tiles").run()
+                     what="sijax test --tiles", claim=claim).run()
     latest = {r["index"]: r for r in records}
     score = np.full(image.shape[:2], -np.inf)
     mask = np.zeros(image.shape[:2], bool)

@@ -179,10 +179,16 @@ class Runner:
         only calls ``summary`` on the records in ``out_dir``.
       writer: whether this process writes (default: ``jax.process_index() == 0``).
       what: the kind of run, for the lock's error message.
+      claim: ``claim()``, called by the writer once it holds the directory's lock
+        and before the records are read: checks that the run may write ``out_dir``
+        and records its settings there (``claim_output`` of ``sijax evaluate``).
+        Under the lock, a run refused because another one writes ``out_dir``
+        leaves that run's settings as they were.
 
     Raises (from :meth:`run`):
       InputError: records present without ``resume``; another run writing
-        ``out_dir``; an output directory that cannot be written.
+        ``out_dir``; an output directory that cannot be written; what ``claim``
+        raises.
     """
 
     def __init__(
@@ -205,6 +211,7 @@ class Runner:
         max_batches: int | None = None,
         writer: bool | None = None,
         what: str = "sijax run",
+        claim: Callable[[], None] | None = None,
     ):
         if workers < 1:
             raise InputError(f"workers must be >= 1; got {workers}")
@@ -227,7 +234,7 @@ class Runner:
         self.workers, self.max_batches, self.writer = workers, max_batches, writer
         self.progress, self.desc, self.unit = progress, desc, unit
         self.postfix, self.summary, self.summary_every = postfix, summary, summary_every
-        self.what = what
+        self.what, self.claim = what, claim
         # The state of a run (set by run()).
         self.records: list[dict] = []  # every record, in file order
         self.latest: dict[str, dict[int, dict]] = {}  # {group key: {index: record}}
@@ -251,6 +258,8 @@ class Runner:
         # One writer per directory: a second run would redo the same indices.
         lock = exclusive(self.out_dir, self.what) if self.writer else None
         with lock or contextlib.nullcontext(), contextlib.ExitStack() as stack:
+            if self.writer and self.claim is not None:
+                self.claim()
             self.records, self.latest = [], {}
             self._remember(read_records(self.path))
             if self.progress and self.writer:
