@@ -429,7 +429,7 @@ def _test_tiles(a, model, ref, config, extra) -> int:
     prep = model.preprocessing
     raw = read_raw(a.image)
     if prep is not None:
-        image = prep.apply_native(raw, a.image)
+        image = prep.check_native(raw, a.image)
     else:  # a model trained on N(0, 1) images: the file as it is, by bit depth
         from sijax.data.images import scale_intensity
 

@@ -6,6 +6,7 @@ encoder (all five filter types), block means for area resampling, Pillow's own l
 
 import json
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -308,6 +309,35 @@ def test_check_input_warns_on_other_channels_or_scale():
         old.check_input(big, "big.png")
     with pytest.raises(InputError, match="'stored'"):
         Preprocessing.from_dict({**pre.to_dict(), "stored": {"channels": 3}})
+
+
+def test_check_native_warns_for_tiles_as_check_input_does():
+    """A tiled test (sijax test --tiles) reads its image with check_native: another
+    channel count, or an intensity far from the training images, warns as in
+    check_input; the size compared is a tile's (size x size pixels at the image's
+    resolution), since the model learned its training images resampled to size."""
+    raw = [RNG.integers(60, 200, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    pre = Preprocessing.fit(raw, size=8)  # 16x16 images resampled to 8x8
+    big = np.tile(raw[0], (4, 4, 1))  # 64x64, tested at its own resolution
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = pre.check_native(big, "big.png")  # an 8x8 tile: within half to twice
+    np.testing.assert_allclose(x, pre.apply_native(big))
+    grey = np.round(big @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    with pytest.warns(InputWarning, match=r"grey.png has 1 channel\(s\) but the "
+                      r"training images had 3"):
+        pre.check_native(grey, "grey.png")
+    with pytest.warns(InputWarning, match="far from the training images"):
+        pre.check_native(big // 4, "dark.png")
+    scans = [RNG.integers(60, 200, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    shrunk = Preprocessing.fit(scans, size=8)  # 40x40 scans resampled to 8x8
+    with pytest.warns(InputWarning) as caught:
+        shrunk.check_native(big, "big.png")
+    assert any(re.match(r"big.png: its 8x8 tiles are tested at its own resolution "
+                        r"but the training images were 40x40", str(w.message))
+               for w in caught)
+    with pytest.raises(InputError, match="channel"):
+        pre.check_native(np.zeros((16, 16, 2), np.uint8), "two.png")
 
 
 def test_resize_mask_nearest_same_crop():

@@ -280,8 +280,54 @@ class Preprocessing:
             os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
         raw = _as_raw(raw, where)
         _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
-        self._check_stored(raw, where)
+        self._check_channels(raw, where)
+        if self.stored is not None:
+            h, w = raw.shape[:2]
+            self._check_size(h, w, f"{where} is {h}x{w}", "resampled to "
+                             f"{self.size}x{self.size} it shows its content at "
+                             "another scale than the model learned (crop or resize "
+                             "it like the training images, or test it by tiles)")
         x = self.apply(raw, where)
+        self._check_intensity(x, where)
+        return x
+
+    def check_native(self, raw, path: str | os.PathLike | None = None
+                     ) -> np.ndarray:
+        """:meth:`apply_native` with the checks for an image tested by tiles.
+
+        Args:
+            raw: image as stored, or a file path.
+            path: named in messages (defaults to ``raw`` if that is a path).
+
+        Returns:
+            float64 (H, W, channels), as :meth:`apply_native`.
+
+        Raises:
+            InputError: as :meth:`check_input`.
+
+        Warns:
+            InputWarning: those of :meth:`check_input` (the intensity on the whole
+                image; the channel count), except that the size checked is a tile's:
+                ``size`` x ``size`` pixels at the image's own resolution, against the
+                training images the model learned resampled to ``size`` (beyond
+                half to twice their sizes, a tile shows its content at another
+                scale than the model learned).
+        """
+        where = os.fspath(path) if path is not None else (
+            os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
+        raw = _as_raw(raw, where)
+        _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
+        self._check_channels(raw, where)
+        s = self.size
+        self._check_size(s, s, f"{where}: its {s}x{s} tiles are tested at its own "
+                         "resolution", f"the model learned them resampled to {s}x{s},"
+                         " so a tile shows its content at another scale (train on "
+                         f"{s}x{s} patches of images at this resolution)")
+        x = self.apply_native(raw, where)
+        self._check_intensity(x, where)
+        return x
+
+    def _check_intensity(self, x: np.ndarray, where: str) -> None:
         flat = x.reshape(-1, self.channels)
         m, s = flat.mean(0), flat.std(0)
         lo = 1.0 / self.MAX_STD_RATIO
@@ -292,10 +338,9 @@ class Preprocessing:
                 f"channel mean {np.round(m, 2).tolist()} (training 0), std "
                 f"{np.round(s, 2).tolist()} (training 1); the test may answer about "
                 "the intensity scale, not about an anomaly. Is it the same kind of "
-                "image, bit depth and exposure?"), stacklevel=2)
-        return x
+                "image, bit depth and exposure?"), stacklevel=3)
 
-    def _check_stored(self, raw: np.ndarray, where: str) -> None:
+    def _check_channels(self, raw: np.ndarray, where: str) -> None:
         if self.stored is None:
             return
         c = 1 if raw.ndim == 2 else raw.shape[2]
@@ -307,16 +352,17 @@ class Preprocessing:
                 f"{self.stored['channels']}: the model sees {how}; an image unlike "
                 "the training ones in colour may be flagged for that alone"),
                 stacklevel=3)
+
+    def _check_size(self, h: int, w: int, what: str, why: str) -> None:
+        """Warns when (h, w) is beyond half to twice the training images' sizes."""
+        if self.stored is None:
+            return
         lo, hi = self.stored["min_hw"], self.stored["max_hw"]
-        h, w = raw.shape[:2]
         if not (lo[0] / 2 <= h <= 2 * hi[0] and lo[1] / 2 <= w <= 2 * hi[1]):
             span = (f"{lo[0]}x{lo[1]}" if lo == hi else
                     f"{lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}")
             warnings.warn(InputWarning(
-                f"{where} is {h}x{w} but the training images were {span}: resampled "
-                f"to {self.size}x{self.size} it shows its content at another scale "
-                "than the model learned (crop or resize it like the training "
-                "images, or test it by tiles)"), stacklevel=3)
+                f"{what} but the training images were {span}: {why}"), stacklevel=3)
 
     def resize_mask(self, mask) -> np.ndarray:
         """A mask through the same crop, resampled by nearest neighbour.
