@@ -282,6 +282,18 @@ def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path)
     assert rc == 2 and "go with --tiles" in err
 
 
+def test_a_tiled_test_refuses_pixels_as_stored(model):
+    """run_tiled_test takes the image in the model's units: uint8 pixels as read
+    from a file (0..255, hundreds of standard deviations) are refused, not tested
+    into a region and a tiny p-value in every tile."""
+    from sijax.evaluation.tiles import run_tiled_test
+
+    ref = resolve_reference(model, 1.0)
+    raw = np.random.default_rng(0).integers(0, 256, (12, 12, 1), dtype=np.uint8)
+    with pytest.raises(InputError, match="dtype uint8.*check_native"):
+        run_tiled_test(model, raw, ref)
+
+
 def test_noise_check_reports_every_stored_model_on_held_out_images(trained, capsys,
                                                                    tmp_path):
     data, workdir = trained

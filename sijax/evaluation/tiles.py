@@ -122,8 +122,9 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
 
     Args:
       model: a model whose image shape is (s, s, C).
-      image: (H, W, C) float64, H, W >= s, in the model's input units (see
-        ``Preprocessing.apply_native``).
+      image: (H, W, C) float64, H, W >= s, in the model's input units
+        (``model.preprocessing.check_native(raw)``; for a model trained without
+        data, ``sijax.data.images.scale_intensity(raw)``).
       reference: the reference of one tile and the covariances.
       config: the DAL options (``alpha`` is the family-wise level).
       seed: tile i's sampler noises come from ``image_key(seed, i)``.
@@ -136,6 +137,7 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
 
     Raises:
       InputError: an image without the model's channels or smaller than a tile,
+        an image of integers (as stored in its file, not in the model's units),
         records in ``out_dir`` without ``resume``, or a resume with another image,
         model or setting.
     """
@@ -145,6 +147,13 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
     if image.ndim != 3 or image.shape[2] != c:
         raise InputError(f"image shape {image.shape} does not have the model's {c} "
                          "channel(s)")
+    if not np.issubdtype(image.dtype, np.floating):
+        # Pixels as stored (0..255) read as hundreds of standard deviations: every
+        # tile would get a region and a tiny p-value.
+        raise InputError(f"image dtype {image.dtype}: the tiles are tested in the "
+                         "model's input units; pass model.preprocessing.check_native"
+                         "(raw) (or scale_intensity(raw) for a model trained without "
+                         "data)")
     origins = tile_origins(image.shape[0], image.shape[1], s)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="sijax-tiles-") as tmp:
