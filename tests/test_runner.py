@@ -173,3 +173,33 @@ def test_a_torn_tail_longer_than_a_block_is_cut_whole(tmp_path):
     assert read_records(path) == [{"i": 2}]
     with open(path) as f:
         assert f.read() == '{"i": 2}\n'
+
+
+def test_a_last_record_without_its_newline_is_kept(tmp_path):
+    """A writer killed between a record and its newline leaves a whole record:
+    read_records reads it (so a resume does not redo it), and the next append
+    must end its line rather than cut it off as torn (it was lost from the file,
+    and the file no longer held every record the run had counted)."""
+    from sijax.experiments.files import append_records
+
+    path = str(tmp_path / "r.jsonl")
+    with open(path, "w") as f:
+        f.write('{"index": 0}\n{"index": 1}')
+    assert [r["index"] for r in read_records(path)] == [0, 1]
+    append_records(path, [{"index": 2}])
+    with open(path) as f:
+        assert f.read() == '{"index": 0}\n{"index": 1}\n{"index": 2}\n'
+    # through the Runner: index 1 is not run again, and stays in the file
+    with open(path, "w") as f:
+        f.write('{"group": "images", "index": 0, "value": 0}\n'
+                '{"group": "images", "index": 1, "value": 1}')
+    os.rename(path, tmp_path / "images.jsonl")
+    calls = []
+
+    def spy(group, indices, report):
+        calls.append(list(indices))
+        return Square()(group, indices)
+
+    _run(tmp_path, spy, resume=True)
+    assert calls == [[2, 3, 4], [5, 6, 7], [8, 9]]
+    assert [r["index"] for r in _file(tmp_path)] == list(range(10))

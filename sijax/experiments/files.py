@@ -73,12 +73,16 @@ def records_by_setting(path: str) -> dict[str, dict[int, dict]]:
 def _drop_torn_tail(path: str, block: int = 1 << 16) -> None:
     """Cuts a torn last line (a writer killed mid-record) off ``path``: the record
     it held is incomplete and is computed again, and the file stays valid JSON
-    lines for other readers (``pandas.read_json(lines=True)``)."""
+    lines for other readers (``pandas.read_json(lines=True)``). A last line that
+    lacks only its newline (killed just before it) is a whole record, which
+    :func:`read_records` reads and a resume does not compute again: it gets its
+    newline instead."""
     if not os.path.exists(path):
         return
     with open(path, "r+b") as f:
         end = f.seek(0, os.SEEK_END)
         pos = end
+        cut = 0  # where the last line starts
         while pos > 0:
             start = max(0, pos - block)
             f.seek(start)
@@ -87,10 +91,16 @@ def _drop_torn_tail(path: str, block: int = 1 << 16) -> None:
                 return  # intact
             nl = chunk.rfind(b"\n")
             if nl >= 0:
-                f.truncate(start + nl + 1)
-                return
+                cut = start + nl + 1
+                break
             pos = start
-        f.truncate(0)
+        f.seek(cut)
+        try:
+            json.loads(f.read())
+        except ValueError:  # torn (UnicodeDecodeError is a ValueError too)
+            f.truncate(cut)
+            return
+        f.write(b"\n")
 
 
 def append_records(path: str, records: Sequence[dict]) -> None:
