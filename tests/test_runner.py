@@ -29,6 +29,20 @@ class Square:
         ]
 
 
+@dataclasses.dataclass
+class StartsAPool:
+    """A batch function that starts a worker pool of its own (as a test with
+    processes=N does) and runs its batch there."""
+
+    def __call__(self, group, indices, report=None):
+        from sijax.experiments.pool import worker_pool
+
+        with worker_pool(2, Square()) as pool:
+            from sijax.experiments.pool import call
+
+            return pool.submit(call, group, indices).result()
+
+
 class Interrupted(Exception):
     pass
 
@@ -203,3 +217,16 @@ def test_a_last_record_without_its_newline_is_kept(tmp_path):
     _run(tmp_path, spy, resume=True)
     assert calls == [[2, 3, 4], [5, 6, 7], [8, 9]]
     assert [r["index"] for r in _file(tmp_path)] == list(range(10))
+
+
+def test_a_pool_inside_a_worker_is_refused_not_hung(tmp_path):
+    """workers=2 whose batches start pools of their own (sijax test --tiles
+    --workers 2 --processes 2, or evaluate --workers 2 --set processes=2: each
+    test shares its line over a pool that ``line_workers`` keeps open) hung once
+    every record was written, the worker unable to exit past its own pool; the
+    nested pool is refused with a clear error, and a pool started in the run's own
+    process still works."""
+    with pytest.raises(InputError, match="cannot start worker processes of its own"):
+        _run(tmp_path / "nested", StartsAPool(), workers=2)
+    assert [r["index"] for r in _run(tmp_path / "one", StartsAPool())] == list(
+        range(10))

@@ -67,7 +67,7 @@ def use_cpu_devices(n: int) -> None:
 
 # One worker process: the function it was given (with its state, e.g. the models)
 # and where its searches' progress reports go, kept between the batches it runs.
-_WORKER: dict = {"fn": None, "report": None}
+_WORKER: dict = {"fn": None, "report": None, "inside": False}
 
 
 def _worker_init(flags: str, reports=None, fn: bytes = b"") -> None:
@@ -76,6 +76,7 @@ def _worker_init(flags: str, reports=None, fn: bytes = b"") -> None:
     import jax
 
     os.environ["XLA_FLAGS"] = flags
+    _WORKER["inside"] = True
     _WORKER["report"] = None if reports is None else (lambda *r: reports.put(r))
     # A worker is one CPU device, also on a GPU machine (where several processes
     # would each claim most of the GPU's memory).
@@ -136,9 +137,21 @@ def worker_pool(
     Yields:
       the ``ProcessPoolExecutor``. An exception inside the block (a failed batch,
       Ctrl-C) stops the workers at once instead of waiting for their batches.
+
+    Raises:
+      InputError: called in a worker of another pool (worker processes of a
+        run's batches whose tests would share each line's search over processes
+        of their own: the nested pool hung), a multi-host run, or an unpicklable
+        ``fn``.
     """
     import jax
 
+    if _WORKER["inside"]:
+        raise InputError(
+            "a worker process cannot start worker processes of its own: choose "
+            "either --workers N (tests at the same time) or --processes N / "
+            "processes=N (one test's search shared), not both"
+        )
     if jax.process_count() > 1:
         raise InputError("workers > 1 is for one host; multi-host runs shard batches")
     try:
