@@ -133,6 +133,8 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
       resume: continue a killed run in ``out_dir`` (required when it holds
         records); only the tiles without a record are tested.
       workers: processes that test tiles at the same time (each on its own tiles).
+        They are spawned: a script that passes workers > 1 needs the usual
+        ``if __name__ == "__main__":`` guard, or its children fail to start.
       progress: a progress bar of the tiles.
 
     Raises:
