@@ -227,6 +227,13 @@ def test_images_of_varied_sizes_train_and_evaluate(trained, tmp_path):
     assert recs[os.path.join("spot", os.path.basename(item.source))]["status"] in (
         "ok", "no region")
     assert summary["images"] == 4 and 0.0 <= summary["pixel_auroc"] <= 1.0
+    # The 24x24 image was warned about once, and its record keeps the warning.
+    spot = recs[os.path.join("spot", os.path.basename(item.source))]
+    assert len(spot["warnings"]) == 1 and "is 24x24 but the training" in (
+        spot["warnings"][0])
+    assert summary["images_with_warnings"] == 1
+    assert "1 images with input warnings" in open(os.path.join(out,
+                                                               "summary.md")).read()
 
 
 def test_tiles_cover_a_large_image_and_adjust_by_holm(trained, capsys, tmp_path):
@@ -317,3 +324,30 @@ def test_noise_check_reports_every_stored_model_on_held_out_images(trained, caps
     rc, _, err = run(capsys, "noise-check", "--checkpoint", str(workdir), "--data",
                      os.path.join(data, "train", "good"))
     assert rc == 2 and "holds the images the model was trained on" in err
+
+
+def test_input_warnings_show_once_per_kind_and_stay_with_each_record():
+    """200 colour images for a grey model once printed 200 near-identical warnings:
+    each kind shows once, every image keeps its own."""
+    from types import SimpleNamespace
+
+    from sijax.data.datasets import Item
+    from sijax.data.preprocess import Preprocessing
+    from sijax.errors import InputWarning
+    from sijax.evaluation import images as images_mod
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)
+    model = SimpleNamespace(preprocessing=Preprocessing.fit(grey, size=8))
+    images_mod._SHOWN.clear()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        notes = [images_mod.noted_input(model, rng.integers(0, 256, (8, 8, 3),
+                                                            dtype=np.uint8),
+                                        Item(f"/d/{i}.png", None, "test", "good",
+                                             None))[1]
+                 for i in range(3)]
+    assert [len(n) for n in notes] == [1, 1, 1]
+    assert all(f"good/{i}.png has 3 channel(s)" in notes[i][0] for i in range(3))
+    said = [str(w.message) for w in shown if issubclass(w.category, InputWarning)]
+    assert len(said) == 1 and "further images with this warning" in said[0]

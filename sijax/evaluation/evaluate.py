@@ -24,17 +24,19 @@ import functools
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from sijax.data.datasets import data_source
 from sijax.detect.dal import DALConfig
-from sijax.errors import InputError, ensure_output_dir
+from sijax.errors import InputError, InputWarning, ensure_output_dir
 from sijax.evaluation.images import (
     Reference,
     image_key,
     model_input,
+    noted_input,
     run_image_score,
     run_image_test,
 )
@@ -109,9 +111,9 @@ class ImageBatch:
         for i in indices:
             item = self.items[i]
             raw = self.dataset.read(item)
-            x = model_input(self.model, raw, item.name)
+            x, notes = noted_input(self.model, raw, item)
             record = {"index": i, "path": item.source, "name": item.name,
-                      "kind": item.kind}
+                      "kind": item.kind, "warnings": notes}
             if not self.model.detector.has_region:
                 # An image-level detector (DiffPath): a score, no region to test.
                 out.append({**record, **run_image_score(
@@ -302,6 +304,7 @@ def write_evaluation_summary(out_dir: str, dataset, items, records, *, model,
     maps, regions, masks = np.stack(maps), np.stack(regions), np.stack(masks)
     summary = summarize_images(records, maps, masks, alpha=alpha, fdr=fdr)
     summary["sigma"] = reference.name
+    summary["images_with_warnings"] = sum(bool(r.get("warnings")) for r in records)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
@@ -310,7 +313,9 @@ def write_evaluation_summary(out_dir: str, dataset, items, records, *, model,
     class Inputs:  # the images of the overview, read only when drawn
         def __getitem__(self, k):
             it = items[records[k]["index"]]
-            return model_input(model, dataset.read(it), it.name)
+            with warnings.catch_warnings():  # said when the image was tested
+                warnings.simplefilter("ignore", InputWarning)
+                return model_input(model, dataset.read(it), it.name)
 
     plot_overview(os.path.join(out_dir, "overview.png"), records, Inputs(), maps,
                   masks, regions, alpha=alpha)

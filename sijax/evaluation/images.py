@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from sijax.detect.dal import DALConfig, dal_test, draw_noises
-from sijax.errors import InputError
+from sijax.errors import InputError, InputWarning
 
 
 class Reference(NamedTuple):
@@ -95,6 +96,36 @@ def model_input(model, raw, path: str | os.PathLike | None = None) -> np.ndarray
         return validate_image(scale_intensity(np.asarray(raw), where),
                               model.image_shape)
     return prep.check_input(raw, path)
+
+
+# Kinds of input warning already shown by this process (message, image named
+# "<image>"): an evaluation of many images shows each kind once and records every
+# image's warnings with its record.
+_SHOWN: set = set()
+
+
+def noted_input(model, raw, item) -> tuple[np.ndarray, list[str]]:
+    """:func:`model_input` for one image of a data set, its input warnings
+    (:class:`~sijax.errors.InputWarning`: another channel count, size or intensity
+    than the training images) returned for its record instead of printed for every
+    image: each kind is shown once per process, with a pointer to the records."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        x = model_input(model, raw, item.name)
+    notes = []
+    for w in caught:
+        if not issubclass(w.category, InputWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = str(w.message)
+        notes.append(text)
+        kind = text.replace(item.name, "<image>")
+        if kind not in _SHOWN:
+            _SHOWN.add(kind)
+            warnings.warn(InputWarning(
+                f"{text} (further images with this warning: their records' "
+                "'warnings' in images.jsonl)"), stacklevel=2)
+    return x, notes
 
 
 def run_image_test(model, x, reference: Reference, *, config: DALConfig,

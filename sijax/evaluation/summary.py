@@ -140,6 +140,10 @@ def summary_markdown(summary: dict) -> str:
                 else f"{v:.4f}"))
     lines.append(f"\nBenjamini-Hochberg at FDR {summary['fdr']}: "
                  f"{len(summary['bh_rejected'])} images rejected")
+    if summary.get("images_with_warnings"):
+        lines.append(f"\n{summary['images_with_warnings']} images with input "
+                     "warnings (unlike the training images: see 'warnings' in "
+                     "images.jsonl)")
     return "\n".join(lines) + "\n"
 
 
