@@ -338,7 +338,7 @@ def _common_shape(files: list[str], where: str):
         InputError: the files differ in channel count (naming the first odd one).
     """
     shapes = [image_header(f) for f in files]
-    common, n = collections.Counter(shapes).most_common(1)[0]
+    common = collections.Counter(shapes).most_common(1)[0][0]
     channels = collections.Counter(s[2] for s in shapes)
     if len(channels) > 1:
         c, n = channels.most_common(1)[0]

@@ -276,11 +276,7 @@ class Preprocessing:
                 training images' range (resampled to ``size``, it shows its
                 content at another scale than the model learned).
         """
-        where = os.fspath(path) if path is not None else (
-            os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
-        raw = _as_raw(raw, where)
-        _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
-        self._check_channels(raw, where)
+        raw, where = self._read_checked(raw, path)
         if self.stored is not None:
             h, w = raw.shape[:2]
             self._check_size(h, w, f"{where} is {h}x{w}", "resampled to "
@@ -313,11 +309,7 @@ class Preprocessing:
                 half to twice their sizes, a tile shows its content at another
                 scale than the model learned).
         """
-        where = os.fspath(path) if path is not None else (
-            os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
-        raw = _as_raw(raw, where)
-        _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
-        self._check_channels(raw, where)
+        raw, where = self._read_checked(raw, path)
         s = self.size
         self._check_size(s, s, f"{where}: its {s}x{s} tiles are tested at its own "
                          "resolution", f"the model learned them resampled to {s}x{s},"
@@ -326,6 +318,17 @@ class Preprocessing:
         x = self.apply_native(raw, where)
         self._check_intensity(x, where)
         return x
+
+    def _read_checked(self, raw, path) -> tuple[np.ndarray, str]:
+        """(the image as stored, the name for messages), its channels checked:
+        an error if they cannot be converted, a warning if they differ from the
+        training images'."""
+        where = os.fspath(path) if path is not None else (
+            os.fspath(raw) if isinstance(raw, str | os.PathLike) else "image")
+        raw = _as_raw(raw, where)
+        _convert_channels(raw[:1, :1].astype(np.float64), self.channels, where)
+        self._check_channels(raw, where)
+        return raw, where
 
     def _check_intensity(self, x: np.ndarray, where: str) -> None:
         flat = x.reshape(-1, self.channels)
@@ -351,7 +354,7 @@ class Preprocessing:
                 f"{where} has {c} channel(s) but the training images had "
                 f"{self.stored['channels']}: the model sees {how}; an image unlike "
                 "the training ones in colour may be flagged for that alone"),
-                stacklevel=3)
+                stacklevel=4)
 
     def _check_size(self, h: int, w: int, what: str, why: str) -> None:
         """Warns when (h, w) is beyond half to twice the training images' sizes."""

@@ -110,7 +110,7 @@ class TileBatch:
             # Saved before the record is appended: a record means its maps exist.
             np.savez_compressed(tile_map_path(self.out_dir, i), score=res.score_map,
                                 region=res.mask)
-            out.append({"index": i, "tile": i, "row": r, "col": col, **rec})
+            out.append({"index": i, "row": r, "col": col, **rec})
         return out
 
 
@@ -188,7 +188,8 @@ def run_tiled_test(model, image: np.ndarray, reference: Reference, *,
             window = (slice(r, r + s), slice(col, col + s))
             score[window] = np.maximum(score[window], maps["score"])
             mask[window] |= maps["region"]
-        tiles.append({k: v for k, v in latest[i].items() if k != "index"})
+        tiles.append({"tile": i, **{k: v for k, v in latest[i].items()
+                                     if k != "index"}})
     tested = [t for t in tiles if t["status"] in ("ok", "max_pieces")]
     # A decision search knows only bounds: its sup_p is the conservative p-value.
     p = [t["sup_p"] if t["sup_p"] is not None else 1.0 for t in tested]
